@@ -1,0 +1,64 @@
+"""tierd: a memory-tier manager for machine-learning state.
+
+    import tierd
+    with tierd.open() as store:
+        store.put("acts/layer3", tensor)
+        t = store.get("acts/layer3")
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from tierd.clients.embedded import Store, open_store
+from tierd.config import Config, load_config
+from tierd.errors import (
+    ConfigError,
+    CorruptObject,
+    DaemonUnavailable,
+    InvalidArgument,
+    MediaError,
+    NotFound,
+    OutOfSpace,
+    ProtocolError,
+    QuotaExceeded,
+    StoreClosed,
+    TierdError,
+)
+from tierd.types import ObjectInfo, Stats, TierStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "open", "connect", "Store", "Config", "load_config", "ObjectInfo", "Stats", "TierStats",
+    "TierdError", "NotFound", "OutOfSpace", "QuotaExceeded", "CorruptObject", "ProtocolError",
+    "DaemonUnavailable", "ConfigError", "StoreClosed", "InvalidArgument", "MediaError",
+]
+
+
+def open(config: str | os.PathLike[str] | Mapping[str, Any] | Config | None = None) -> Store:  # noqa: A001
+    """Open the embedded store: the engine runs inside this process, no daemon needed.
+
+    Args:
+        config: a TOML path, a dict shaped like the TOML, a Config, or None for
+            the defaults (host tier 25 % of RAM up to 8 GiB; nvme under
+            ``$XDG_CACHE_HOME/tierd``). ``TIERD_*`` variables override it.
+
+    Raises:
+        ConfigError: the configuration is invalid.
+        TierdError: the nvme directory is owned by another open store.
+    """
+    return open_store(config)
+
+
+def connect(socket: str | None = None) -> Store:
+    """Connect to a running ``tierd serve`` daemon (arrives with the daemon).
+
+    Raises:
+        DaemonUnavailable: always, until the daemon exists.
+    """
+    raise DaemonUnavailable(
+        "the tierd daemon is not part of this release yet; use tierd.open() for the embedded store"
+    )

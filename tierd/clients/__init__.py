@@ -1,0 +1,1 @@
+"""Clients (embedded, and later the daemon's socket) and integrations."""

@@ -1,0 +1,286 @@
+"""Configuration: one TOML file, every key optional, each overridable by ``TIERD_*``.
+
+Loading goes raw TOML -> environment overrides -> size strings parsed ->
+``msgspec.convert`` into frozen structs (unknown keys refused, types checked)
+-> checks against the machine (RAM, disk). Every failure is a
+:class:`~tierd.errors.ConfigError` whose message names the key.
+
+Environment overrides name the key path in upper case joined by ``_``:
+``TIERD_TIERS_HOST_SIZE=8GiB`` sets ``[tiers.host] size``,
+``TIERD_NAMESPACES_KV_CODEC=zstd`` sets ``[namespaces.kv] codec``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import psutil
+
+from tierd.errors import ConfigError
+from tierd.units import format_size, parse_size
+
+__all__ = [
+    "Config",
+    "HostTierConfig",
+    "NvmeTierConfig",
+    "TiersConfig",
+    "NamespaceConfig",
+    "load_config",
+    "default_nvme_path",
+]
+
+CodecName = Literal["none", "zstd", "bytegroup"]
+TierName = Literal["host", "nvme"]
+
+# Environment variables that belong to the CLI rather than to the config.
+_ENV_NOT_CONFIG = frozenset({"TIERD_SOCKET", "TIERD_CONFIG", "TIERD_LOG_LEVEL"})
+
+_MIB = 1 << 20
+_GIB = 1 << 30
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class HostTierConfig(_Section):
+    """``[tiers.host]``: the shared-memory arena.
+
+    ``size`` defaults to 25 % of RAM, at most 8 GiB.
+    """
+
+    size: int = -1
+    hugepages: bool = False
+    numa_node: int | None = None
+    high_watermark: float = 0.90
+    low_watermark: float = 0.75
+
+
+class NvmeTierConfig(_Section):
+    """``[tiers.nvme]``: slab files on local disk.
+
+    ``path`` defaults to ``$XDG_CACHE_HOME/tierd`` (or ``~/.cache/tierd``);
+    ``size`` to min(2 x host size, 10 % of the free disk there).
+    """
+
+    path: str = ""
+    size: int = -1
+    direct: bool = True
+    slab_size: int = 1 * _GIB
+    chunk_size: int = 4 * _MIB
+    io_threads: int = 8
+
+
+class TiersConfig(_Section):
+    host: HostTierConfig = HostTierConfig()
+    nvme: NvmeTierConfig = NvmeTierConfig()
+
+
+class NamespaceConfig(_Section):
+    """``[namespaces.NAME]``: what objects under ``NAME/`` get by default."""
+
+    policy: Literal["lru"] = "lru"
+    codec: CodecName = "none"
+    durable: bool = False
+    tier: TierName | None = None  # highest tier objects may land in
+    quota: int | None = None
+
+
+class Config(_Section):
+    """The whole configuration, validated; build one with :func:`load_config`."""
+
+    tiers: TiersConfig = TiersConfig()
+    namespaces: dict[str, NamespaceConfig] = {}
+
+    def namespace(self, name: str) -> NamespaceConfig:
+        return self.namespaces.get(name) or _DEFAULT_NAMESPACE
+
+
+_DEFAULT_NAMESPACE = NamespaceConfig()
+
+# Keys whose values are sizes ("8GiB"), by path below the root.
+_SIZE_KEYS = {
+    ("tiers", "host", "size"),
+    ("tiers", "nvme", "size"),
+    ("tiers", "nvme", "slab_size"),
+    ("tiers", "nvme", "chunk_size"),
+    ("namespaces", "*", "quota"),
+}
+
+
+def default_nvme_path() -> Path:
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "tierd"
+
+
+def _struct_fields(struct: type[msgspec.Struct]) -> dict[str, Any]:
+    return {f.name: f.type for f in msgspec.structs.fields(struct)}
+
+
+def _env_path(var: str) -> list[str]:
+    """Map ``TIERD_TIERS_HOST_SIZE`` to ``["tiers", "host", "size"]`` using the schema."""
+    words = var[len("TIERD_"):].lower().split("_")
+    path: list[str] = []
+    struct: Any = Config
+    i = 0
+    while i < len(words):
+        if struct is NamespaceConfig or struct is None:
+            break
+        fields = _struct_fields(struct)
+        for j in range(len(words), i, -1):  # longest field name first: lease_s
+            name = "_".join(words[i:j])
+            if name in fields:
+                path.append(name)
+                i = j
+                ftype = fields[name]
+                if name == "namespaces":
+                    struct = NamespaceConfig
+                    # NAME may hold underscores: the field is the longest known suffix.
+                    ns_fields = _struct_fields(NamespaceConfig)
+                    for k in range(i + 1, len(words)):
+                        suffix = "_".join(words[k:])
+                        if suffix in ns_fields:
+                            return [*path, "_".join(words[i:k]), suffix]
+                    raise ConfigError(f"environment variable {var} names no namespace key")
+                struct = ftype if isinstance(ftype, type) and issubclass(ftype, msgspec.Struct) else None
+                break
+        else:
+            raise ConfigError(f"environment variable {var} names no config key (near {words[i]!r})")
+    if struct is not None:
+        raise ConfigError(f"environment variable {var} names a section, not a key")
+    return path
+
+
+def _set_path(raw: dict[str, Any], path: list[str], value: Any) -> None:
+    node = raw
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(path)}: cannot override inside a non-table value")
+        node = child
+    node[path[-1]] = value
+
+
+def _parse_sizes(raw: dict[str, Any]) -> None:
+    for sec, sub, key in _SIZE_KEYS:
+        section = raw.get(sec)
+        if not isinstance(section, dict):
+            continue
+        subs = section.values() if sub == "*" else [section.get(sub)]
+        names = list(section) if sub == "*" else [sub]
+        for name, table in zip(names, subs, strict=True):
+            if isinstance(table, dict) and key in table and table[key] is not None:
+                try:
+                    table[key] = parse_size(table[key])
+                except ValueError as exc:
+                    raise ConfigError(f"{sec}.{name}.{key}: {exc}") from None
+
+
+def _convert_error(exc: msgspec.ValidationError) -> ConfigError:
+    # msgspec says "Object contains unknown field `x` - at `$.tiers.host`";
+    # users think in TOML key paths.
+    text = str(exc)
+    where = ""
+    if " - at `$" in text:
+        text, _, where = text.partition(" - at `$")
+        where = where.rstrip("`").lstrip(".")
+    if text.startswith("Object contains unknown field"):
+        field = text.split("`")[1]
+        key = f"{where}.{field}" if where else field
+        return ConfigError(f"unknown config key {key!r}: check its spelling against deploy/tierd.toml")
+    return ConfigError(f"{where or 'config'}: {text[0].lower()}{text[1:]}")
+
+
+def _resolve_defaults(cfg: Config) -> Config:
+    host = cfg.tiers.host
+    ram = psutil.virtual_memory().total
+    host_size = host.size if host.size >= 0 else min(ram // 4, 8 * _GIB)
+    if host_size > ram:
+        raise ConfigError(
+            f"tiers.host.size is {format_size(host_size)} but this machine has "
+            f"{format_size(ram)} of RAM; set it below that"
+        )
+    if not 0 < host.low_watermark <= host.high_watermark <= 1:
+        raise ConfigError(
+            "tiers.host watermarks must satisfy 0 < low_watermark <= high_watermark <= 1, "
+            f"got low={host.low_watermark} high={host.high_watermark}"
+        )
+    nvme = cfg.tiers.nvme
+    path = Path(nvme.path).expanduser() if nvme.path else default_nvme_path()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"tiers.nvme.path {str(path)!r} cannot be created ({exc.strerror}); "
+            "point it at a writable directory"
+        ) from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"tiers.nvme.path {str(path)!r} is not writable by this user")
+    if nvme.size >= 0:
+        nvme_size = nvme.size
+    else:
+        free = psutil.disk_usage(str(path)).free
+        nvme_size = min(2 * host_size, free // 10)
+    for key, value in (("slab_size", nvme.slab_size), ("chunk_size", nvme.chunk_size)):
+        if value < 4096 or value % 4096:
+            raise ConfigError(f"tiers.nvme.{key} must be a multiple of 4 KiB, got {value}")
+    if nvme.io_threads < 1:
+        raise ConfigError(f"tiers.nvme.io_threads must be >= 1, got {nvme.io_threads}")
+    for name in cfg.namespaces:
+        if not name or "/" in name:
+            raise ConfigError(f"namespace names must be non-empty and hold no '/', got {name!r}")
+    return msgspec.structs.replace(
+        cfg,
+        tiers=TiersConfig(
+            host=msgspec.structs.replace(host, size=host_size),
+            nvme=msgspec.structs.replace(nvme, path=str(path), size=nvme_size),
+        ),
+    )
+
+
+def load_config(
+    source: str | os.PathLike[str] | Mapping[str, Any] | Config | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Build a validated :class:`Config`.
+
+    Args:
+        source: a TOML file path, a dict shaped like the TOML, a ``Config``
+            (returned with defaults resolved), or None for the defaults.
+        env: environment to read ``TIERD_*`` overrides from (default ``os.environ``).
+
+    Raises:
+        ConfigError: the file is missing or not TOML, a key is unknown, a value
+            has the wrong type or does not fit this machine.
+    """
+    if isinstance(source, Config):
+        return _resolve_defaults(source)
+    raw: dict[str, Any]
+    if source is None:
+        raw = {}
+    elif isinstance(source, Mapping):
+        raw = msgspec.convert(msgspec.to_builtins(source), dict)  # deep copy
+    else:
+        try:
+            with open(source, "rb") as fh:
+                raw = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {os.fspath(source)!r} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {os.fspath(source)!r} is not valid TOML: {exc}") from None
+    environ = os.environ if env is None else env
+    for var, value in sorted(environ.items()):
+        if var.startswith("TIERD_") and var not in _ENV_NOT_CONFIG:
+            _set_path(raw, _env_path(var), value)
+    _parse_sizes(raw)
+    try:
+        cfg = msgspec.convert(raw, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise _convert_error(exc) from None
+    return _resolve_defaults(cfg)

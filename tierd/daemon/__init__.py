@@ -1,0 +1,1 @@
+"""The engine and, later, the daemon around it."""

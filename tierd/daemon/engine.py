@@ -1,0 +1,568 @@
+"""The engine: index, placement, movement between tiers, leases, durability.
+
+It stores byte strings (flat uint8 tensors) under keys; turning tensors into
+bytes and back is the client's job. One engine runs inside ``tierd.open()``
+and, later, inside the daemon.
+
+Locking
+    ``_lock`` guards the index, the records, the policy and the counters; it
+    is never held while bytes move. ``_commit_lock`` orders every change of
+    the index that may touch LMDB (install, delete) so the LMDB order is the
+    in-memory order; it is taken before ``_lock``, never after.
+
+Movement
+    A put lands in the highest allowed tier with room; when the host tier has
+    no free extent, least-recently-used objects are demoted to nvme first.
+    A background thread demotes from host whenever its use passes the high
+    watermark, until it is under the low one. A get from nvme promotes the
+    object into host when there is room (``prefetch`` does it ahead of time).
+    Demotion never drops an object: if nvme is full the victim stays where it
+    is and the put that needed room gets :class:`OutOfSpace`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tierd.codecs import get_codec
+from tierd.config import Config
+from tierd.daemon.index import DurableIndex, ObjectMeta, ObjectRecord
+from tierd.errors import (
+    InvalidArgument,
+    NotFound,
+    OutOfSpace,
+    QuotaExceeded,
+    StoreClosed,
+    TierdError,
+)
+from tierd.policies import make_eviction_policy
+from tierd.tiers.base import Tier
+from tierd.tiers.host import HostLocation, HostTier
+from tierd.tiers.nvme import NvmeTier
+from tierd.types import ObjectInfo, Stats, TierStats
+
+__all__ = ["Engine", "TIERS", "namespace_of", "validate_key"]
+
+log = logging.getLogger("tierd.daemon.engine")
+
+TIERS = ("host", "nvme")  # fastest first
+MAX_KEY_BYTES = 1024
+_DEFAULT_NAMESPACE = "default"
+
+
+def validate_key(key: object) -> str:
+    """Return ``key`` if it is a valid object key; raise InvalidArgument otherwise."""
+    if not isinstance(key, str):
+        raise InvalidArgument(f"keys are strings 'namespace/name', got {type(key).__name__}")
+    try:
+        size = len(key.encode())
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"key {key!r} is not valid UTF-8") from None
+    if not 0 < size <= MAX_KEY_BYTES:
+        raise InvalidArgument(f"keys must be 1 to {MAX_KEY_BYTES} bytes of UTF-8, got {size}")
+    if "\x00" in key:
+        raise InvalidArgument(f"keys must not contain NUL, got {key!r}")
+    return key
+
+
+def namespace_of(key: str) -> str:
+    """``"kv/abc" -> "kv"``; a key without ``/`` is in namespace ``default``."""
+    ns, sep, _ = key.partition("/")
+    return ns if sep and ns else _DEFAULT_NAMESPACE
+
+
+class _Counters:
+    __slots__ = ("objects", "hits", "misses", "bytes_in", "bytes_out", "promoted", "demoted")
+
+    def __init__(self) -> None:
+        self.objects = self.hits = self.misses = 0
+        self.bytes_in = self.bytes_out = self.promoted = self.demoted = 0
+
+
+class Engine:
+    """Owns the tiers and the index. Thread-safe."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        host_cfg, nvme_cfg = config.tiers.host, config.tiers.nvme
+        self.host = HostTier(host_cfg.size, hugepages=host_cfg.hugepages)
+        try:
+            self.nvme = NvmeTier(
+                nvme_cfg.path, nvme_cfg.size, slab_size=nvme_cfg.slab_size,
+                chunk_size=nvme_cfg.chunk_size, io_threads=nvme_cfg.io_threads, direct=nvme_cfg.direct,
+            )
+        except BaseException:
+            self.host.close()
+            raise
+        self.tiers: dict[str, Tier] = {"host": self.host, "nvme": self.nvme}
+        self._lock = threading.Lock()
+        self._commit_lock = threading.Lock()
+        self._index: dict[str, ObjectRecord] = {}
+        self._policy = make_eviction_policy("lru")
+        self._counters = {name: _Counters() for name in TIERS}
+        self._ns_used: dict[str, int] = {}
+        self._expiring: set[str] = set()
+        self._closed = False
+        self._high = int(host_cfg.high_watermark * self.host.capacity_bytes)
+        self._low = int(host_cfg.low_watermark * self.host.capacity_bytes)
+        try:
+            self._durable = DurableIndex(Path(nvme_cfg.path) / "index.lmdb")
+            self._load_durable()
+        except BaseException:
+            self.nvme.close()
+            self.host.close()
+            raise
+        self._wake = threading.Event()
+        self._prefetch_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tierd-prefetch")
+        self._mover = threading.Thread(target=self._mover_loop, name="tierd-demote", daemon=True)
+        self._mover.start()
+
+    # -- index bookkeeping (callers hold _lock) --------------------------------
+
+    def _load_durable(self) -> None:
+        now = time.time()
+        stale: list[str] = []
+        for key, entry in self._durable.entries():
+            if entry is None or (entry.expires_at is not None and entry.expires_at <= now):
+                stale.append(key)
+                continue
+            try:
+                self.nvme.reserve(entry.location)
+            except ValueError as exc:
+                log.error("durable object %r cannot be restored: %s; dropped from the index", key, exc)
+                stale.append(key)
+                continue
+            rec = ObjectRecord(
+                key=key, namespace=namespace_of(key), meta=entry.meta, nbytes=entry.nbytes,
+                codec=entry.codec, durable=True, pinned=entry.pinned, expires_at=entry.expires_at,
+                nvme=entry.location,
+            )
+            self._install_locked(rec)
+        if stale:
+            self._durable.delete(*stale)
+        log.info("restored %d durable objects from %s", len(self._index), self.nvme.path)
+
+    def _set_location(self, rec: ObjectRecord, tier: str, loc: Any) -> None:
+        setattr(rec, tier, loc)
+        self._counters[tier].objects += 1
+        self._policy.on_insert(rec.key, tier, rec.nbytes, time.monotonic())
+
+    def _take_location(self, rec: ObjectRecord, tier: str) -> None:
+        """Detach ``rec``'s copy on ``tier`` and free it once no one reads it."""
+        loc = getattr(rec, tier)
+        if loc is None:
+            return
+        setattr(rec, tier, None)
+        self._counters[tier].objects -= 1
+        self._policy.on_remove(rec.key, tier)
+        if rec.readers:
+            rec.graveyard.append((tier, loc))
+        else:
+            self.tiers[tier].free(loc)
+
+    def _install_locked(self, rec: ObjectRecord) -> None:
+        old = self._index.get(rec.key)
+        if old is not None:
+            self._retire_locked(old)
+        self._index[rec.key] = rec
+        self._ns_used[rec.namespace] = self._ns_used.get(rec.namespace, 0) + rec.nbytes
+        if rec.expires_at is not None:
+            self._expiring.add(rec.key)
+        for tier in TIERS:
+            loc = getattr(rec, tier)
+            if loc is not None:
+                setattr(rec, tier, None)
+                self._set_location(rec, tier, loc)
+
+    def _retire_locked(self, rec: ObjectRecord) -> None:
+        rec.live = False
+        if self._index.get(rec.key) is rec:
+            del self._index[rec.key]
+            self._expiring.discard(rec.key)
+        self._ns_used[rec.namespace] -= rec.nbytes
+        for tier in TIERS:
+            self._take_location(rec, tier)
+
+    def _lookup_locked(self, key: str) -> ObjectRecord:
+        rec = self._index.get(key)
+        if rec is None:
+            raise NotFound(f"no object {key!r}")
+        if rec.expires_at is not None and rec.expires_at <= time.time():
+            raise NotFound(f"object {key!r} expired")
+        return rec
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosed("the store is closed")
+
+    # -- leases ----------------------------------------------------------------
+
+    @contextmanager
+    def lease(self, key: str) -> Iterator[ObjectRecord]:
+        """Hold ``key``'s current version readable for the ``with`` body.
+
+        Raises:
+            NotFound: no such key (or it expired).
+        """
+        with self._lock:
+            self._check_open()
+            rec = self._lookup_locked(key)
+            rec.readers += 1
+            self._policy.on_access(key, rec.tier, time.monotonic())
+        try:
+            yield rec
+        finally:
+            self._unlease(rec)
+
+    def _unlease(self, rec: ObjectRecord) -> None:
+        with self._lock:
+            rec.readers -= 1
+            if rec.readers == 0 and rec.graveyard:
+                for tier, loc in rec.graveyard:
+                    self.tiers[tier].free(loc)
+                rec.graveyard.clear()
+
+    # -- put -------------------------------------------------------------------
+
+    def put(
+        self, key: str, src: torch.Tensor, meta: ObjectMeta, *, tier: str | None = None,
+        durable: bool | None = None, codec: str | None = None, pin: bool = False,
+        ttl: float | None = None,
+    ) -> None:
+        """Store the flat uint8 tensor ``src`` under ``key``; returns when readable
+        (and, for durable objects, fsync'ed with its index entry committed).
+
+        Raises:
+            InvalidArgument, QuotaExceeded, OutOfSpace (nothing already stored is lost).
+        """
+        self._check_open()
+        validate_key(key)
+        ns = namespace_of(key)
+        ns_cfg = self.config.namespace(ns)
+        durable = ns_cfg.durable if durable is None else bool(durable)
+        codec_name = get_codec(codec if codec is not None else ns_cfg.codec).name
+        top = tier if tier is not None else (ns_cfg.tier or "host")
+        if top not in self.tiers:
+            raise InvalidArgument(f"unknown tier {top!r}; choose one of {list(self.tiers)}")
+        if ttl is not None and not ttl > 0:
+            raise InvalidArgument(f"ttl must be > 0 seconds, got {ttl!r}")
+        nbytes = src.numel()
+        if ns_cfg.quota is not None:
+            with self._lock:
+                old = self._index.get(key)
+                used = self._ns_used.get(ns, 0) - (old.nbytes if old is not None else 0)
+            if used + nbytes > ns_cfg.quota:
+                raise QuotaExceeded(
+                    f"namespace {ns!r} would hold {used + nbytes} bytes, over its quota of "
+                    f"{ns_cfg.quota}; delete objects or raise namespaces.{ns}.quota"
+                )
+        rec = ObjectRecord(
+            key=key, namespace=ns, meta=meta, nbytes=nbytes, codec=codec_name, durable=durable,
+            pinned=pin, expires_at=None if ttl is None else time.time() + ttl,
+        )
+        host_loc: HostLocation | None = None
+        try:
+            if durable:
+                # Note [durability] in tiers/nvme.py: chunks fsync'ed here,
+                # then the LMDB entry committed in _commit, then acknowledged.
+                rec.nvme = self.nvme.write(src, codec=get_codec(codec_name), itemsize=meta.itemsize, durable=True)
+                if top == "host" and nbytes:
+                    host_loc = self.host.alloc(nbytes)  # a cached copy only if there is room
+            elif top == "host" and nbytes:
+                host_loc = self._alloc_host(nbytes)
+            if host_loc is not None:
+                self.host.view(host_loc).copy_(src)
+                rec.host = host_loc
+            elif not durable and nbytes:  # top is nvme, or host had no room
+                rec.nvme = self.nvme.write(src, codec=get_codec(codec_name), itemsize=meta.itemsize, durable=False)
+            self._commit(rec)
+        except BaseException:
+            if rec.host is not None:
+                self.host.free(rec.host)
+            if rec.nvme is not None:
+                self.nvme.free(rec.nvme)
+            raise
+        with self._lock:
+            for name in TIERS:
+                if getattr(rec, name) is not None:
+                    self._counters[name].bytes_in += nbytes
+        if self.host_used_bytes() > self._high:
+            self._wake.set()
+
+    def _commit(self, rec: ObjectRecord) -> None:
+        with self._commit_lock:
+            with self._lock:
+                self._check_open()
+                old = self._index.get(rec.key)
+            if rec.durable:
+                self._durable.put(rec.key, rec.durable_entry())
+            elif old is not None and old.durable:
+                self._durable.delete(rec.key)
+            with self._lock:
+                self._install_locked(rec)
+
+    def host_used_bytes(self) -> int:
+        return self.host.usage().used_bytes
+
+    # -- movement --------------------------------------------------------------
+
+    def _alloc_host(self, nbytes: int, *, evict: bool = True) -> HostLocation | None:
+        """A host extent for ``nbytes``, demoting LRU objects to make room; None if impossible."""
+        if nbytes > self.host.capacity_bytes:
+            return None
+        while True:
+            loc = self.host.alloc(nbytes)
+            if loc is not None or not evict:
+                return loc
+            with self._lock:
+                victim = self._pick_victim_locked()
+            if victim is None or not self._demote(victim):
+                return None
+
+    def _pick_victim_locked(self) -> ObjectRecord | None:
+        """The least valuable host object that may leave, leased for its demotion."""
+        for key in self._policy.victims("host", time.monotonic()):
+            rec = self._index.get(key)
+            if rec is None or rec.pinned or rec.moving or rec.host is None:
+                continue
+            rec.moving = True
+            rec.readers += 1  # the demotion reads the host copy: keep it alive
+            return rec
+        return None
+
+    def _demote(self, rec: ObjectRecord) -> bool:
+        """Move ``rec`` (picked and leased by _pick_victim_locked) from host to nvme."""
+        new_loc = None
+        try:
+            host_loc = rec.host
+            if host_loc is not None and rec.nvme is None:
+                new_loc = self.nvme.write(
+                    self.host.view(host_loc), codec=get_codec(rec.codec),
+                    itemsize=rec.meta.itemsize, durable=False,
+                )
+        except TierdError as exc:
+            log.debug("cannot demote %r: %s", rec.key, exc)
+            with self._lock:
+                rec.moving = False
+            self._unlease(rec)
+            return False
+        with self._lock:
+            rec.moving = False
+            if rec.live and rec.host is not None:
+                if new_loc is not None:
+                    self._set_location(rec, "nvme", new_loc)
+                    new_loc = None
+                    self._counters["host"].bytes_out += rec.nbytes
+                    self._counters["nvme"].bytes_in += rec.nbytes
+                    self._counters["nvme"].demoted += rec.nbytes
+                # else: a durable object's nvme copy is already there: dropping
+                # the cached host copy costs no I/O.
+                self._take_location(rec, "host")
+        if new_loc is not None:  # replaced or deleted while we copied
+            self.nvme.free(new_loc)
+        self._unlease(rec)
+        return True
+
+    def _mover_loop(self) -> None:
+        while not self._closed:
+            self._wake.wait(timeout=1.0)
+            self._wake.clear()
+            if self._closed:
+                return
+            try:
+                self._expire()
+                if self.host_used_bytes() > self._high:
+                    while self.host_used_bytes() > self._low and not self._closed:
+                        with self._lock:
+                            victim = self._pick_victim_locked()
+                        if victim is None or not self._demote(victim):
+                            break
+            except Exception:  # the mover must survive anything one object does
+                log.exception("background demotion failed")
+
+    def _expire(self) -> None:
+        now = time.time()
+        with self._lock:
+            expired = [k for k in self._expiring if (r := self._index.get(k)) and r.expires_at and r.expires_at <= now]
+        for key in expired:
+            self.delete(key)
+
+    def read_into(self, rec: ObjectRecord, dest: torch.Tensor, *, promote: bool = True) -> str:
+        """Copy leased ``rec``'s bytes into the flat uint8 tensor ``dest``; return the tier read.
+
+        Raises:
+            CorruptObject: the nvme copy fails its checksum.
+        """
+        with self._lock:
+            host_loc, nvme_loc = rec.host, rec.nvme
+            if host_loc is not None or nvme_loc is None:
+                self._counters["host"].hits += 1
+            else:
+                self._counters["host"].misses += 1
+                self._counters["nvme"].hits += 1
+        if rec.nbytes == 0:
+            return "host"
+        if host_loc is not None:
+            self.host.read_into(host_loc, dest, itemsize=rec.meta.itemsize)
+            with self._lock:
+                self._counters["host"].bytes_out += rec.nbytes
+            return "host"
+        assert nvme_loc is not None
+        if promote and self._promote(rec, evict=False, dest=dest):
+            return "nvme"
+        self.nvme.read_into(nvme_loc, dest, itemsize=rec.meta.itemsize)
+        with self._lock:
+            self._counters["nvme"].bytes_out += rec.nbytes
+        return "nvme"
+
+    def _promote(self, rec: ObjectRecord, *, evict: bool, dest: torch.Tensor | None = None) -> bool:
+        """Bring leased ``rec`` up into host (and copy it to ``dest``); False if no room."""
+        nvme_loc = rec.nvme
+        if nvme_loc is None or rec.host is not None:
+            return rec.host is not None and dest is None
+        ext = self._alloc_host(rec.nbytes, evict=evict)
+        if ext is None:
+            self._wake.set()  # make room for next time
+            return False
+        try:
+            # Aligned extent: O_DIRECT reads land in it with no bounce copy.
+            self.nvme.read_into(nvme_loc, self.host.view(ext), itemsize=rec.meta.itemsize)
+            if dest is not None:
+                dest.copy_(self.host.view(ext))
+        except BaseException:
+            self.host.free(ext)
+            raise
+        with self._lock:
+            self._counters["nvme"].bytes_out += rec.nbytes
+            if not rec.live or rec.host is not None:
+                self.host.free(ext)
+                return True
+            self._set_location(rec, "host", ext)
+            self._counters["host"].bytes_in += rec.nbytes
+            self._counters["host"].promoted += rec.nbytes
+            if not rec.durable:  # a volatile object moves; a durable one keeps its nvme copy
+                self._take_location(rec, "nvme")
+        return True
+
+    def move(self, key: str, tier: str) -> None:
+        """Promote or demote ``key`` to ``tier`` now.
+
+        Raises:
+            NotFound, InvalidArgument (unknown tier), OutOfSpace (no room there).
+        """
+        if tier not in self.tiers:
+            raise InvalidArgument(f"unknown tier {tier!r}; choose one of {list(self.tiers)}")
+        with self.lease(key) as rec:
+            if tier == "host":
+                if rec.nbytes and not self._promote(rec, evict=True):
+                    raise OutOfSpace(f"host tier has no room for {key!r} ({rec.nbytes} bytes)")
+                return
+            with self._lock:
+                if rec.host is None or rec.nbytes == 0:
+                    return
+                if rec.moving:
+                    raise TierdError(f"{key!r} is being moved already; try again")
+                rec.moving = True
+                rec.readers += 1
+            if not self._demote(rec):
+                raise OutOfSpace(f"nvme tier has no room for {key!r} ({rec.nbytes} bytes)")
+
+    def prefetch(self, keys: Iterable[str], tier: str = "host") -> None:
+        """Start bringing ``keys`` up to ``tier`` in the background; never raises for a key."""
+        self._check_open()
+        if tier not in self.tiers:
+            raise InvalidArgument(f"unknown tier {tier!r}; choose one of {list(self.tiers)}")
+        if tier != "host":
+            return
+        for key in keys:
+            self._prefetch_pool.submit(self._prefetch_one, key)
+
+    def _prefetch_one(self, key: str) -> None:
+        try:
+            with self.lease(key) as rec:
+                if rec.host is None and rec.nbytes:
+                    self._promote(rec, evict=True)
+        except TierdError as exc:
+            log.debug("prefetch of %r skipped: %s", key, exc)
+
+    # -- queries and delete ----------------------------------------------------
+
+    def delete(self, key: str) -> bool:
+        """Remove ``key``; True if it existed. A durable delete is committed before it returns."""
+        self._check_open()
+        validate_key(key)
+        with self._commit_lock:
+            with self._lock:
+                rec = self._index.get(key)
+                if rec is None:
+                    return False
+            if rec.durable:
+                self._durable.delete(key)
+            with self._lock:
+                if self._index.get(key) is rec:
+                    self._retire_locked(rec)
+        return True
+
+    def exists(self, key: str) -> bool:
+        with self._lock:
+            try:
+                self._lookup_locked(validate_key(key))
+            except NotFound:
+                return False
+            return True
+
+    def info(self, key: str) -> ObjectInfo:
+        with self._lock:
+            rec = self._lookup_locked(validate_key(key))
+            on = tuple(t for t in TIERS if getattr(rec, t) is not None)
+            stored = self.nvme.stored_nbytes(rec.nvme) if rec.host is None and rec.nvme else rec.nbytes
+            return ObjectInfo(
+                key=key, tier=rec.tier, nbytes=rec.nbytes, stored_nbytes=stored,
+                dtype="bytes" if rec.meta.kind == "bytes" else rec.meta.dtype,
+                shape=rec.meta.shape, codec=rec.codec, durable=rec.durable, pinned=rec.pinned,
+                tiers=on, expires_at=rec.expires_at,
+            )
+
+    def keys(self, prefix: str = "") -> list[str]:
+        now = time.time()
+        with self._lock:
+            return sorted(
+                k for k, r in self._index.items()
+                if k.startswith(prefix) and (r.expires_at is None or r.expires_at > now)
+            )
+
+    def stats(self) -> Stats:
+        tiers = {}
+        with self._lock:
+            objects = len(self._index)
+            for name, tier in self.tiers.items():
+                use, c = tier.usage(), self._counters[name]
+                tiers[name] = TierStats(
+                    name=name, capacity_bytes=use.capacity_bytes, used_bytes=use.used_bytes,
+                    objects=c.objects, hits=c.hits, misses=c.misses, bytes_in=c.bytes_in,
+                    bytes_out=c.bytes_out, promoted_bytes=c.promoted, demoted_bytes=c.demoted,
+                    largest_free_bytes=use.largest_free_bytes, fragmentation=use.fragmentation,
+                )
+        return Stats(tiers=tiers, objects=objects)
+
+    def close(self) -> None:
+        """Stop background work, flush nvme, close the index; idempotent."""
+        with self._commit_lock, self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._wake.set()
+        self._mover.join(timeout=30)
+        self._prefetch_pool.shutdown(wait=True, cancel_futures=True)
+        self.nvme.close()
+        self._durable.close()
+        self.host.close()

@@ -1,0 +1,113 @@
+"""The ``host`` tier: a shared-memory arena (memfd + mmap) of 4 KiB-aligned extents.
+
+The arena is one memfd, so the daemon can hand it to clients with
+SCM_RIGHTS and they map the very same pages; pages are only backed by RAM
+once touched. Objects are stored raw (no codec): the host tier is on the
+GPU<->host path, where compression costs more than it saves.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import threading
+from typing import Any
+
+import msgspec
+import torch
+
+from tierd.codecs import Codec
+from tierd.errors import OutOfSpace
+from tierd.tiers.alloc import ExtentAllocator
+from tierd.tiers.base import Tier, TierUsage
+
+__all__ = ["HostTier", "HostLocation"]
+
+log = logging.getLogger("tierd.tiers.host")
+
+_MFD_HUGETLB = getattr(os, "MFD_HUGETLB", 4)
+
+
+class HostLocation(msgspec.Struct, frozen=True, array_like=True):
+    """``nbytes`` of payload at ``offset`` of the arena (extent rounded up to 4 KiB)."""
+
+    offset: int
+    nbytes: int
+
+
+class HostTier(Tier):
+    """A memfd arena of ``capacity_bytes`` with an extent allocator."""
+
+    name = "host"
+
+    def __init__(self, capacity_bytes: int, *, hugepages: bool = False, block: int = 4096) -> None:
+        self._alloc = ExtentAllocator(capacity_bytes, block=block)
+        size = max(self._alloc.capacity_bytes, block)
+        flags = os.MFD_CLOEXEC | (_MFD_HUGETLB if hugepages else 0)
+        self.fd = os.memfd_create("tierd-host", flags)
+        try:
+            os.ftruncate(self.fd, size)
+            self._map = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED)
+        except OSError:
+            os.close(self.fd)
+            raise
+        # One tensor over the whole arena: slices of it are views, and
+        # Tensor.copy_ moves bytes with the GIL released and on several threads.
+        self.arena = torch.frombuffer(self._map, dtype=torch.uint8)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self._alloc.capacity_bytes
+
+    def usage(self) -> TierUsage:
+        with self._lock:
+            st = self._alloc.stats()
+        return TierUsage(st.capacity_bytes, st.used_bytes, st.largest_free_bytes, st.fragmentation)
+
+    def alloc(self, nbytes: int) -> HostLocation | None:
+        """Reserve an extent for ``nbytes``; None when no free extent is large enough."""
+        with self._lock:
+            offset = self._alloc.alloc(nbytes)
+        return None if offset is None else HostLocation(offset, nbytes)
+
+    def view(self, location: HostLocation) -> torch.Tensor:
+        """The payload bytes at ``location``, as a uint8 tensor aliasing the arena."""
+        return self.arena[location.offset : location.offset + location.nbytes]
+
+    def extent_view(self, location: HostLocation) -> torch.Tensor:
+        """The whole extent (payload rounded up to the block size)."""
+        size = -(-max(location.nbytes, 1) // self._alloc.block) * self._alloc.block
+        return self.arena[location.offset : location.offset + size]
+
+    def write(self, src: torch.Tensor, *, codec: Codec, itemsize: int, durable: bool) -> HostLocation:
+        location = self.alloc(src.numel())
+        if location is None:
+            raise OutOfSpace(f"host tier has no free extent of {src.numel()} bytes")
+        self.view(location).copy_(src)
+        return location
+
+    def read_into(self, location: HostLocation, dest: torch.Tensor, *, itemsize: int) -> None:
+        dest.copy_(self.view(location))
+
+    def free(self, location: HostLocation) -> None:
+        with self._lock:
+            self._alloc.free(location.offset)
+
+    def stored_nbytes(self, location: Any) -> int:
+        return int(location.nbytes)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        del self.arena
+        try:
+            self._map.close()
+        except BufferError:
+            # A tensor handed out earlier still aliases the arena; the mapping
+            # goes when the last such tensor is collected.
+            log.debug("host arena still referenced at close; unmapped later")
+        os.close(self.fd)
