@@ -181,7 +181,7 @@ def _parse_sizes(raw: dict[str, Any]) -> None:
                     raise ConfigError(f"{sec}.{name}.{key}: {exc}") from None
 
 
-def _convert_error(exc: msgspec.ValidationError) -> ConfigError:
+def _convert_error(exc: msgspec.ValidationError, prefix: str = "") -> ConfigError:
     # msgspec says "Object contains unknown field `x` - at `$.tiers.host`";
     # users think in TOML key paths.
     text = str(exc)
@@ -189,6 +189,7 @@ def _convert_error(exc: msgspec.ValidationError) -> ConfigError:
     if " - at `$" in text:
         text, _, where = text.partition(" - at `$")
         where = where.rstrip("`").lstrip(".")
+    where = ".".join(p for p in (prefix, where) if p)
     if text.startswith("Object contains unknown field"):
         field = text.split("`")[1]
         key = f"{where}.{field}" if where else field
@@ -279,8 +280,19 @@ def load_config(
         if var.startswith("TIERD_") and var not in _ENV_NOT_CONFIG:
             _set_path(raw, _env_path(var), value)
     _parse_sizes(raw)
+    # Namespaces are converted one by one so an error can name the namespace
+    # (msgspec reports dict keys as "[...]").
+    tables = raw.pop("namespaces", {})
+    if not isinstance(tables, dict):
+        raise ConfigError("namespaces must be a table of [namespaces.NAME] tables")
+    namespaces: dict[str, NamespaceConfig] = {}
+    for name, table in tables.items():
+        try:
+            namespaces[name] = msgspec.convert(table, NamespaceConfig, strict=False)
+        except msgspec.ValidationError as exc:
+            raise _convert_error(exc, f"namespaces.{name}") from None
     try:
         cfg = msgspec.convert(raw, Config, strict=False)
     except msgspec.ValidationError as exc:
         raise _convert_error(exc) from None
-    return _resolve_defaults(cfg)
+    return _resolve_defaults(msgspec.structs.replace(cfg, namespaces=namespaces))

@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -122,6 +122,7 @@ class Engine:
             self.host.close()
             raise
         self._wake = threading.Event()
+        self._prefetching: set[Future[None]] = set()
         self._prefetch_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tierd-prefetch")
         self._mover = threading.Thread(target=self._mover_loop, name="tierd-demote", daemon=True)
         self._mover.start()
@@ -484,7 +485,20 @@ class Engine:
         if tier != "host":
             return
         for key in keys:
-            self._prefetch_pool.submit(self._prefetch_one, key)
+            fut = self._prefetch_pool.submit(self._prefetch_one, key)
+            with self._lock:
+                self._prefetching.add(fut)
+            fut.add_done_callback(self._prefetch_done)
+
+    def _prefetch_done(self, fut: Future[None]) -> None:
+        with self._lock:
+            self._prefetching.discard(fut)
+
+    def drain_prefetch(self, timeout_s: float | None = None) -> None:
+        """Wait until every prefetch hint given so far has been acted on."""
+        with self._lock:
+            pending = list(self._prefetching)
+        wait(pending, timeout=timeout_s)
 
     def _prefetch_one(self, key: str) -> None:
         try:

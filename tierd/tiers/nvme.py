@@ -259,9 +259,12 @@ class NvmeTier(Tier):
     def usage(self) -> TierUsage:
         with self._lock:
             used = sum(a.used_bytes for a in self._allocs)
-            largest = max((a.largest_free_bytes() for a in self._allocs), default=0)
+            largest_each = [a.largest_free_bytes() for a in self._allocs]
         free = self._capacity - used
-        frag = 0.0 if free == 0 else 1.0 - largest / free
+        # No extent spans slabs, so a slab boundary is not fragmentation:
+        # measure how scattered the free space is within each slab.
+        frag = 0.0 if free == 0 else 1.0 - sum(largest_each) / free
+        largest = max(largest_each, default=0)
         return TierUsage(self._capacity, used, largest, frag)
 
     def write(self, src: torch.Tensor, *, codec: Codec, itemsize: int, durable: bool) -> NvmeLocation:

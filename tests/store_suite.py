@@ -1,0 +1,259 @@
+"""``StoreTests``: the Store API contract, run against every way to get a store.
+
+A subclass provides the ``store`` fixture (small host tier, nvme under a
+temporary directory, as built by ``conftest.small_config``). The daemon
+issue runs the same class against ``tierd.connect()``.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import tierd
+
+ALL_DTYPES = [
+    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.bool, torch.uint8, torch.int8,
+    torch.int16, torch.int32, torch.int64, torch.complex64, torch.complex128,
+    *[d for d in (getattr(torch, n, None) for n in ("float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64")) if d],
+]
+
+
+def _sample(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.randint(0, 256, (max(1, torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size(),),
+                        dtype=torch.uint8, generator=g)
+    if dtype == torch.bool:
+        return (raw[: torch.Size(shape).numel()] & 1).bool().reshape(shape)
+    n = torch.Size(shape).numel()
+    return raw.view(dtype)[:n].reshape(shape).clone()
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    # Bitwise: NaN payloads and -0.0 must survive too.
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+class StoreTests:
+    @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+    def test_every_dtype_round_trips(self, store: tierd.Store, dtype: torch.dtype) -> None:
+        t = _sample(dtype, (33, 7), seed=3)
+        store.put("t/x", t)
+        assert _same(store.get("t/x"), t)
+
+    @pytest.mark.parametrize("shape", [(), (0,), (3, 0, 2), (1,), (5, 1, 1, 3)])
+    def test_odd_shapes(self, store: tierd.Store, shape: tuple[int, ...]) -> None:
+        t = _sample(torch.float32, shape, seed=1)
+        store.put("t/s", t)
+        got = store.get("t/s")
+        assert _same(got, t)
+        info = store.info("t/s")
+        assert info.shape == shape and info.dtype == "float32"
+
+    def test_non_contiguous_input_comes_back_with_its_shape(self, store: tierd.Store) -> None:
+        base = _sample(torch.float32, (64, 48), seed=2)
+        for name, t in {"transposed": base.t(), "strided": base[::3, 1::2], "expanded": base[:1].expand(5, 48)}.items():
+            store.put(f"t/{name}", t)
+            got = store.get(f"t/{name}")
+            assert got.is_contiguous() and _same(got, t.contiguous())
+
+    def test_raw_bytes(self, store: tierd.Store) -> None:
+        for i, value in enumerate([b"", b"x", bytes(range(256)) * 100, bytearray(b"abc"), memoryview(b"zz")]):
+            store.put(f"b/{i}", value)
+            assert store.get(f"b/{i}") == bytes(value)
+        assert store.info("b/2").dtype == "bytes"
+
+    def test_get_out_fills_in_place(self, store: tierd.Store) -> None:
+        t = _sample(torch.bfloat16, (128, 64), seed=4)
+        store.put("t/o", t)
+        out = torch.zeros_like(t)
+        ptr = out.data_ptr()
+        got = store.get("t/o", out=out)
+        assert got is out and out.data_ptr() == ptr and _same(out, t)
+        with pytest.raises(tierd.InvalidArgument, match="dtype"):
+            store.get("t/o", out=torch.zeros(128, 64))
+        with pytest.raises(tierd.InvalidArgument, match="contiguous"):
+            store.get("t/o", out=torch.zeros(64, 128, dtype=torch.bfloat16).t())
+
+    def test_get_out_from_nvme(self, store: tierd.Store) -> None:
+        t = _sample(torch.float32, (1000, 333), seed=5)
+        store.put("t/on", t, tier="nvme")
+        out = torch.empty_like(t)
+        store.get("t/on", out=out)
+        assert _same(out, t)
+
+    def test_overwrite_replaces(self, store: tierd.Store) -> None:
+        store.put("t/w", torch.zeros(10))
+        store.put("t/w", torch.ones(3, dtype=torch.int64))
+        assert torch.equal(store.get("t/w"), torch.ones(3, dtype=torch.int64))
+        assert store.keys("t/") == ["t/w"]
+
+    def test_missing_key(self, store: tierd.Store) -> None:
+        with pytest.raises(tierd.NotFound, match="no object"):
+            store.get("t/none")
+        with pytest.raises(KeyError):  # NotFound is a KeyError too
+            store.info("t/none")
+        assert not store.exists("t/none")
+        assert store.delete("t/none") is False
+
+    def test_delete_exists_keys(self, store: tierd.Store) -> None:
+        for i in range(5):
+            store.put(f"k/{i}", torch.full((4,), i))
+        store.put("other/x", torch.zeros(1))
+        assert store.keys("k/") == [f"k/{i}" for i in range(5)]
+        assert store.delete("k/2") is True
+        assert not store.exists("k/2") and store.exists("k/3")
+        assert "k/2" not in store.keys()
+
+    @pytest.mark.parametrize("key", ["", "a\x00b", "x" * 1025, 42])
+    def test_bad_keys(self, store: tierd.Store, key: object) -> None:
+        with pytest.raises(tierd.InvalidArgument):
+            store.put(key, torch.zeros(1))  # type: ignore[arg-type]
+
+    def test_bad_values_and_options(self, store: tierd.Store) -> None:
+        with pytest.raises(tierd.InvalidArgument, match="torch.Tensor or bytes"):
+            store.put("t/bad", [1, 2, 3])  # type: ignore[arg-type]
+        with pytest.raises(tierd.InvalidArgument, match="unknown tier"):
+            store.put("t/bad", torch.zeros(1), tier="floppy")
+        with pytest.raises(tierd.InvalidArgument, match="unknown codec"):
+            store.put("t/bad", torch.zeros(1), codec="lzma")
+        with pytest.raises(tierd.InvalidArgument, match="sparse|dense"):
+            store.put("t/bad", torch.zeros(3, 3).to_sparse())
+        assert not store.exists("t/bad")
+
+    @pytest.mark.parametrize("codec", ["none", "zstd", "bytegroup"])
+    def test_codecs_on_nvme(self, store: tierd.Store, codec: str) -> None:
+        t = (torch.randn(512, 1024) * 0.02).to(torch.bfloat16)
+        store.put("c/x", t, tier="nvme", codec=codec)
+        info = store.info("c/x")
+        assert info.tier == "nvme" and info.codec == codec
+        if codec != "none":
+            assert info.stored_nbytes < info.nbytes
+        assert torch.equal(store.get("c/x"), t)
+
+    def test_move_and_promotion_on_get(self, store: tierd.Store) -> None:
+        t = _sample(torch.float32, (256, 256), seed=6)
+        store.put("m/x", t)
+        assert store.info("m/x").tier == "host"
+        store.move("m/x", "nvme")
+        assert store.info("m/x").tier == "nvme"
+        assert _same(store.get("m/x"), t)
+        assert store.info("m/x").tier == "host"  # promoted by the get
+        with pytest.raises(tierd.InvalidArgument):
+            store.move("m/x", "tape")
+
+    def test_prefetch_brings_objects_up(self, store: tierd.Store) -> None:
+        tensors = {f"p/{i}": _sample(torch.float32, (100, 100), seed=i) for i in range(4)}
+        for k, t in tensors.items():
+            store.put(k, t, tier="nvme")
+        store.prefetch(list(tensors) + ["p/missing"])
+        store.engine.drain_prefetch(timeout_s=60)
+        assert all(store.info(k).tier == "host" for k in tensors)
+        assert all(_same(store.get(k), t) for k, t in tensors.items())
+
+    def test_async_put_and_get(self, store: tierd.Store) -> None:
+        ts = [_sample(torch.float16, (300, 100), seed=i) for i in range(8)]
+        futs = [store.put_async(f"a/{i}", t) for i, t in enumerate(ts)]
+        for f in futs:
+            f.result(timeout=60)
+        gets = [store.get_async(f"a/{i}") for i in range(8)]
+        assert all(_same(g.result(timeout=60), t) for g, t in zip(gets, ts, strict=True))
+        with pytest.raises(tierd.NotFound):
+            store.get_async("a/none").result(timeout=60)
+
+    def test_pinned_objects_are_never_demoted(self, store: tierd.Store) -> None:
+        cap = store.stats()["host"].capacity_bytes
+        pinned = _sample(torch.uint8, (cap // 4,), seed=8)
+        store.put("pin/x", pinned, pin=True)
+        for i in range(8):  # twice the host tier's size
+            store.put(f"fill/{i}", _sample(torch.uint8, (cap // 4,), seed=10 + i))
+        info = store.info("pin/x")
+        assert info.tier == "host" and info.pinned
+        assert torch.equal(store.get("pin/x"), pinned)
+
+    def test_host_overflow_demotes_lru_and_loses_nothing(self, store: tierd.Store) -> None:
+        cap = store.stats()["host"].capacity_bytes
+        chunk = cap // 8
+        ts = [_sample(torch.uint8, (chunk,), seed=20 + i) for i in range(24)]  # 3x the host tier
+        for i, t in enumerate(ts):
+            store.put(f"o/{i}", t)
+        tiers = [store.info(f"o/{i}").tier for i in range(24)]
+        assert tiers[0] == "nvme" and tiers[-1] == "host"  # the oldest left first
+        stats = store.stats()
+        assert stats["nvme"].demoted_bytes >= 16 * chunk
+        assert all(_same(store.get(f"o/{i}"), t) for i, t in enumerate(ts))
+
+    def test_object_larger_than_host_goes_to_nvme(self, store: tierd.Store) -> None:
+        cap = store.stats()["host"].capacity_bytes
+        t = _sample(torch.uint8, (cap + 4096 * 3 + 5,), seed=30)
+        store.put("big/x", t)
+        assert store.info("big/x").tier == "nvme"
+        assert torch.equal(store.get("big/x"), t)
+
+    def test_ttl_expires(self, store: tierd.Store) -> None:
+        store.put("ttl/x", torch.zeros(4), ttl=0.05)
+        store.put("ttl/keep", torch.zeros(4))
+        deadline = threading.Event()
+        deadline.wait(0.2)  # wall-clock expiry is the behaviour under test
+        assert not store.exists("ttl/x")
+        with pytest.raises(tierd.NotFound, match="expired"):
+            store.get("ttl/x")
+        assert store.keys("ttl/") == ["ttl/keep"]
+        with pytest.raises(tierd.InvalidArgument, match="ttl"):
+            store.put("ttl/bad", torch.zeros(1), ttl=0)
+
+    def test_stats_count_hits_misses_and_bytes(self, store: tierd.Store) -> None:
+        t = torch.arange(1000, dtype=torch.float32)
+        store.put("s/h", t)
+        store.put("s/n", t, tier="nvme")
+        before = store.stats()
+        store.get("s/h")
+        store.get("s/n")
+        after = store.stats()
+        assert after["host"].hits == before["host"].hits + 1
+        assert after["host"].misses == before["host"].misses + 1
+        assert after["nvme"].hits == before["nvme"].hits + 1
+        assert after["nvme"].bytes_out >= before["nvme"].bytes_out + 4000
+        assert after.objects == 2
+        assert 0.0 <= after["host"].fragmentation <= 1.0
+
+    def test_readers_and_writers_race_safely(self, store: tierd.Store) -> None:
+        cap = store.stats()["host"].capacity_bytes
+        n = cap // 16
+        errors: list[BaseException] = []
+
+        def writer(w: int) -> None:
+            try:
+                for i in range(12):
+                    store.put(f"r/{w}-{i % 4}", torch.full((n,), (w * 31 + i) % 251, dtype=torch.uint8))
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        def reader(w: int) -> None:
+            try:
+                for i in range(40):
+                    try:
+                        got = store.get(f"r/{w % 3}-{i % 4}")
+                    except tierd.NotFound:
+                        continue
+                    # Whatever version we read, it is one whole version.
+                    assert bool((got == got[0]).all())
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        threads = [threading.Thread(target=writer, args=(w,)) for w in range(3)]
+        threads += [threading.Thread(target=reader, args=(w,)) for w in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+
+    def test_closed_store_refuses(self, store: tierd.Store) -> None:
+        store.close()
+        with pytest.raises(tierd.StoreClosed):
+            store.put("c/x", torch.zeros(1))
+        with pytest.raises(tierd.StoreClosed):
+            store.get("c/x")
