@@ -17,7 +17,7 @@ class ObjectInfo(msgspec.Struct, frozen=True, kw_only=True):
         key: ``namespace/name``.
         tier: the fastest tier holding the object (``"host"`` or ``"nvme"``).
         nbytes: size of the value's bytes (``numel * itemsize`` for tensors).
-        stored_nbytes: bytes it takes on its tier after the codec.
+        stored_nbytes: bytes of its nvme copy after the codec, if it has one; else ``nbytes``.
         dtype: torch dtype name (``"bfloat16"``), or ``"bytes"`` for raw bytes.
         shape: tensor shape (``()`` for 0-d; ``(nbytes,)`` for raw bytes).
         codec: codec used on tiers that compress (nvme).

@@ -312,7 +312,7 @@ class Engine:
                 self._install_locked(rec)
 
     def host_used_bytes(self) -> int:
-        return self.host.usage().used_bytes
+        return self.host.used_bytes
 
     # -- movement --------------------------------------------------------------
 
@@ -538,7 +538,7 @@ class Engine:
         with self._lock:
             rec = self._lookup_locked(validate_key(key))
             on = tuple(t for t in TIERS if getattr(rec, t) is not None)
-            stored = self.nvme.stored_nbytes(rec.nvme) if rec.host is None and rec.nvme else rec.nbytes
+            stored = self.nvme.stored_nbytes(rec.nvme) if rec.nvme is not None else rec.nbytes
             return ObjectInfo(
                 key=key, tier=rec.tier, nbytes=rec.nbytes, stored_nbytes=stored,
                 dtype="bytes" if rec.meta.kind == "bytes" else rec.meta.dtype,

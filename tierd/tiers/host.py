@@ -67,6 +67,11 @@ class HostTier(Tier):
             st = self._alloc.stats()
         return TierUsage(st.capacity_bytes, st.used_bytes, st.largest_free_bytes, st.fragmentation)
 
+    @property
+    def used_bytes(self) -> int:
+        """Bytes in allocated extents (cheap: the watermark check reads it on every put)."""
+        return self._alloc.used_bytes
+
     def alloc(self, nbytes: int) -> HostLocation | None:
         """Reserve an extent for ``nbytes``; None when no free extent is large enough."""
         with self._lock:

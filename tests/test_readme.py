@@ -1,0 +1,37 @@
+"""The README's two set-up commands are the ones CI and users run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _setup_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    block = text.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line.strip() for line in block.strip().splitlines()]
+
+
+def test_readme_starts_with_two_setup_commands() -> None:
+    cmds = _setup_commands()
+    assert len(cmds) == 2
+    assert all(c.startswith("pip install torch==2.13.0") for c in cmds)
+    assert (ROOT / "README.md").read_text().index("```bash") < 20
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    test_cmd = _setup_commands()[1]
+    ci = (ROOT / ".ci" / "run").read_text()
+    # CI adds -q to pip; otherwise the same command.
+    assert test_cmd.replace("pip install ", "pip install -q ") in ci
+
+
+def test_examples_run(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    for example in sorted((ROOT / "examples").glob("*.py")):
+        res = subprocess.run([sys.executable, str(example)], capture_output=True, text=True, timeout=300,
+                             env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path)})
+        assert res.returncode == 0, f"{example.name} failed:\n{res.stderr}"

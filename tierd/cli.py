@@ -1,0 +1,117 @@
+"""The ``tierd`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from tierd.config import load_config
+from tierd.errors import TierdError
+from tierd.units import format_size
+
+_STYLE = {"ok": "green", "warn": "yellow", "off": "dim", "fail": "red"}
+
+
+def _doctor(args: argparse.Namespace, console: Console) -> int:
+    from tierd.doctor import run_checks
+
+    cfg = load_config(args.config)
+    table = Table(title="tierd doctor", title_justify="left")
+    for col in ("check", "status", "detail", "what to do"):
+        table.add_column(col, overflow="fold")
+    checks = run_checks(cfg)
+    for c in checks:
+        table.add_row(c.name, f"[{_STYLE[c.status]}]{c.status}[/]", escape(c.detail), escape(c.fix))
+    console.print(table)
+    return 1 if any(c.status == "fail" for c in checks) else 0
+
+
+def _demo(args: argparse.Namespace, console: Console) -> int:
+    """Stash tensors of several sizes in a small host tier and show where they went."""
+    import torch
+
+    import tierd
+
+    cfg = load_config(args.config)
+    # A small host tier so that overflow to nvme shows within a few puts.
+    small = {"tiers": {"host": {"size": args.host_size}, "nvme": {"path": cfg.tiers.nvme.path,
+                                                                 "size": cfg.tiers.nvme.size}}}
+    tensors = {
+        "demo/embedding": torch.randn(4096, 1024).to(torch.bfloat16),
+        "demo/acts-0": torch.randn(48, 1024, 256),
+        "demo/acts-1": torch.randn(48, 1024, 256),
+        "demo/acts-2": torch.randn(48, 1024, 256),
+        "demo/adam-m": torch.randn(2048, 2048),
+        "demo/step": torch.tensor(1234, dtype=torch.int64),
+        "demo/mask": torch.rand(1000, 1000) > 0.5,
+        "demo/blob": b'{"lr": 3e-4, "warmup": 2000}',
+    }
+    with tierd.open(small) as store:
+        started = time.perf_counter()
+        for key, value in tensors.items():
+            durable = key == "demo/embedding"
+            store.put(key, value, durable=durable, codec="bytegroup" if durable else None)
+        store.move("demo/adam-m", "nvme")
+        placed = {k: store.info(k) for k in tensors}
+        back = {k: store.get(k) for k in tensors}
+        elapsed = time.perf_counter() - started
+        table = Table(title=f"where the objects went (host tier {args.host_size}, nvme in {cfg.tiers.nvme.path})",
+                      title_justify="left")
+        for col in ("key", "dtype", "shape", "bytes", "codec", "durable", "after put", "nvme bytes", "after get",
+                    "equal"):
+            table.add_column(col)
+        for key, value in tensors.items():
+            info, before = store.info(key), placed[key]
+            same = back[key] == value if isinstance(value, bytes) else torch.equal(back[key], value)
+            nvme_bytes = format_size(before.stored_nbytes) if "nvme" in before.tiers else "-"
+            table.add_row(key, info.dtype, str(tuple(info.shape)), format_size(info.nbytes), info.codec,
+                          str(info.durable), "+".join(before.tiers) or "host", nvme_bytes, info.tier,
+                          "[green]yes[/]" if same else "[red]NO[/]")
+        console.print(table)
+        _print_stats(console, store.stats())
+        console.print(f"put + move + get of {len(tensors)} objects in {elapsed:.2f} s")
+        for key in tensors:
+            store.delete(key)
+    return 0
+
+
+def _print_stats(console: Console, stats: object) -> None:
+    table = Table(title="tiers", title_justify="left")
+    for col in ("tier", "used", "capacity", "objects", "hits", "misses", "in", "out", "demoted", "fragmentation"):
+        table.add_column(col)
+    for t in stats.tiers.values():  # type: ignore[attr-defined]
+        table.add_row(t.name, format_size(t.used_bytes), format_size(t.capacity_bytes), str(t.objects), str(t.hits),
+                      str(t.misses), format_size(t.bytes_in), format_size(t.bytes_out),
+                      format_size(t.demoted_bytes), f"{t.fragmentation:.2f}")
+    console.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tierd", description="memory-tier manager for ML state")
+    parser.add_argument("--log-level", default=os.environ.get("TIERD_LOG_LEVEL", "WARNING"))
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("doctor", help="check what this machine offers and what to fix")
+    p.add_argument("--config", default=os.environ.get("TIERD_CONFIG"))
+    p = sub.add_parser("demo", help="stash and fetch tensors across tiers and show where they went")
+    p.add_argument("--config", default=os.environ.get("TIERD_CONFIG"))
+    p.add_argument("--host-size", default="128MiB", help="host tier size for the demo (default 128MiB)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    console = Console(width=None if sys.stdout.isatty() else 132)
+    try:
+        return {"doctor": _doctor, "demo": _demo}[args.command](args, console)
+    except TierdError as exc:
+        console.print(f"[red]tierd: {exc}[/]")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
