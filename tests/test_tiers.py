@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 import torch
+from tier_suite import TierTests, _payload
 
 from tierd.codecs import get_codec
 from tierd.errors import CorruptObject, TierdError
 from tierd.tiers.host import HostLocation, HostTier
 from tierd.tiers.nvme import NvmeLocation, NvmeTier
-from tier_suite import TierTests, _payload
 
 
 class TestHostTier(TierTests):

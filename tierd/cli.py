@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -43,7 +44,7 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
     # A small host tier so that overflow to nvme shows within a few puts.
     small = {"tiers": {"host": {"size": args.host_size}, "nvme": {"path": cfg.tiers.nvme.path,
                                                                  "size": cfg.tiers.nvme.size}}}
-    tensors = {
+    tensors: dict[str, Any] = {
         "demo/embedding": torch.randn(4096, 1024).to(torch.bfloat16),
         "demo/acts-0": torch.randn(48, 1024, 256),
         "demo/acts-1": torch.randn(48, 1024, 256),

@@ -114,7 +114,7 @@ class ByteGroupCodec(Codec):
             return ZstdCodec(self.level).encode(chunk, itemsize)
         # (n, k) -> (k, n): plane j holds byte j of every element.
         planes = np.frombuffer(chunk, dtype=np.uint8).reshape(-1, itemsize).T.copy()
-        packed = _compressor(self.level).compress(planes)
+        packed = _compressor(self.level).compress(planes.data)
         if len(packed) > GIVE_UP_RATIO * len(chunk):
             return ChunkMode.RAW, chunk
         return ChunkMode.BYTEGROUP, packed

@@ -48,7 +48,7 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     pass
 
 
-class HostTierConfig(_Section):
+class HostTierConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """``[tiers.host]``: the shared-memory arena.
 
     ``size`` defaults to 25 % of RAM, at most 8 GiB.
@@ -61,7 +61,7 @@ class HostTierConfig(_Section):
     low_watermark: float = 0.75
 
 
-class NvmeTierConfig(_Section):
+class NvmeTierConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """``[tiers.nvme]``: slab files on local disk.
 
     ``path`` defaults to ``$XDG_CACHE_HOME/tierd`` (or ``~/.cache/tierd``);
@@ -76,12 +76,12 @@ class NvmeTierConfig(_Section):
     io_threads: int = 8
 
 
-class TiersConfig(_Section):
+class TiersConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     host: HostTierConfig = HostTierConfig()
     nvme: NvmeTierConfig = NvmeTierConfig()
 
 
-class NamespaceConfig(_Section):
+class NamespaceConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """``[namespaces.NAME]``: what objects under ``NAME/`` get by default."""
 
     policy: Literal["lru"] = "lru"
@@ -91,7 +91,7 @@ class NamespaceConfig(_Section):
     quota: int | None = None
 
 
-class Config(_Section):
+class Config(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """The whole configuration, validated; build one with :func:`load_config`."""
 
     tiers: TiersConfig = TiersConfig()
