@@ -30,6 +30,7 @@ __all__ = [
     "NvmeTierConfig",
     "TiersConfig",
     "NamespaceConfig",
+    "DaemonConfig",
     "load_config",
     "default_nvme_path",
 ]
@@ -81,6 +82,25 @@ class TiersConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     nvme: NvmeTierConfig = NvmeTierConfig()
 
 
+class DaemonConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``[daemon]``: ``tierd serve``.
+
+    ``socket`` defaults to ``$XDG_RUNTIME_DIR/tierd.sock``, else
+    ``/run/tierd/tierd.sock`` as root, else ``/tmp/tierd-UID/tierd.sock``.
+    """
+
+    socket: str = ""
+    metrics: str = "127.0.0.1:9464"  # "" turns the Prometheus endpoint off
+    lease_s: float = 30.0
+    uid_quota: int | None = None
+    max_frame_bytes: int = 64 * _MIB
+    max_inflight: int = 256  # requests in flight per connection
+    max_connections_per_uid: int = 256
+    inline_max_bytes: int = 64 * 1024  # objects this small travel in the frame
+    drain_timeout_s: float = 30.0
+    watchdog: bool = True
+
+
 class NamespaceConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """``[namespaces.NAME]``: what objects under ``NAME/`` get by default."""
 
@@ -89,12 +109,14 @@ class NamespaceConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only
     durable: bool = False
     tier: TierName | None = None  # highest tier objects may land in
     quota: int | None = None
+    shared: bool = False  # every uid of the daemon may use it
 
 
 class Config(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """The whole configuration, validated; build one with :func:`load_config`."""
 
     tiers: TiersConfig = TiersConfig()
+    daemon: DaemonConfig = DaemonConfig()
     namespaces: dict[str, NamespaceConfig] = {}
 
     def namespace(self, name: str) -> NamespaceConfig:
@@ -110,6 +132,9 @@ _SIZE_KEYS = {
     ("tiers", "nvme", "slab_size"),
     ("tiers", "nvme", "chunk_size"),
     ("namespaces", "*", "quota"),
+    ("daemon", "", "uid_quota"),
+    ("daemon", "", "max_frame_bytes"),
+    ("daemon", "", "inline_max_bytes"),
 }
 
 
@@ -171,14 +196,19 @@ def _parse_sizes(raw: dict[str, Any]) -> None:
         section = raw.get(sec)
         if not isinstance(section, dict):
             continue
-        subs = section.values() if sub == "*" else [section.get(sub)]
-        names = list(section) if sub == "*" else [sub]
+        if sub == "*":
+            subs, names = list(section.values()), list(section)
+        elif sub == "":
+            subs, names = [section], [""]
+        else:
+            subs, names = [section.get(sub)], [sub]
         for name, table in zip(names, subs, strict=True):
             if isinstance(table, dict) and key in table and table[key] is not None:
                 try:
                     table[key] = parse_size(table[key])
                 except ValueError as exc:
-                    raise ConfigError(f"{sec}.{name}.{key}: {exc}") from None
+                    path = ".".join(p for p in (sec, name, key) if p)
+                    raise ConfigError(f"{path}: {exc}") from None
 
 
 def _convert_error(exc: msgspec.ValidationError, prefix: str = "") -> ConfigError:
@@ -235,6 +265,8 @@ def _resolve_defaults(cfg: Config) -> Config:
     for name in cfg.namespaces:
         if not name or "/" in name:
             raise ConfigError(f"namespace names must be non-empty and hold no '/', got {name!r}")
+    if cfg.daemon.lease_s <= 0:
+        raise ConfigError(f"daemon.lease_s must be > 0 seconds, got {cfg.daemon.lease_s}")
     return msgspec.structs.replace(
         cfg,
         tiers=TiersConfig(

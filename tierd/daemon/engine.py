@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ from tierd.tiers.host import HostLocation, HostTier
 from tierd.tiers.nvme import NvmeTier
 from tierd.types import ObjectInfo, Stats, TierStats
 
-__all__ = ["Engine", "TIERS", "namespace_of", "validate_key"]
+__all__ = ["Engine", "PendingPut", "TIERS", "namespace_of", "validate_key"]
 
 log = logging.getLogger("tierd.daemon.engine")
 
@@ -78,6 +79,15 @@ def namespace_of(key: str) -> str:
     """``"kv/abc" -> "kv"``; a key without ``/`` is in namespace ``default``."""
     ns, sep, _ = key.partition("/")
     return ns if sep and ns else _DEFAULT_NAMESPACE
+
+
+@dataclass(slots=True, eq=False)
+class PendingPut:
+    """A put between its two phases (see :meth:`Engine.prepare_put`)."""
+
+    rec: ObjectRecord
+    top: str
+    staging: HostLocation | None
 
 
 class _Counters:
@@ -110,6 +120,7 @@ class Engine:
         self._policy = make_eviction_policy("lru")
         self._counters = {name: _Counters() for name in TIERS}
         self._ns_used: dict[str, int] = {}
+        self._owner_used: dict[int | None, int] = {}
         self._expiring: set[str] = set()
         self._closed = False
         self._high = int(host_cfg.high_watermark * self.host.capacity_bytes)
@@ -145,7 +156,7 @@ class Engine:
             rec = ObjectRecord(
                 key=key, namespace=namespace_of(key), meta=entry.meta, nbytes=entry.nbytes,
                 codec=entry.codec, durable=True, pinned=entry.pinned, expires_at=entry.expires_at,
-                nvme=entry.location,
+                nvme=entry.location, owner=entry.owner,
             )
             self._install_locked(rec)
         if stale:
@@ -176,6 +187,7 @@ class Engine:
             self._retire_locked(old)
         self._index[rec.key] = rec
         self._ns_used[rec.namespace] = self._ns_used.get(rec.namespace, 0) + rec.nbytes
+        self._owner_used[rec.owner] = self._owner_used.get(rec.owner, 0) + rec.nbytes
         if rec.expires_at is not None:
             self._expiring.add(rec.key)
         for tier in TIERS:
@@ -190,6 +202,7 @@ class Engine:
             del self._index[rec.key]
             self._expiring.discard(rec.key)
         self._ns_used[rec.namespace] -= rec.nbytes
+        self._owner_used[rec.owner] -= rec.nbytes
         for tier in TIERS:
             self._take_location(rec, tier)
 
@@ -207,9 +220,8 @@ class Engine:
 
     # -- leases ----------------------------------------------------------------
 
-    @contextmanager
-    def lease(self, key: str) -> Iterator[ObjectRecord]:
-        """Hold ``key``'s current version readable for the ``with`` body.
+    def acquire(self, key: str) -> ObjectRecord:
+        """Lease ``key``'s current version: its bytes stay readable until :meth:`release`.
 
         Raises:
             NotFound: no such key (or it expired).
@@ -219,12 +231,10 @@ class Engine:
             rec = self._lookup_locked(key)
             rec.readers += 1
             self._policy.on_access(key, rec.tier, time.monotonic())
-        try:
-            yield rec
-        finally:
-            self._unlease(rec)
+        return rec
 
-    def _unlease(self, rec: ObjectRecord) -> None:
+    def release(self, rec: ObjectRecord) -> None:
+        """End a lease taken with :meth:`acquire`."""
         with self._lock:
             rec.readers -= 1
             if rec.readers == 0 and rec.graveyard:
@@ -232,18 +242,32 @@ class Engine:
                     self.tiers[tier].free(loc)
                 rec.graveyard.clear()
 
+    @contextmanager
+    def lease(self, key: str) -> Iterator[ObjectRecord]:
+        """``acquire`` / ``release`` around a ``with`` body."""
+        rec = self.acquire(key)
+        try:
+            yield rec
+        finally:
+            self.release(rec)
+
     # -- put -------------------------------------------------------------------
 
-    def put(
-        self, key: str, src: torch.Tensor, meta: ObjectMeta, *, tier: str | None = None,
+    def prepare_put(
+        self, key: str, nbytes: int, meta: ObjectMeta, *, tier: str | None = None,
         durable: bool | None = None, codec: str | None = None, pin: bool = False,
-        ttl: float | None = None,
-    ) -> None:
-        """Store the flat uint8 tensor ``src`` under ``key``; returns when readable
-        (and, for durable objects, fsync'ed with its index entry committed).
+        ttl: float | None = None, owner: int | None = None, stage: bool = False,
+    ) -> PendingPut:
+        """First phase of a put: check everything and reserve a host staging extent.
+
+        The caller writes the object's bytes into ``host.view(pending.staging)``
+        (when it is not None) and then calls :meth:`finish_put`, or
+        :meth:`abort_put` to give the extent back. ``stage=True`` demotes other
+        objects to find a staging extent even for durable or nvme-bound puts
+        (a client of the daemon has no other way to hand over large bytes).
 
         Raises:
-            InvalidArgument, QuotaExceeded, OutOfSpace (nothing already stored is lost).
+            InvalidArgument, QuotaExceeded, StoreClosed.
         """
         self._check_open()
         validate_key(key)
@@ -256,48 +280,101 @@ class Engine:
             raise InvalidArgument(f"unknown tier {top!r}; choose one of {list(self.tiers)}")
         if ttl is not None and not ttl > 0:
             raise InvalidArgument(f"ttl must be > 0 seconds, got {ttl!r}")
-        nbytes = src.numel()
-        if ns_cfg.quota is not None:
-            with self._lock:
-                old = self._index.get(key)
-                used = self._ns_used.get(ns, 0) - (old.nbytes if old is not None else 0)
-            if used + nbytes > ns_cfg.quota:
-                raise QuotaExceeded(
-                    f"namespace {ns!r} would hold {used + nbytes} bytes, over its quota of "
-                    f"{ns_cfg.quota}; delete objects or raise namespaces.{ns}.quota"
-                )
+        self._check_quotas(key, ns, ns_cfg.quota, owner, nbytes)
         rec = ObjectRecord(
             key=key, namespace=ns, meta=meta, nbytes=nbytes, codec=codec_name, durable=durable,
-            pinned=pin, expires_at=None if ttl is None else time.time() + ttl,
+            pinned=pin, expires_at=None if ttl is None else time.time() + ttl, owner=owner,
         )
-        host_loc: HostLocation | None = None
+        staging = None
+        if nbytes:
+            if top == "host" and not durable:
+                staging = self._alloc_host(nbytes)  # its final place: make room
+            else:
+                staging = self._alloc_host(nbytes, evict=stage)
+        return PendingPut(rec, top, staging)
+
+    def _check_quotas(self, key: str, ns: str, ns_quota: int | None, owner: int | None, nbytes: int) -> None:
+        uid_quota = self.config.daemon.uid_quota if owner is not None else None
+        if ns_quota is None and uid_quota is None:
+            return
+        with self._lock:
+            old = self._index.get(key)
+            old_bytes = old.nbytes if old is not None else 0
+            ns_used = self._ns_used.get(ns, 0) - old_bytes
+            owner_used = self._owner_used.get(owner, 0) - old_bytes
+        if ns_quota is not None and ns_used + nbytes > ns_quota:
+            raise QuotaExceeded(
+                f"namespace {ns!r} would hold {ns_used + nbytes} bytes, over its quota of "
+                f"{ns_quota}; delete objects or raise namespaces.{ns}.quota"
+            )
+        if uid_quota is not None and owner_used + nbytes > uid_quota:
+            raise QuotaExceeded(
+                f"uid {owner} would hold {owner_used + nbytes} bytes, over the per-uid quota of "
+                f"{uid_quota}; delete objects or raise daemon.uid_quota"
+            )
+
+    def finish_put(self, pending: PendingPut, src: torch.Tensor | None = None) -> None:
+        """Second phase: store the bytes (``src``, or those already written to the
+        staging extent) and commit. Returns when readable, and for durable objects
+        once chunks and index entry are fsync'ed.
+
+        Raises:
+            OutOfSpace (nothing already stored is lost), MediaError.
+        """
+        rec, staging = pending.rec, pending.staging
+        nbytes = rec.nbytes
+        keep_staging = False
         try:
-            if durable:
-                # Note [durability] in tiers/nvme.py: chunks fsync'ed here,
-                # then the LMDB entry committed in _commit, then acknowledged.
-                rec.nvme = self.nvme.write(src, codec=get_codec(codec_name), itemsize=meta.itemsize, durable=True)
-                if top == "host" and nbytes:
-                    host_loc = self.host.alloc(nbytes)  # a cached copy only if there is room
-            elif top == "host" and nbytes:
-                host_loc = self._alloc_host(nbytes)
-            if host_loc is not None:
-                self.host.view(host_loc).copy_(src)
-                rec.host = host_loc
-            elif not durable and nbytes:  # top is nvme, or host had no room
-                rec.nvme = self.nvme.write(src, codec=get_codec(codec_name), itemsize=meta.itemsize, durable=False)
+            if staging is not None:
+                if src is not None:
+                    self.host.view(staging).copy_(src)
+                # The staging extent is page-aligned: O_DIRECT writes go
+                # straight from it (Note [O_DIRECT alignment] in tiers/nvme.py).
+                data = self.host.view(staging)
+            elif src is None and nbytes:
+                raise InvalidArgument("finish_put needs the bytes: no staging extent was reserved")
+            else:
+                data = src if src is not None else torch.empty(0, dtype=torch.uint8)
+            # A durable object always gets its nvme copy (an empty one too: the
+            # LMDB entry points at it); a volatile one when it cannot stay on host.
+            if rec.durable or (nbytes and (staging is None or pending.top == "nvme")):
+                # Note [durability] in tiers/nvme.py: chunks fsync'ed here, then
+                # the LMDB entry committed in _commit, then acknowledged.
+                rec.nvme = self.nvme.write(data, codec=get_codec(rec.codec), itemsize=rec.meta.itemsize,
+                                           durable=rec.durable)
+            keep_staging = staging is not None and pending.top == "host"
+            if keep_staging:
+                rec.host = staging  # volatile: its home; durable: a cached copy
             self._commit(rec)
         except BaseException:
-            if rec.host is not None:
-                self.host.free(rec.host)
             if rec.nvme is not None:
                 self.nvme.free(rec.nvme)
+                rec.nvme = None
+            rec.host = None
+            if staging is not None:
+                self.host.free(staging)
             raise
+        if staging is not None and not keep_staging:
+            self.host.free(staging)
         with self._lock:
             for name in TIERS:
                 if getattr(rec, name) is not None:
                     self._counters[name].bytes_in += nbytes
         if self.host_used_bytes() > self._high:
             self._wake.set()
+
+    def abort_put(self, pending: PendingPut) -> None:
+        """Give back a prepared put's staging extent (the client went away, or failed)."""
+        if pending.staging is not None:
+            self.host.free(pending.staging)
+            pending.staging = None
+
+    def put(self, key: str, src: torch.Tensor, meta: ObjectMeta, **options: Any) -> None:
+        """Store the flat uint8 tensor ``src`` under ``key`` (both phases at once).
+
+        ``options`` are those of :meth:`prepare_put`.
+        """
+        self.finish_put(self.prepare_put(key, src.numel(), meta, **options), src)
 
     def _commit(self, rec: ObjectRecord) -> None:
         with self._commit_lock:
@@ -354,7 +431,7 @@ class Engine:
             log.debug("cannot demote %r: %s", rec.key, exc)
             with self._lock:
                 rec.moving = False
-            self._unlease(rec)
+            self.release(rec)
             return False
         with self._lock:
             rec.moving = False
@@ -370,7 +447,7 @@ class Engine:
                 self._take_location(rec, "host")
         if new_loc is not None:  # replaced or deleted while we copied
             self.nvme.free(new_loc)
-        self._unlease(rec)
+        self.release(rec)
         return True
 
     def _mover_loop(self) -> None:
@@ -397,62 +474,77 @@ class Engine:
         for key in expired:
             self.delete(key)
 
-    def read_into(self, rec: ObjectRecord, dest: torch.Tensor, *, promote: bool = True) -> str:
-        """Copy leased ``rec``'s bytes into the flat uint8 tensor ``dest``; return the tier read.
+    def read_location(self, rec: ObjectRecord, *, promote: bool = True) -> HostLocation | None:
+        """The host copy of leased ``rec`` to read from, promoting it when there is room.
+
+        None when the object is only on nvme (read it with :meth:`read_into`).
+        The location stays valid while the lease is held, even if the object
+        is demoted or deleted meanwhile (Note: ObjectRecord.graveyard).
+        """
+        with self._lock:
+            host_loc = rec.host
+            if host_loc is not None or rec.nvme is None:
+                self._counters["host"].hits += 1
+                self._counters["host"].bytes_out += rec.nbytes
+                return host_loc
+            self._counters["host"].misses += 1
+            self._counters["nvme"].hits += 1
+        if promote and rec.nbytes:
+            loc = self._promote(rec, evict=False)
+            if loc is not None:
+                with self._lock:
+                    self._counters["host"].bytes_out += rec.nbytes
+            return loc
+        return None
+
+    def read_into(self, rec: ObjectRecord, dest: torch.Tensor, *, promote: bool = True) -> None:
+        """Copy leased ``rec``'s bytes into the flat uint8 tensor ``dest``.
 
         Raises:
             CorruptObject: the nvme copy fails its checksum.
         """
-        with self._lock:
-            host_loc, nvme_loc = rec.host, rec.nvme
-            if host_loc is not None or nvme_loc is None:
-                self._counters["host"].hits += 1
-            else:
-                self._counters["host"].misses += 1
-                self._counters["nvme"].hits += 1
         if rec.nbytes == 0:
-            return "host"
-        if host_loc is not None:
-            self.host.read_into(host_loc, dest, itemsize=rec.meta.itemsize)
-            with self._lock:
-                self._counters["host"].bytes_out += rec.nbytes
-            return "host"
-        assert nvme_loc is not None
-        if promote and self._promote(rec, evict=False, dest=dest):
-            return "nvme"
+            return
+        loc = self.read_location(rec, promote=promote)
+        if loc is not None:
+            self.host.read_into(loc, dest, itemsize=rec.meta.itemsize)
+            return
+        nvme_loc = rec.nvme
+        if nvme_loc is None:  # promoted by someone else meanwhile: read the new copy
+            return self.read_into(rec, dest, promote=False)
         self.nvme.read_into(nvme_loc, dest, itemsize=rec.meta.itemsize)
         with self._lock:
             self._counters["nvme"].bytes_out += rec.nbytes
-        return "nvme"
 
-    def _promote(self, rec: ObjectRecord, *, evict: bool, dest: torch.Tensor | None = None) -> bool:
-        """Bring leased ``rec`` up into host (and copy it to ``dest``); False if no room."""
+    def _promote(self, rec: ObjectRecord, *, evict: bool) -> HostLocation | None:
+        """Bring leased ``rec`` up into host; its host location, or None if no room."""
         nvme_loc = rec.nvme
         if nvme_loc is None or rec.host is not None:
-            return rec.host is not None and dest is None
+            return rec.host
         ext = self._alloc_host(rec.nbytes, evict=evict)
         if ext is None:
             self._wake.set()  # make room for next time
-            return False
+            return None
         try:
             # Aligned extent: O_DIRECT reads land in it with no bounce copy.
             self.nvme.read_into(nvme_loc, self.host.view(ext), itemsize=rec.meta.itemsize)
-            if dest is not None:
-                dest.copy_(self.host.view(ext))
         except BaseException:
             self.host.free(ext)
             raise
         with self._lock:
             self._counters["nvme"].bytes_out += rec.nbytes
             if not rec.live or rec.host is not None:
-                self.host.free(ext)
-                return True
+                # Replaced, deleted or promoted meanwhile: our copy is still a
+                # correct image of this version; hand it to the reader and
+                # let the lease free it.
+                rec.graveyard.append(("host", ext))
+                return ext
             self._set_location(rec, "host", ext)
             self._counters["host"].bytes_in += rec.nbytes
             self._counters["host"].promoted += rec.nbytes
             if not rec.durable:  # a volatile object moves; a durable one keeps its nvme copy
                 self._take_location(rec, "nvme")
-        return True
+        return ext
 
     def move(self, key: str, tier: str) -> None:
         """Promote or demote ``key`` to ``tier`` now.
@@ -464,7 +556,7 @@ class Engine:
             raise InvalidArgument(f"unknown tier {tier!r}; choose one of {list(self.tiers)}")
         with self.lease(key) as rec:
             if tier == "host":
-                if rec.nbytes and not self._promote(rec, evict=True):
+                if rec.nbytes and self._promote(rec, evict=True) is None:
                     raise OutOfSpace(f"host tier has no room for {key!r} ({rec.nbytes} bytes)")
                 return
             with self._lock:

@@ -45,6 +45,7 @@ class DurableEntry(msgspec.Struct, frozen=True, array_like=True):
     pinned: bool
     expires_at: float | None
     location: NvmeLocation
+    owner: int | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -66,6 +67,7 @@ class ObjectRecord:
     durable: bool
     pinned: bool
     expires_at: float | None
+    owner: int | None = None  # uid of the daemon client that put it; None: embedded or shared
     host: HostLocation | None = None
     nvme: NvmeLocation | None = None
     readers: int = 0
@@ -79,7 +81,7 @@ class ObjectRecord:
 
     def durable_entry(self) -> DurableEntry:
         assert self.nvme is not None, "a durable record always has an nvme copy"
-        return DurableEntry(self.meta, self.nbytes, self.codec, self.pinned, self.expires_at, self.nvme)
+        return DurableEntry(self.meta, self.nbytes, self.codec, self.pinned, self.expires_at, self.nvme, self.owner)
 
 
 _encoder = msgspec.msgpack.Encoder()
