@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 from conftest import small_config
+from daemon import Daemon
 from store_suite import StoreTests
 
 import tierd
@@ -15,3 +16,25 @@ class TestEmbeddedStore(StoreTests):
     def store(self, nvme_dir: Path) -> Iterator[tierd.Store]:
         with tierd.open(small_config(nvme_dir, host="32MiB", nvme="256MiB")) as s:
             yield s
+
+
+@pytest.fixture(scope="module")
+def shared_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    daemon = Daemon(tmp_path_factory.mktemp("nvme"), host="32MiB", nvme="256MiB").start()
+    try:
+        yield daemon
+    finally:
+        assert daemon.stop() == 0, daemon.log.read_text()
+        daemon.close()
+
+
+class TestDaemonStore(StoreTests):
+    """The same contract through a real daemon process and its socket."""
+
+    @pytest.fixture
+    def store(self, shared_daemon: Daemon) -> Iterator[tierd.Store]:
+        with shared_daemon.connect() as s:
+            yield s
+        with shared_daemon.connect() as cleanup:  # the next test starts from an empty daemon
+            for key in cleanup.keys():
+                cleanup.delete(key)

@@ -12,7 +12,9 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from tierd.clients.embedded import Store, open_store
+from tierd.clients.base import Store
+from tierd.clients.embedded import EmbeddedStore, open_store
+from tierd.clients.remote import RemoteStore
 from tierd.config import Config, load_config
 from tierd.errors import (
     ConfigError,
@@ -32,13 +34,13 @@ from tierd.types import ObjectInfo, Stats, TierStats
 __version__ = "0.1.0"
 
 __all__ = [
-    "open", "connect", "Store", "Config", "load_config", "ObjectInfo", "Stats", "TierStats",
+    "open", "connect", "Store", "EmbeddedStore", "RemoteStore", "Config", "load_config", "ObjectInfo", "Stats", "TierStats",
     "TierdError", "NotFound", "OutOfSpace", "QuotaExceeded", "CorruptObject", "ProtocolError",
     "DaemonUnavailable", "ConfigError", "StoreClosed", "InvalidArgument", "MediaError",
 ]
 
 
-def open(config: str | os.PathLike[str] | Mapping[str, Any] | Config | None = None) -> Store:  # noqa: A001
+def open(config: str | os.PathLike[str] | Mapping[str, Any] | Config | None = None) -> EmbeddedStore:  # noqa: A001
     """Open the embedded store: the engine runs inside this process, no daemon needed.
 
     Args:
@@ -53,12 +55,16 @@ def open(config: str | os.PathLike[str] | Mapping[str, Any] | Config | None = No
     return open_store(config)
 
 
-def connect(socket: str | None = None) -> Store:
-    """Connect to a running ``tierd serve`` daemon (arrives with the daemon).
+def connect(socket: str | os.PathLike[str] | None = None) -> RemoteStore:
+    """Connect to a running ``tierd serve`` daemon; the same interface as :func:`open`.
+
+    Args:
+        socket: the daemon's socket; default ``$TIERD_SOCKET``, else
+            ``$XDG_RUNTIME_DIR/tierd.sock``, else ``/run/tierd/tierd.sock`` as
+            root, else ``/tmp/tierd-UID/tierd.sock``.
 
     Raises:
-        DaemonUnavailable: always, until the daemon exists.
+        DaemonUnavailable: no daemon answers there.
+        ProtocolError: the daemon speaks another protocol version.
     """
-    raise DaemonUnavailable(
-        "the tierd daemon is not part of this release yet; use tierd.open() for the embedded store"
-    )
+    return RemoteStore(socket)

@@ -94,6 +94,64 @@ def _print_stats(console: Console, stats: object) -> None:
     console.print(table)
 
 
+def _serve(args: argparse.Namespace, console: Console) -> int:
+    from tierd.daemon.server import run
+
+    return run(args.config)
+
+
+def _status_tables(status: dict[str, Any]) -> list[Table]:
+    stats = status["stats"]
+    head = Table(title=f"tierd pid {status['pid']} on {status['socket']}", title_justify="left")
+    for col in ("tier", "used", "capacity", "fill", "objects", "hits", "misses", "in", "out", "promoted",
+                "demoted", "fragmentation"):
+        head.add_column(col)
+    for t in stats.tiers.values():
+        fill = t.used_bytes / t.capacity_bytes if t.capacity_bytes else 0.0
+        head.add_row(t.name, format_size(t.used_bytes), format_size(t.capacity_bytes), f"{fill:.0%}", str(t.objects),
+                     str(t.hits), str(t.misses), format_size(t.bytes_in), format_size(t.bytes_out),
+                     format_size(t.promoted_bytes), format_size(t.demoted_bytes), f"{t.fragmentation:.2f}")
+    ns = Table(title="namespaces", title_justify="left")
+    ns.add_column("namespace")
+    ns.add_column("stored")
+    for name, used in sorted(status["namespaces"].items()):
+        ns.add_row(name, format_size(used))
+    clients = Table(title=f"clients ({len(status['clients'])}, {status['inflight']} requests in flight)",
+                    title_justify="left")
+    for col in ("pid", "uid", "connected", "requests", "leases", "open puts"):
+        clients.add_column(col)
+    now = time.time()
+    for c in sorted(status["clients"], key=lambda c: c["pid"]):
+        clients.add_row(str(c["pid"]), str(c["uid"]), f"{now - c['since']:.0f} s ago", str(c["requests"]),
+                        str(c["leases"]), str(c["puts"]))
+    return [head, ns, clients]
+
+
+def _status(args: argparse.Namespace, console: Console) -> int:
+    import tierd
+
+    with tierd.connect(args.socket) as store:
+        for table in _status_tables(store.status()):
+            console.print(table)
+    return 0
+
+
+def _top(args: argparse.Namespace, console: Console) -> int:
+    from rich.console import Group
+    from rich.live import Live
+
+    import tierd
+
+    with tierd.connect(args.socket) as store, Live(console=console, auto_refresh=False) as live:
+        try:
+            for _ in range(args.iterations) if args.iterations else iter(int, 1):
+                live.update(Group(*_status_tables(store.status())), refresh=True)
+                time.sleep(args.interval)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tierd", description="memory-tier manager for ML state")
     parser.add_argument("--log-level", default=os.environ.get("TIERD_LOG_LEVEL", "WARNING"))
@@ -103,12 +161,23 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="stash and fetch tensors across tiers and show where they went")
     p.add_argument("--config", default=os.environ.get("TIERD_CONFIG"))
     p.add_argument("--host-size", default="128MiB", help="host tier size for the demo (default 128MiB)")
+    p = sub.add_parser("serve", help="run the daemon in the foreground (systemd Type=notify)")
+    p.add_argument("--config", default=os.environ.get("TIERD_CONFIG"))
+    for name, helptext in (("status", "tiers, namespaces and clients of the running daemon"),
+                           ("top", "a live view of the running daemon")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--socket", default=None, help="daemon socket (default: $TIERD_SOCKET, then the default path)")
+        if name == "top":
+            p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+            p.add_argument("--iterations", type=int, default=0, help="stop after this many refreshes (0: never)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    level = "INFO" if args.command == "serve" and "--log-level" not in (argv or sys.argv) else args.log_level
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     console = Console(width=None if sys.stdout.isatty() else 132)
     try:
-        return {"doctor": _doctor, "demo": _demo}[args.command](args, console)
+        commands = {"doctor": _doctor, "demo": _demo, "serve": _serve, "status": _status, "top": _top}
+        return commands[args.command](args, console)
     except TierdError as exc:
         console.print(f"[red]tierd: {exc}[/]")
         return 2

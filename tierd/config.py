@@ -33,6 +33,7 @@ __all__ = [
     "DaemonConfig",
     "load_config",
     "default_nvme_path",
+    "default_socket_path",
 ]
 
 CodecName = Literal["none", "zstd", "bytegroup"]
@@ -328,3 +329,21 @@ def load_config(
     except msgspec.ValidationError as exc:
         raise _convert_error(exc) from None
     return _resolve_defaults(msgspec.structs.replace(cfg, namespaces=namespaces))
+
+
+def default_socket_path(cfg: Config | None = None) -> Path:
+    """Where ``tierd serve`` listens and clients connect by default.
+
+    ``[daemon] socket`` if set; else ``$TIERD_SOCKET``; else
+    ``$XDG_RUNTIME_DIR/tierd.sock``; else ``/run/tierd/tierd.sock`` as root;
+    else ``/tmp/tierd-UID/tierd.sock``.
+    """
+    if cfg is not None and cfg.daemon.socket:
+        return Path(cfg.daemon.socket).expanduser()
+    if os.environ.get("TIERD_SOCKET"):
+        return Path(os.environ["TIERD_SOCKET"]).expanduser()
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(os.environ["XDG_RUNTIME_DIR"]) / "tierd.sock"
+    if os.geteuid() == 0:
+        return Path("/run/tierd/tierd.sock")
+    return Path(f"/tmp/tierd-{os.geteuid()}") / "tierd.sock"

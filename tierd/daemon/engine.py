@@ -1,5 +1,9 @@
 """The engine: index, placement, movement between tiers, leases, durability.
 
+Keys reaching the engine are trusted: the embedded store and the daemon
+validate what users send (:func:`validate_key`) before calling in; the
+daemon also scopes keys to their uid.
+
 It stores byte strings (flat uint8 tensors) under keys; turning tensors into
 bytes and back is the client's job. One engine runs inside ``tierd.open()``
 and, later, inside the daemon.
@@ -32,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import torch
 
 from tierd.codecs import get_codec
@@ -270,7 +275,6 @@ class Engine:
             InvalidArgument, QuotaExceeded, StoreClosed.
         """
         self._check_open()
-        validate_key(key)
         ns = namespace_of(key)
         ns_cfg = self.config.namespace(ns)
         durable = ns_cfg.durable if durable is None else bool(durable)
@@ -474,7 +478,7 @@ class Engine:
         for key in expired:
             self.delete(key)
 
-    def read_location(self, rec: ObjectRecord, *, promote: bool = True) -> HostLocation | None:
+    def read_location(self, rec: ObjectRecord, *, promote: bool = True, evict: bool = False) -> HostLocation | None:
         """The host copy of leased ``rec`` to read from, promoting it when there is room.
 
         None when the object is only on nvme (read it with :meth:`read_into`).
@@ -490,7 +494,7 @@ class Engine:
             self._counters["host"].misses += 1
             self._counters["nvme"].hits += 1
         if promote and rec.nbytes:
-            loc = self._promote(rec, evict=False)
+            loc = self._promote(rec, evict=evict)
             if loc is not None:
                 with self._lock:
                     self._counters["host"].bytes_out += rec.nbytes
@@ -605,7 +609,6 @@ class Engine:
     def delete(self, key: str) -> bool:
         """Remove ``key``; True if it existed. A durable delete is committed before it returns."""
         self._check_open()
-        validate_key(key)
         with self._commit_lock:
             with self._lock:
                 rec = self._index.get(key)
@@ -621,14 +624,14 @@ class Engine:
     def exists(self, key: str) -> bool:
         with self._lock:
             try:
-                self._lookup_locked(validate_key(key))
+                self._lookup_locked(key)
             except NotFound:
                 return False
             return True
 
     def info(self, key: str) -> ObjectInfo:
         with self._lock:
-            rec = self._lookup_locked(validate_key(key))
+            rec = self._lookup_locked(key)
             on = tuple(t for t in TIERS if getattr(rec, t) is not None)
             stored = self.nvme.stored_nbytes(rec.nvme) if rec.nvme is not None else rec.nbytes
             return ObjectInfo(
@@ -648,8 +651,11 @@ class Engine:
 
     def stats(self) -> Stats:
         tiers = {}
+        now = time.time()
         with self._lock:
-            objects = len(self._index)
+            # Expired objects are gone for users even before the sweeper frees them.
+            expired = sum(1 for k in self._expiring if (r := self._index.get(k)) and r.expires_at and r.expires_at <= now)
+            objects = len(self._index) - expired
             for name, tier in self.tiers.items():
                 use, c = tier.usage(), self._counters[name]
                 tiers[name] = TierStats(
@@ -659,6 +665,28 @@ class Engine:
                     largest_free_bytes=use.largest_free_bytes, fragmentation=use.fragmentation,
                 )
         return Stats(tiers=tiers, objects=objects)
+
+    def healthy(self) -> bool:
+        """False once background demotion has died or the engine is closed."""
+        return not self._closed and self._mover.is_alive()
+
+    def namespace_usage(self) -> dict[str, int]:
+        """Bytes stored per namespace."""
+        with self._lock:
+            return {ns: used for ns, used in self._ns_used.items() if used}
+
+    def apply_config(self, config: Config) -> None:
+        """Take the parts of a reloaded config that apply live: namespaces and quotas.
+
+        Tier sizes and paths need a restart; a change to them is logged and ignored.
+        """
+        if config.tiers != self.config.tiers:
+            log.warning("tier settings changed in the config: they apply at the next restart")
+        self.config = msgspec.structs.replace(
+            self.config, namespaces=config.namespaces,
+            daemon=msgspec.structs.replace(self.config.daemon, uid_quota=config.daemon.uid_quota,
+                                           lease_s=config.daemon.lease_s),
+        )
 
     def close(self) -> None:
         """Stop background work, flush nvme, close the index; idempotent."""

@@ -1,0 +1,89 @@
+"""A real ``tierd serve`` process for tests, on a real socket, with readiness from sd_notify."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+import tierd
+
+
+def _toml(value: dict[str, Any], prefix: str = "") -> str:
+    lines, tables = [], []
+    for k, v in value.items():
+        if isinstance(v, dict):
+            tables.append((f"{prefix}{k}", v))
+        else:
+            lines.append(f"{k} = {msgspec.json.encode(v).decode()}")
+    out = "\n".join(lines) + "\n"
+    for name, table in tables:
+        out += f"\n[{name}]\n" + _toml(table, f"{name}.")
+    return out
+
+
+class Daemon:
+    """``tierd serve`` in a subprocess; ``start()`` returns once it sent READY=1."""
+
+    def __init__(self, nvme_dir: Path, *, host: str = "32MiB", nvme: str = "256MiB", **extra: Any) -> None:
+        # Socket paths are limited to 108 bytes: keep them short, outside pytest's tmp_path.
+        self.run_dir = Path(tempfile.mkdtemp(prefix="tierd-t", dir="/tmp"))
+        self.socket = self.run_dir / "tierd.sock"
+        cfg: dict[str, Any] = {
+            "tiers": {"host": {"size": host},
+                      "nvme": {"path": str(nvme_dir), "size": nvme, "slab_size": "64MiB", "chunk_size": "1MiB"}},
+            "daemon": {"socket": str(self.socket), "metrics": "127.0.0.1:0", "drain_timeout_s": 20.0},
+        }
+        for key, value in extra.items():
+            cfg.setdefault(key, {}).update(value)
+        self.config_path = self.run_dir / "tierd.toml"
+        self.config_path.write_text(_toml(cfg))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = self.run_dir / "daemon.log"
+
+    def start(self, timeout_s: float = 60.0) -> Daemon:
+        notify_path = self.run_dir / "notify.sock"
+        notify_path.unlink(missing_ok=True)
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(notify_path))
+        notify.settimeout(timeout_s)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TIERD_")}
+        env["NOTIFY_SOCKET"] = str(notify_path)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "tierd", "serve", "--config", str(self.config_path)],
+                                         env=env, stdout=log, stderr=log)
+        try:
+            while True:
+                try:
+                    msg = notify.recv(4096).decode()
+                except TimeoutError:
+                    raise RuntimeError(f"daemon not ready in {timeout_s} s:\n{self.log.read_text()}") from None
+                if "READY=1" in msg.split("\n"):
+                    return self
+        finally:
+            notify.close()
+
+    def connect(self) -> tierd.RemoteStore:
+        return tierd.connect(self.socket)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout_s)
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill()
+        shutil.rmtree(self.run_dir, ignore_errors=True)

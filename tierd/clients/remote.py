@@ -1,0 +1,275 @@
+"""``tierd.connect()``: a :class:`Store` served by a ``tierd serve`` daemon.
+
+The daemon hands over its host arena (a memfd) at the handshake; this
+client maps it and copies large tensors in and out of it itself, so their
+bytes never cross the socket. Small objects travel inline in the frames.
+
+One reader thread receives replies and completes the waiting calls by
+request id, so calls from many threads share one connection with many
+requests in flight.
+"""
+
+from __future__ import annotations
+
+import itertools
+import mmap
+import os
+import socket
+import threading
+from collections.abc import Iterable
+from concurrent.futures import Future
+from typing import Any
+
+import msgspec
+import torch
+
+from tierd import errors
+from tierd.clients.base import Store, prefetch_keys
+from tierd.clients.embedded import finish_value
+from tierd.clients.values import Value, check_out, encode_value, new_value
+from tierd.config import default_socket_path
+from tierd.daemon.engine import validate_key
+from tierd.daemon import protocol as p
+from tierd.errors import DaemonUnavailable, ProtocolError, StoreClosed, TierdError
+from tierd.types import ObjectInfo, Stats
+
+__all__ = ["RemoteStore", "connect"]
+
+_ERRORS: dict[str, type[TierdError]] = {
+    name: cls for name in errors.__all__ if isinstance(cls := getattr(errors, name), type)
+}
+
+
+class _Call:
+    """A request waiting for its reply (and, for a streamed get, its chunks)."""
+
+    __slots__ = ("future", "reply", "chunks", "expected")
+
+    def __init__(self) -> None:
+        self.future: Future[tuple[Any, list[bytes]]] = Future()
+        self.reply: Any = None
+        self.chunks: list[bytes] = []
+        self.expected = 0
+
+
+class RemoteStore(Store):
+    """The :class:`Store` of a running daemon; see :func:`connect`."""
+
+    def __init__(self, socket_path: str | os.PathLike[str] | None = None, *, client: str = "") -> None:
+        super().__init__()
+        self.socket_path = os.fspath(socket_path) if socket_path else str(default_socket_path())
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(self.socket_path)
+        except OSError as exc:
+            sock.close()
+            raise DaemonUnavailable(
+                f"no tierd daemon answers on {self.socket_path} ({exc.strerror}); start one with `tierd serve`, "
+                "or pass its socket path to tierd.connect()"
+            ) from exc
+        self._sock = sock
+        self._send_lock = threading.Lock()
+        self._calls: dict[int, _Call] = {}
+        self._calls_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._closed = False
+        self._broken: BaseException | None = None
+        self._decoder = msgspec.msgpack.Decoder(p.Reply)
+        self._reader = p.FrameReader(sock, 1 << 30)
+        try:
+            self._handshake(client or f"pid {os.getpid()}")
+        except BaseException:
+            sock.close()
+            raise
+        self._thread = threading.Thread(target=self._read_loop, name="tierd-client", daemon=True)
+        self._thread.start()
+
+    def _handshake(self, client: str) -> None:
+        sock = self._sock
+        sock.sendall(p.encode_frame(p.Hello(id=0, version=p.PROTOCOL_VERSION, client=client)))
+        # The memfd arrives as ancillary data on the Welcome frame's first bytes.
+        data, fds, _flags, _addr = socket.recv_fds(sock, 1 << 16, 1)
+        if not data:
+            raise DaemonUnavailable(f"the daemon on {self.socket_path} closed the connection at the handshake")
+        self._reader.feed(data)
+        reply = self._decoder.decode(self._reader.read())
+        if isinstance(reply, p.Fail):
+            for fd in fds:
+                os.close(fd)
+            raise _ERRORS.get(reply.kind, TierdError)(reply.message)
+        if not isinstance(reply, p.Welcome) or len(fds) != 1:
+            raise ProtocolError("the daemon's handshake carried no arena")
+        try:
+            self._map = mmap.mmap(fds[0], reply.arena_bytes, flags=mmap.MAP_SHARED)
+        finally:
+            os.close(fds[0])
+        self._arena = torch.frombuffer(self._map, dtype=torch.uint8)
+        self.daemon_pid = reply.pid
+        self.uid = reply.uid
+        self._inline_max = reply.inline_max_bytes
+        self._chunk_bytes = max(1, reply.max_frame_bytes // 2)
+        self._reader.max_frame_bytes = reply.max_frame_bytes + (1 << 20)
+
+    # -- transport -------------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        try:
+            while True:
+                reply = self._decoder.decode(self._reader.read())
+                with self._calls_lock:
+                    call = self._calls.get(reply.id)
+                if call is None:
+                    continue  # a reply nobody waits for (a Fail with id 0)
+                if isinstance(reply, p.Chunk):
+                    call.chunks.append(reply.data)
+                elif isinstance(reply, p.GetReady) and reply.chunks:
+                    call.reply, call.expected = reply, reply.chunks
+                else:
+                    call.reply = reply
+                if call.reply is not None and len(call.chunks) >= call.expected:
+                    with self._calls_lock:
+                        self._calls.pop(reply.id, None)
+                    call.future.set_result((call.reply, call.chunks))
+        except BaseException as exc:  # noqa: BLE001 - every waiter must hear of it
+            self._fail_all(exc)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        if self._closed:
+            err: TierdError = StoreClosed("the store is closed")
+        else:
+            err = DaemonUnavailable(f"lost the connection to the tierd daemon on {self.socket_path}: {exc!s}")
+        self._broken = err
+        with self._calls_lock:
+            calls = list(self._calls.values())
+            self._calls.clear()
+        for call in calls:
+            if not call.future.done():
+                call.future.set_exception(err)
+
+    def _send(self, msg: msgspec.Struct) -> None:
+        if self._broken is not None:
+            raise self._broken
+        frame = p.encode_frame(msg)
+        try:
+            with self._send_lock:
+                self._sock.sendall(frame)
+        except OSError as exc:
+            raise DaemonUnavailable(f"cannot reach the tierd daemon on {self.socket_path}: {exc.strerror}") from exc
+
+    def _call(self, make: Any, **fields: Any) -> tuple[Any, list[bytes]]:
+        """Send ``make(id=..., **fields)`` and wait for its reply; raise its error."""
+        if self._closed:
+            raise StoreClosed("the store is closed")
+        rid = next(self._ids)
+        call = _Call()
+        with self._calls_lock:
+            self._calls[rid] = call
+        try:
+            self._send(make(id=rid, **fields))
+        except BaseException:
+            with self._calls_lock:
+                self._calls.pop(rid, None)
+            raise
+        reply, chunks = call.future.result()
+        if isinstance(reply, p.Fail):
+            raise _ERRORS.get(reply.kind, TierdError)(reply.message)
+        return reply, chunks
+
+    # -- Store -----------------------------------------------------------------
+
+    def put(
+        self, key: str, value: Value, *, tier: str | None = None, durable: bool | None = None,
+        codec: str | None = None, pin: bool = False, ttl: float | None = None,
+    ) -> None:
+        validate_key(key)
+        src, meta = encode_value(value)
+        n = src.numel()
+        opts = {"key": key, "nbytes": n, "meta": meta, "tier": tier, "durable": durable, "codec": codec,
+                "pin": pin, "ttl": ttl}
+        if n <= self._inline_max:
+            self._call(p.Put, data=src.numpy().tobytes(), **opts)
+            return
+        ready, _ = self._call(p.Put, **opts)
+        try:
+            if ready.offset is not None:
+                self._arena[ready.offset : ready.offset + n].copy_(src)
+            else:  # no room to stage in the arena: the bytes go through the socket
+                view = src.numpy()
+                for start in range(0, n, self._chunk_bytes):
+                    self._send(p.PutChunk(id=0, put_id=ready.put_id, offset=start,
+                                          data=view[start : start + self._chunk_bytes].tobytes()))
+        except BaseException:
+            self._send(p.PutAbort(id=next(self._ids), put_id=ready.put_id))
+            raise
+        self._call(p.PutCommit, put_id=ready.put_id)
+
+    def get(self, key: str, *, device: str | torch.device | None = None, out: torch.Tensor | None = None) -> Any:
+        ready, chunks = self._call(p.Get, key=validate_key(key))
+        try:
+            if out is not None:
+                value, dest = out, check_out(out, ready.meta, key)
+            else:
+                value, dest = new_value(ready.meta)
+            if ready.offset is not None:
+                dest.copy_(self._arena[ready.offset : ready.offset + dest.numel()])
+            elif ready.data is not None:
+                if ready.data:
+                    dest.copy_(torch.frombuffer(bytearray(ready.data), dtype=torch.uint8))
+            else:
+                pos = 0
+                for data in chunks:
+                    dest[pos : pos + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                    pos += len(data)
+        finally:
+            if ready.lease_id:
+                self._send(p.Release(id=0, lease_id=ready.lease_id))
+        return value if out is not None else finish_value(value, device)
+
+    def prefetch(self, keys: Iterable[str] | str, *, tier: str = "host") -> None:
+        self._call(p.Prefetch, keys=prefetch_keys(keys), tier=tier)
+
+    def move(self, key: str, tier: str) -> None:
+        self._call(p.Move, key=validate_key(key), tier=tier)
+
+    def delete(self, key: str) -> bool:
+        return bool(self._call(p.Delete, key=validate_key(key))[0].value)
+
+    def exists(self, key: str) -> bool:
+        return bool(self._call(p.Exists, key=validate_key(key))[0].value)
+
+    def info(self, key: str) -> ObjectInfo:
+        return msgspec.convert(self._call(p.Info, key=validate_key(key))[0].value, ObjectInfo)
+
+    def keys(self, prefix: str = "") -> list[str]:
+        return list(self._call(p.Keys, prefix=prefix)[0].value)
+
+    def stats(self) -> Stats:
+        return msgspec.convert(self._call(p.GetStats)[0].value, Stats)
+
+    def status(self) -> dict[str, Any]:
+        """What ``tierd status`` shows: tiers, namespaces, clients, metrics port."""
+        value = self._call(p.Status)[0].value
+        value["stats"] = msgspec.convert(value["stats"], Stats)
+        return dict(value)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        super().close()
+        self._closed = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+        self._thread.join(timeout=10)
+        del self._arena
+        try:
+            self._map.close()
+        except BufferError:
+            pass  # a tensor still aliases the mapping; it goes with the last one
+
+
+def connect(socket_path: str | os.PathLike[str] | None = None) -> RemoteStore:
+    """Connect to the daemon (see ``tierd.connect``)."""
+    return RemoteStore(socket_path)

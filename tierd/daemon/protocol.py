@@ -1,0 +1,217 @@
+"""The wire protocol between ``tierd.connect()`` and ``tierd serve``.
+
+A frame is a 4-byte big-endian length followed by that many bytes of
+msgpack: one tagged msgspec Struct. Clients send :data:`Request` frames, the
+daemon answers with :data:`Reply` frames carrying the request's ``id``; many
+requests may be in flight on one connection and replies may come in any
+order.
+
+Session:
+    client -> Hello(version)          daemon -> Welcome (+ the host arena's
+                                      memfd, as SCM_RIGHTS ancillary data)
+Put, large object:
+    Put(no data) -> PutReady(put_id, offset): the client copies the bytes
+    into its mapping of the arena at ``offset`` (or, if ``offset`` is None,
+    sends PutChunk frames), then PutCommit(put_id) -> Ok.
+Put, small object: Put(data=...) -> Ok.
+Get: Get -> GetReady with the bytes inline, or an arena ``offset`` under a
+    lease that the client ends with Release (no reply) after copying, or
+    ``chunks`` > 0: that many Chunk frames with the bytes follow.
+
+New fields get defaults so that an older client and a newer daemon still
+talk; the handshake carries :data:`PROTOCOL_VERSION` and a daemon refuses a
+client of another major version.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Any
+
+import msgspec
+
+from tierd.daemon.index import ObjectMeta
+from tierd.errors import ProtocolError
+
+__all__ = [
+    "PROTOCOL_VERSION", "HEADER", "Request", "Reply", "Hello", "Put", "PutCommit", "PutAbort", "PutChunk",
+    "Get", "Release", "Delete", "Exists", "Info", "Keys", "GetStats", "Move", "Prefetch", "Status",
+    "Welcome", "Ok", "Fail", "PutReady", "GetReady", "Chunk", "FrameReader", "encode_frame",
+]
+
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct(">I")
+
+
+class _Req(msgspec.Struct, tag=True, frozen=True, kw_only=True, forbid_unknown_fields=False):
+    id: int
+
+
+class Hello(_Req, frozen=True, kw_only=True):
+    version: int
+    client: str = ""
+
+
+class Put(_Req, frozen=True, kw_only=True):
+    key: str
+    nbytes: int
+    meta: ObjectMeta
+    tier: str | None = None
+    durable: bool | None = None
+    codec: str | None = None
+    pin: bool = False
+    ttl: float | None = None
+    data: bytes | None = None  # inline: small objects
+
+
+class PutCommit(_Req, frozen=True, kw_only=True):
+    put_id: int
+
+
+class PutAbort(_Req, frozen=True, kw_only=True):
+    put_id: int
+
+
+class PutChunk(_Req, frozen=True, kw_only=True):
+    """Bytes of a put with no staging extent; no reply (errors come at commit)."""
+
+    put_id: int
+    offset: int
+    data: bytes
+
+
+class Get(_Req, frozen=True, kw_only=True):
+    key: str
+    inline_ok: bool = True
+
+
+class Release(_Req, frozen=True, kw_only=True):
+    """End a lease; no reply."""
+
+    lease_id: int
+
+
+class Delete(_Req, frozen=True, kw_only=True):
+    key: str
+
+
+class Exists(_Req, frozen=True, kw_only=True):
+    key: str
+
+
+class Info(_Req, frozen=True, kw_only=True):
+    key: str
+
+
+class Keys(_Req, frozen=True, kw_only=True):
+    prefix: str = ""
+
+
+class GetStats(_Req, frozen=True, kw_only=True):
+    pass
+
+
+class Move(_Req, frozen=True, kw_only=True):
+    key: str
+    tier: str
+
+
+class Prefetch(_Req, frozen=True, kw_only=True):
+    keys: list[str]
+    tier: str = "host"
+
+
+class Status(_Req, frozen=True, kw_only=True):
+    """Everything ``tierd status`` shows: tiers, namespaces, clients."""
+
+
+Request = (
+    Hello | Put | PutCommit | PutAbort | PutChunk | Get | Release | Delete | Exists | Info | Keys | GetStats
+    | Move | Prefetch | Status
+)
+
+
+class _Rep(msgspec.Struct, tag=True, frozen=True, kw_only=True):
+    id: int
+
+
+class Welcome(_Rep, frozen=True, kw_only=True):
+    version: int
+    arena_bytes: int
+    pid: int
+    uid: int
+    inline_max_bytes: int
+    max_frame_bytes: int
+
+
+class Ok(_Rep, frozen=True, kw_only=True):
+    value: Any = None
+
+
+class Fail(_Rep, frozen=True, kw_only=True):
+    kind: str  # a tierd error class name: NotFound, OutOfSpace, ...
+    message: str
+
+
+class PutReady(_Rep, frozen=True, kw_only=True):
+    put_id: int
+    offset: int | None  # None: send the bytes as PutChunk frames
+
+
+class GetReady(_Rep, frozen=True, kw_only=True):
+    meta: ObjectMeta
+    data: bytes | None = None
+    offset: int | None = None
+    lease_id: int = 0
+    chunks: int = 0
+
+
+class Chunk(_Rep, frozen=True, kw_only=True):
+    data: bytes
+
+
+Reply = Welcome | Ok | Fail | PutReady | GetReady | Chunk
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode_frame(msg: msgspec.Struct) -> bytes:
+    body = _encoder.encode(msg)
+    return HEADER.pack(len(body)) + body
+
+
+class FrameReader:
+    """Reads whole frames from a stream socket, checking the size before the body.
+
+    Raises ProtocolError for an oversized frame, EOFError at a clean end of
+    stream, and ConnectionError for a stream cut inside a frame.
+    """
+
+    def __init__(self, sock: socket.socket, max_frame_bytes: int) -> None:
+        self.sock = sock
+        self.max_frame_bytes = max_frame_bytes
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        """Bytes received by other means (with ancillary data) that precede the next frame."""
+        self._buf += data
+
+    def _fill(self, n: int, *, at_boundary: bool) -> None:
+        while len(self._buf) < n:
+            chunk = self.sock.recv(max(n - len(self._buf), 1 << 16))
+            if not chunk:
+                if at_boundary and not self._buf:
+                    raise EOFError("peer closed the connection")
+                raise ConnectionError(f"connection closed inside a frame ({len(self._buf)} of {n} bytes)")
+            self._buf += chunk
+
+    def read(self) -> bytes:
+        self._fill(HEADER.size, at_boundary=True)
+        (size,) = HEADER.unpack_from(self._buf)
+        if size > self.max_frame_bytes:
+            raise ProtocolError(f"frame of {size} bytes is over the limit of {self.max_frame_bytes}")
+        self._fill(HEADER.size + size, at_boundary=False)
+        body = bytes(self._buf[HEADER.size : HEADER.size + size])
+        del self._buf[: HEADER.size + size]
+        return body
