@@ -5,9 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,6 +13,7 @@ from typing import Any
 import msgspec
 
 import tierd
+from tierd.daemon.launch import spawn
 
 
 def _toml(value: dict[str, Any], prefix: str = "") -> str:
@@ -50,26 +49,13 @@ class Daemon:
         self.log = self.run_dir / "daemon.log"
 
     def start(self, timeout_s: float = 60.0) -> Daemon:
-        notify_path = self.run_dir / "notify.sock"
-        notify_path.unlink(missing_ok=True)
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notify.bind(str(notify_path))
-        notify.settimeout(timeout_s)
         env = {k: v for k, v in os.environ.items() if not k.startswith("TIERD_")}
-        env["NOTIFY_SOCKET"] = str(notify_path)
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "tierd", "serve", "--config", str(self.config_path)],
-                                         env=env, stdout=log, stderr=log)
-        try:
-            while True:
-                try:
-                    msg = notify.recv(4096).decode()
-                except TimeoutError:
-                    raise RuntimeError(f"daemon not ready in {timeout_s} s:\n{self.log.read_text()}") from None
-                if "READY=1" in msg.split("\n"):
-                    return self
-        finally:
-            notify.close()
+            try:
+                self.proc = spawn(self.config_path, env=env, timeout_s=timeout_s, log=log)
+            except tierd.DaemonUnavailable as exc:
+                raise RuntimeError(f"{exc}:\n{self.log.read_text()}") from None
+        return self
 
     def connect(self) -> tierd.RemoteStore:
         return tierd.connect(self.socket)

@@ -34,7 +34,7 @@ def daemon(nvme_dir: Path) -> Iterator[Daemon]:
 
 def _client(code: str, *, stdin: bool = False) -> subprocess.Popen[str]:
     """A client process running ``code`` (with tierd and torch imported)."""
-    script = "import sys, os, torch, tierd\nsys.path.insert(0, %r)\n" % TESTS + textwrap.dedent(code)
+    script = f"import sys, os, torch, tierd\nsys.path.insert(0, {TESTS!r})\n" + textwrap.dedent(code)
     return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             stdin=subprocess.PIPE if stdin else None, text=True)
 

@@ -99,7 +99,6 @@ class DaemonConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     max_connections_per_uid: int = 256
     inline_max_bytes: int = 64 * 1024  # objects this small travel in the frame
     drain_timeout_s: float = 30.0
-    watchdog: bool = True
 
 
 class NamespaceConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):

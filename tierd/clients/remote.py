@@ -4,9 +4,8 @@ The daemon hands over its host arena (a memfd) at the handshake; this
 client maps it and copies large tensors in and out of it itself, so their
 bytes never cross the socket. Small objects travel inline in the frames.
 
-One reader thread receives replies and completes the waiting calls by
-request id, so calls from many threads share one connection with many
-requests in flight.
+Calls from many threads share one connection with many requests in
+flight; replies are matched to calls by request id (see ``_wait``).
 """
 
 from __future__ import annotations
@@ -28,8 +27,8 @@ from tierd.clients.base import Store, prefetch_keys
 from tierd.clients.embedded import finish_value
 from tierd.clients.values import Value, check_out, encode_value, new_value
 from tierd.config import default_socket_path
-from tierd.daemon.engine import validate_key
 from tierd.daemon import protocol as p
+from tierd.daemon.engine import validate_key
 from tierd.errors import DaemonUnavailable, ProtocolError, StoreClosed, TierdError
 from tierd.types import ObjectInfo, Stats
 
@@ -81,8 +80,8 @@ class RemoteStore(Store):
         except BaseException:
             sock.close()
             raise
-        self._thread = threading.Thread(target=self._read_loop, name="tierd-client", daemon=True)
-        self._thread.start()
+        self._recv_cond = threading.Condition()
+        self._reading = False
 
     def _handshake(self, client: str) -> None:
         sock = self._sock
@@ -111,40 +110,62 @@ class RemoteStore(Store):
         self._reader.max_frame_bytes = reply.max_frame_bytes + (1 << 20)
 
     # -- transport -------------------------------------------------------------
+    #
+    # No reader thread: the thread waiting for a reply reads frames itself
+    # (leader), completing other threads' calls as their replies pass by;
+    # the others (followers) wait on a condition and take over reading when
+    # the leader is done. A lone caller thus sends and receives on its own
+    # thread, with no handoff, the way redis-py does.
 
-    def _read_loop(self) -> None:
-        try:
-            while True:
-                reply = self._decoder.decode(self._reader.read())
+    def _dispatch(self, reply: Any) -> None:
+        call = self._calls.get(reply.id)
+        if call is None:
+            return  # nobody waits (a Fail with id 0)
+        if isinstance(reply, p.Chunk):
+            call.chunks.append(reply.data)
+        elif isinstance(reply, p.GetReady) and reply.chunks:
+            call.reply, call.expected = reply, reply.chunks
+        else:
+            call.reply = reply
+        if call.reply is not None and len(call.chunks) >= call.expected:
+            del self._calls[reply.id]
+            call.future.set_result((call.reply, call.chunks))
+
+    def _wait(self, call: _Call) -> tuple[Any, list[bytes]]:
+        cond = self._recv_cond
+        while True:
+            with cond:
+                while self._reading and not call.future.done():
+                    cond.wait()
+                if call.future.done():
+                    return call.future.result()
+                self._reading = True
+            try:
+                try:
+                    reply = self._decoder.decode(self._reader.read())
+                except BaseException as exc:  # noqa: BLE001 - every waiter must hear of it
+                    self._fail_all(exc)
+                    raise self._broken if self._broken is not None else exc from None
                 with self._calls_lock:
-                    call = self._calls.get(reply.id)
-                if call is None:
-                    continue  # a reply nobody waits for (a Fail with id 0)
-                if isinstance(reply, p.Chunk):
-                    call.chunks.append(reply.data)
-                elif isinstance(reply, p.GetReady) and reply.chunks:
-                    call.reply, call.expected = reply, reply.chunks
-                else:
-                    call.reply = reply
-                if call.reply is not None and len(call.chunks) >= call.expected:
-                    with self._calls_lock:
-                        self._calls.pop(reply.id, None)
-                    call.future.set_result((call.reply, call.chunks))
-        except BaseException as exc:  # noqa: BLE001 - every waiter must hear of it
-            self._fail_all(exc)
+                    self._dispatch(reply)
+            finally:
+                with cond:
+                    self._reading = False
+                    cond.notify_all()
 
     def _fail_all(self, exc: BaseException) -> None:
-        if self._closed:
-            err: TierdError = StoreClosed("the store is closed")
-        else:
-            err = DaemonUnavailable(f"lost the connection to the tierd daemon on {self.socket_path}: {exc!s}")
-        self._broken = err
+        if self._broken is None:
+            if self._closed:
+                self._broken = StoreClosed("the store is closed")
+            else:
+                self._broken = DaemonUnavailable(
+                    f"lost the connection to the tierd daemon on {self.socket_path}: {exc!s}")
         with self._calls_lock:
             calls = list(self._calls.values())
             self._calls.clear()
         for call in calls:
             if not call.future.done():
-                call.future.set_exception(err)
+                call.future.set_exception(self._broken)
 
     def _send(self, msg: msgspec.Struct) -> None:
         if self._broken is not None:
@@ -170,7 +191,7 @@ class RemoteStore(Store):
             with self._calls_lock:
                 self._calls.pop(rid, None)
             raise
-        reply, chunks = call.future.result()
+        reply, chunks = self._wait(call)
         if isinstance(reply, p.Fail):
             raise _ERRORS.get(reply.kind, TierdError)(reply.message)
         return reply, chunks
@@ -182,6 +203,12 @@ class RemoteStore(Store):
         codec: str | None = None, pin: bool = False, ttl: float | None = None,
     ) -> None:
         validate_key(key)
+        if isinstance(value, bytes) and len(value) <= self._inline_max:
+            # The common small case without a tensor round trip.
+            meta = p.ObjectMeta("bytes", "uint8", (len(value),), 1)
+            self._call(p.Put, key=key, nbytes=len(value), meta=meta, tier=tier, durable=durable, codec=codec,
+                       pin=pin, ttl=ttl, data=value)
+            return
         src, meta = encode_value(value)
         n = src.numel()
         opts = {"key": key, "nbytes": n, "meta": meta, "tier": tier, "durable": durable, "codec": codec,
@@ -213,6 +240,8 @@ class RemoteStore(Store):
             if ready.offset is not None:
                 dest.copy_(self._arena[ready.offset : ready.offset + dest.numel()])
             elif ready.data is not None:
+                if out is None and ready.meta.kind == "bytes":
+                    return ready.data
                 if ready.data:
                     dest.copy_(torch.frombuffer(bytearray(ready.data), dtype=torch.uint8))
             else:
@@ -262,7 +291,6 @@ class RemoteStore(Store):
         except OSError:
             pass
         self._sock.close()
-        self._thread.join(timeout=10)
         del self._arena
         try:
             self._map.close()

@@ -95,6 +95,13 @@ class PendingPut:
     staging: HostLocation | None
 
 
+def _tensor_of(view: memoryview) -> torch.Tensor:
+    """A uint8 tensor over a writable byte memoryview, or over a copy of a read-only one."""
+    if view.readonly:
+        view = memoryview(bytearray(view))
+    return torch.frombuffer(view, dtype=torch.uint8) if view.nbytes else torch.empty(0, dtype=torch.uint8)
+
+
 class _Counters:
     __slots__ = ("objects", "hits", "misses", "bytes_in", "bytes_out", "promoted", "demoted")
 
@@ -317,7 +324,7 @@ class Engine:
                 f"{uid_quota}; delete objects or raise daemon.uid_quota"
             )
 
-    def finish_put(self, pending: PendingPut, src: torch.Tensor | None = None) -> None:
+    def finish_put(self, pending: PendingPut, src: torch.Tensor | memoryview | None = None) -> None:
         """Second phase: store the bytes (``src``, or those already written to the
         staging extent) and commit. Returns when readable, and for durable objects
         once chunks and index entry are fsync'ed.
@@ -329,9 +336,11 @@ class Engine:
         nbytes = rec.nbytes
         keep_staging = False
         try:
+            if isinstance(src, memoryview) and (staging is None or pending.top == "nvme" or rec.durable):
+                src = _tensor_of(src)  # the nvme path works on tensors
             if staging is not None:
                 if src is not None:
-                    self.host.view(staging).copy_(src)
+                    self.host.copy_in(staging, src)
                 # The staging extent is page-aligned: O_DIRECT writes go
                 # straight from it (Note [O_DIRECT alignment] in tiers/nvme.py).
                 data = self.host.view(staging)
@@ -373,12 +382,13 @@ class Engine:
             self.host.free(pending.staging)
             pending.staging = None
 
-    def put(self, key: str, src: torch.Tensor, meta: ObjectMeta, **options: Any) -> None:
-        """Store the flat uint8 tensor ``src`` under ``key`` (both phases at once).
+    def put(self, key: str, src: torch.Tensor | memoryview, meta: ObjectMeta, **options: Any) -> None:
+        """Store ``src`` (a flat uint8 tensor, or a byte memoryview) under ``key``: both phases at once.
 
         ``options`` are those of :meth:`prepare_put`.
         """
-        self.finish_put(self.prepare_put(key, src.numel(), meta, **options), src)
+        nbytes = src.nbytes if isinstance(src, memoryview) else src.numel()
+        self.finish_put(self.prepare_put(key, nbytes, meta, **options), src)
 
     def _commit(self, rec: ObjectRecord) -> None:
         with self._commit_lock:
@@ -501,7 +511,7 @@ class Engine:
             return loc
         return None
 
-    def read_into(self, rec: ObjectRecord, dest: torch.Tensor, *, promote: bool = True) -> None:
+    def read_into(self, rec: ObjectRecord, dest: torch.Tensor | memoryview, *, promote: bool = True) -> None:
         """Copy leased ``rec``'s bytes into the flat uint8 tensor ``dest``.
 
         Raises:
@@ -511,8 +521,10 @@ class Engine:
             return
         loc = self.read_location(rec, promote=promote)
         if loc is not None:
-            self.host.read_into(loc, dest, itemsize=rec.meta.itemsize)
+            self.host.copy_out(loc, dest)
             return
+        if isinstance(dest, memoryview):
+            dest = _tensor_of(dest)
         nvme_loc = rec.nvme
         if nvme_loc is None:  # promoted by someone else meanwhile: read the new copy
             return self.read_into(rec, dest, promote=False)
@@ -665,6 +677,12 @@ class Engine:
                     largest_free_bytes=use.largest_free_bytes, fragmentation=use.fragmentation,
                 )
         return Stats(tiers=tiers, objects=objects)
+
+    def is_small_on_host(self, key: str, max_bytes: int) -> bool:
+        """Whether ``key`` holds at most ``max_bytes`` with a host copy (a get without I/O)."""
+        with self._lock:
+            rec = self._index.get(key)
+            return rec is not None and rec.nbytes <= max_bytes and (rec.host is not None or rec.nbytes == 0)
 
     def healthy(self) -> bool:
         """False once background demotion has died or the engine is closed."""

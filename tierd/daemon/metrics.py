@@ -63,6 +63,14 @@ class Metrics:
         self.clients = Gauge("tierd_clients", "connected clients", registry=self.registry)
         self.port: int | None = None
         self._server: Any = None
+        self._op_children: dict[str, Any] = {}
+
+    def observe(self, op: str, seconds: float) -> None:
+        """Record one request's latency (the labelled child is cached: this is on every request)."""
+        child = self._op_children.get(op)
+        if child is None:
+            child = self._op_children[op] = self.op_seconds.labels(op)
+        child.observe(seconds)
 
     def start(self, address: str) -> None:
         if not address:

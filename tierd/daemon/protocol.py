@@ -35,7 +35,7 @@ from tierd.daemon.index import ObjectMeta
 from tierd.errors import ProtocolError
 
 __all__ = [
-    "PROTOCOL_VERSION", "HEADER", "Request", "Reply", "Hello", "Put", "PutCommit", "PutAbort", "PutChunk",
+    "ObjectMeta", "PROTOCOL_VERSION", "HEADER", "Request", "Reply", "Hello", "Put", "PutCommit", "PutAbort", "PutChunk",
     "Get", "Release", "Delete", "Exists", "Info", "Keys", "GetStats", "Move", "Prefetch", "Status",
     "Welcome", "Ok", "Fail", "PutReady", "GetReady", "Chunk", "FrameReader", "encode_frame",
 ]

@@ -32,7 +32,6 @@ import socket
 import struct
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -293,7 +292,9 @@ class Server:
                 conn.requests += 1
                 if isinstance(req, p.Hello):
                     self._hello(conn, req)
-                elif isinstance(req, _QUICK):
+                elif isinstance(req, _QUICK) or self._is_quick(conn, req):
+                    # On this thread: no handoff for what takes microseconds
+                    # (and PutChunks stay ordered before their PutCommit).
                     self._run(conn, req)
                 else:
                     conn.inflight.acquire()  # back-pressure: stop reading at max_inflight
@@ -308,6 +309,19 @@ class Server:
             pass
         finally:
             self._close_conn(conn)
+
+    def _is_quick(self, conn: _Conn, req: Any) -> bool:
+        """A small put or get that stays in memory: cheaper to serve than to hand off."""
+        assert self.engine is not None
+        if isinstance(req, p.Put):
+            return req.data is not None and not req.durable and req.tier in (None, "host")
+        if isinstance(req, p.Get):
+            try:
+                key = self._scope(conn, req.key)
+            except TierdError:
+                return True  # the error reply is quick too
+            return self.engine.is_small_on_host(key, self.config.daemon.inline_max_bytes)
+        return False
 
     def _begin_request(self) -> None:
         with self._conns_lock:
@@ -343,7 +357,7 @@ class Server:
         if reply is not None:
             conn.send(reply)
         if self.metrics:
-            self.metrics.op_seconds.labels(type(req).__name__).observe(time.perf_counter() - started)
+            self.metrics.observe(type(req).__name__, time.perf_counter() - started)
 
     def _close_conn(self, conn: _Conn) -> None:
         with conn.state_lock:
@@ -416,10 +430,13 @@ class Server:
         conn.welcomed = True
 
     def _scope(self, conn: _Conn, key: str) -> str:
+        return self._scope_key(key, conn.uid)
+
+    def _scope_key(self, key: str, uid: int | None) -> str:
         validate_key(key)
         if self.config.namespace(namespace_of(key)).shared:
             return key
-        return f"{key}{_SCOPE}{conn.uid}"
+        return f"{key}{_SCOPE}{uid}"
 
     def _visible(self, conn: _Conn, engine_key: str) -> str | None:
         key, sep, uid = engine_key.partition(_SCOPE)
@@ -440,7 +457,7 @@ class Server:
         if req.data is not None:
             if len(req.data) != req.nbytes:
                 raise InvalidArgument(f"inline data holds {len(req.data)} bytes, nbytes says {req.nbytes}")
-            self.engine.put(key, _bytes_tensor(req.data), req.meta, **opts)
+            self.engine.put(key, memoryview(req.data), req.meta, **opts)
             return p.Ok(id=req.id)
         pending = self.engine.prepare_put(key, req.nbytes, req.meta, stage=True, **opts)
         buffer = None if pending.staging is not None or not req.nbytes else torch.empty(req.nbytes, dtype=torch.uint8)
@@ -495,7 +512,7 @@ class Server:
             n = rec.nbytes
             if n <= self.config.daemon.inline_max_bytes and req.inline_ok:
                 buf = bytearray(n)
-                engine.read_into(rec, _bytes_tensor(buf, writable=True))
+                engine.read_into(rec, memoryview(buf))
                 return p.GetReady(id=req.id, meta=rec.meta, data=bytes(buf))
             loc = engine.read_location(rec, promote=True, evict=True)
             if loc is not None:
@@ -588,12 +605,14 @@ def _user_key(engine_key: str) -> str:
     return engine_key.partition(_SCOPE)[0]
 
 
-def _bytes_tensor(data: bytes | bytearray, *, writable: bool = False) -> torch.Tensor:
+def _bytes_tensor(data: bytes | bytearray) -> torch.Tensor:
     if not data:
         return torch.empty(0, dtype=torch.uint8)
-    with warnings.catch_warnings():  # read-only bytes: only ever read
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(data, dtype=torch.uint8)
+    if isinstance(data, bytes):
+        # torch.frombuffer warns on read-only buffers; a copy into a bytearray
+        # costs less than silencing the warning (and frames are at most a few MiB).
+        data = bytearray(data)
+    return torch.frombuffer(data, dtype=torch.uint8)
 
 
 def _peek_id(body: bytes) -> int:
