@@ -37,46 +37,41 @@ from rich.progress import Progress
 import tierd
 from tierd.daemon.launch import spawn
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import pyplot  # noqa: E402
+
 console = Console(width=132)
 MIB = 1 << 20
 
 
-def _tierd_worker(sock: str, n_ops: int, size: int, seed: int, q: Any) -> None:
-    store = tierd.connect(sock)
+def _timed_pairs(put: Any, get: Any, n_ops: int, size: int, seed: int, q: Any) -> None:
+    """``n_ops`` put+get pairs of ``size`` random bytes; sends (put latencies, get latencies) to ``q``."""
     value = os.urandom(size)
-    put, get = [], []
+    puts, gets = [], []
     for i in range(n_ops):
         key = f"bench/{seed}-{i % 64}"
         t0 = time.perf_counter()
-        store.put(key, value)
+        put(key, value)
         t1 = time.perf_counter()
-        got = store.get(key)
+        got = get(key)
         t2 = time.perf_counter()
         assert got == value
-        put.append(t1 - t0)
-        get.append(t2 - t1)
-    store.close()
-    q.put((put, get))
+        puts.append(t1 - t0)
+        gets.append(t2 - t1)
+    q.put((puts, gets))
+
+
+def _tierd_worker(sock: str, n_ops: int, size: int, seed: int, q: Any) -> None:
+    with tierd.connect(sock) as store:
+        _timed_pairs(store.put, store.get, n_ops, size, seed, q)
 
 
 def _redis_worker(sock: str, n_ops: int, size: int, seed: int, q: Any) -> None:
     import redis
 
     r = redis.Redis(unix_socket_path=sock)
-    value = os.urandom(size)
-    put, get = [], []
-    for i in range(n_ops):
-        key = f"bench/{seed}-{i % 64}"
-        t0 = time.perf_counter()
-        r.set(key, value)
-        t1 = time.perf_counter()
-        got = r.get(key)
-        t2 = time.perf_counter()
-        assert got == value
-        put.append(t1 - t0)
-        get.append(t2 - t1)
+    _timed_pairs(r.set, r.get, n_ops, size, seed, q)
     r.close()
-    q.put((put, get))
 
 
 def _run_clients(target: Any, sock: str, clients: int, n_ops: int, size: int) -> dict[str, float]:
@@ -179,12 +174,8 @@ def _markdown(res: dict[str, Any]) -> str:
 
 
 def _plot(res: dict[str, Any], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     rows = res["small"]

@@ -40,6 +40,9 @@ from rich.progress import Progress
 import tierd
 from tierd.codecs import get_codec
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import pyplot  # noqa: E402
+
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 console = Console(width=132)
 
@@ -206,12 +209,8 @@ def _markdown(res: dict[str, Any]) -> str:
 
 
 def _plot(res: dict[str, Any], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         console.print("[yellow]matplotlib not installed: no plot[/]")
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))

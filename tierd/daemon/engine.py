@@ -336,8 +336,7 @@ class Engine:
         nbytes = rec.nbytes
         keep_staging = False
         try:
-            if isinstance(src, memoryview) and (staging is None or pending.top == "nvme" or rec.durable):
-                src = _tensor_of(src)  # the nvme path works on tensors
+            data: torch.Tensor
             if staging is not None:
                 if src is not None:
                     self.host.copy_in(staging, src)
@@ -346,6 +345,8 @@ class Engine:
                 data = self.host.view(staging)
             elif src is None and nbytes:
                 raise InvalidArgument("finish_put needs the bytes: no staging extent was reserved")
+            elif isinstance(src, memoryview):
+                data = _tensor_of(src)  # the nvme path works on tensors
             else:
                 data = src if src is not None else torch.empty(0, dtype=torch.uint8)
             # A durable object always gets its nvme copy (an empty one too: the

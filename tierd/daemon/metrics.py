@@ -29,13 +29,13 @@ class _TierCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         stats = self._stats()
-        gauges = {
+        gauges: dict[str, GaugeMetricFamily] = {
             "capacity_bytes": GaugeMetricFamily("tierd_tier_capacity_bytes", "bytes the tier may hold", labels=["tier"]),
             "used_bytes": GaugeMetricFamily("tierd_tier_used_bytes", "bytes in allocated extents", labels=["tier"]),
             "objects": GaugeMetricFamily("tierd_tier_objects", "objects with a copy on the tier", labels=["tier"]),
             "fragmentation": GaugeMetricFamily("tierd_tier_fragmentation", "1 - largest free / free", labels=["tier"]),
         }
-        counters = {
+        counters: dict[str, CounterMetricFamily] = {
             "hits": CounterMetricFamily("tierd_tier_hits", "gets served from the tier", labels=["tier"]),
             "misses": CounterMetricFamily("tierd_tier_misses", "gets not found on the tier", labels=["tier"]),
             "bytes_in": CounterMetricFamily("tierd_tier_in_bytes", "bytes written to the tier", labels=["tier"]),
@@ -44,8 +44,10 @@ class _TierCollector(Collector):
             "demoted_bytes": CounterMetricFamily("tierd_tier_demoted_bytes", "bytes demoted into the tier", labels=["tier"]),
         }
         for name, t in stats.tiers.items():
-            for field, fam in (*gauges.items(), *counters.items()):
-                fam.add_metric([name], float(getattr(t, field)))
+            for field, gauge in gauges.items():
+                gauge.add_metric([name], float(getattr(t, field)))
+            for field, counter in counters.items():
+                counter.add_metric([name], float(getattr(t, field)))
         yield from gauges.values()
         yield from counters.values()
 

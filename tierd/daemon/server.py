@@ -112,7 +112,7 @@ class Server:
         """Start, wait for a signal, drain, stop. Only call from the main thread."""
         signal.signal(signal.SIGTERM, self._on_stop_signal)
         signal.signal(signal.SIGINT, self._on_stop_signal)
-        signal.signal(signal.SIGHUP, lambda *_: (self._reload.set(), self._stop.set()))
+        signal.signal(signal.SIGHUP, self._on_reload_signal)
         self.startup()
         try:
             while True:
@@ -126,6 +126,10 @@ class Server:
         finally:
             self.shutdown(self.config.daemon.drain_timeout_s)
         return 0
+
+    def _on_reload_signal(self, _signum: int, _frame: Any) -> None:
+        self._reload.set()
+        self._stop.set()  # wakes the main thread, which reloads and waits again
 
     def _on_stop_signal(self, signum: int, _frame: Any) -> None:
         if self._draining and signum == signal.SIGINT:
@@ -452,7 +456,7 @@ class Server:
             numel *= dim
         if req.nbytes < 0 or req.nbytes != numel * req.meta.itemsize:
             raise InvalidArgument(f"nbytes {req.nbytes} does not match shape {req.meta.shape} x {req.meta.itemsize}")
-        opts = {"tier": req.tier, "durable": req.durable, "codec": req.codec, "pin": req.pin, "ttl": req.ttl,
+        opts: dict[str, Any] = {"tier": req.tier, "durable": req.durable, "codec": req.codec, "pin": req.pin, "ttl": req.ttl,
                 "owner": conn.uid}
         if req.data is not None:
             if len(req.data) != req.nbytes:

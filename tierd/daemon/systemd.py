@@ -27,7 +27,7 @@ def notify(*fields: str) -> bool:
             sock.sendto("\n".join(fields).encode(), address)
         return True
     except OSError as exc:
-        log.warning("sd_notify to %s failed: %s", path, exc)
+        log.debug("sd_notify to %s failed: %s", path, exc)  # like sd_notify(3): not fatal, not noisy
         return False
 
 
