@@ -175,6 +175,13 @@ def test_status_command_prints_tables(daemon: Daemon) -> None:
     assert "host" in res.stdout and "nvme" in res.stdout and "acts" in res.stdout and "clients" in res.stdout
 
 
+def test_top_refreshes_live_view(daemon: Daemon) -> None:
+    res = subprocess.run([sys.executable, "-m", "tierd", "top", "--socket", str(daemon.socket), "--iterations", "2",
+                          "--interval", "0.1"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "host" in res.stdout and "clients" in res.stdout
+
+
 def test_connect_without_daemon_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(tierd.DaemonUnavailable, match="start one with `tierd serve`"):
         tierd.connect(tmp_path / "none.sock")

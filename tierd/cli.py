@@ -55,31 +55,33 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
         "demo/blob": b'{"lr": 3e-4, "warmup": 2000}',
     }
     with tierd.open(small) as store:
-        started = time.perf_counter()
-        for key, value in tensors.items():
-            durable = key == "demo/embedding"
-            store.put(key, value, durable=durable, codec="bytegroup" if durable else None)
-        store.move("demo/adam-m", "nvme")
-        placed = {k: store.info(k) for k in tensors}
-        back = {k: store.get(k) for k in tensors}
-        elapsed = time.perf_counter() - started
-        table = Table(title=f"where the objects went (host tier {args.host_size}, nvme in {cfg.tiers.nvme.path})",
-                      title_justify="left")
-        for col in ("key", "dtype", "shape", "bytes", "codec", "durable", "after put", "nvme bytes", "after get",
-                    "equal"):
-            table.add_column(col)
-        for key, value in tensors.items():
-            info, before = store.info(key), placed[key]
-            same = back[key] == value if isinstance(value, bytes) else torch.equal(back[key], value)
-            nvme_bytes = format_size(before.stored_nbytes) if "nvme" in before.tiers else "-"
-            table.add_row(key, info.dtype, str(tuple(info.shape)), format_size(info.nbytes), info.codec,
-                          str(info.durable), "+".join(before.tiers) or "host", nvme_bytes, info.tier,
-                          "[green]yes[/]" if same else "[red]NO[/]")
-        console.print(table)
-        _print_stats(console, store.stats())
-        console.print(f"put + move + get of {len(tensors)} objects in {elapsed:.2f} s")
-        for key in tensors:
-            store.delete(key)
+        try:
+            started = time.perf_counter()
+            for key, value in tensors.items():
+                durable = key == "demo/embedding"
+                store.put(key, value, durable=durable, codec="bytegroup" if durable else None)
+            store.move("demo/adam-m", "nvme")
+            placed = {k: store.info(k) for k in tensors}
+            back = {k: store.get(k) for k in tensors}
+            elapsed = time.perf_counter() - started
+            table = Table(title=f"where the objects went (host tier {args.host_size}, nvme in {cfg.tiers.nvme.path})",
+                          title_justify="left")
+            for col in ("key", "dtype", "shape", "bytes", "codec", "durable", "after put", "nvme bytes", "after get",
+                        "equal"):
+                table.add_column(col)
+            for key, value in tensors.items():
+                info, before = store.info(key), placed[key]
+                same = back[key] == value if isinstance(value, bytes) else torch.equal(back[key], value)
+                nvme_bytes = format_size(before.stored_nbytes) if "nvme" in before.tiers else "-"
+                table.add_row(key, info.dtype, str(tuple(info.shape)), format_size(info.nbytes), info.codec,
+                              str(info.durable), "+".join(before.tiers) or "host", nvme_bytes, info.tier,
+                              "[green]yes[/]" if same else "[red]NO[/]")
+            console.print(table)
+            _print_stats(console, store.stats())
+            console.print(f"put + move + get of {len(tensors)} objects in {elapsed:.2f} s")
+        finally:  # durable demo objects must not outlive the demo, even if it is interrupted
+            for key in tensors:
+                store.delete(key)
     return 0
 
 
