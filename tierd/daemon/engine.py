@@ -336,22 +336,23 @@ class Engine:
         nbytes = rec.nbytes
         keep_staging = False
         try:
-            data: torch.Tensor
             if staging is not None:
                 if src is not None:
                     self.host.copy_in(staging, src)
-                # The staging extent is page-aligned: O_DIRECT writes go
-                # straight from it (Note [O_DIRECT alignment] in tiers/nvme.py).
-                data = self.host.view(staging)
             elif src is None and nbytes:
                 raise InvalidArgument("finish_put needs the bytes: no staging extent was reserved")
-            elif isinstance(src, memoryview):
-                data = _tensor_of(src)  # the nvme path works on tensors
-            else:
-                data = src if src is not None else torch.empty(0, dtype=torch.uint8)
             # A durable object always gets its nvme copy (an empty one too: the
             # LMDB entry points at it); a volatile one when it cannot stay on host.
             if rec.durable or (nbytes and (staging is None or pending.top == "nvme")):
+                data: torch.Tensor
+                if staging is not None:
+                    # The staging extent is page-aligned: O_DIRECT writes go
+                    # straight from it (Note [O_DIRECT alignment] in tiers/nvme.py).
+                    data = self.host.view(staging)
+                elif isinstance(src, memoryview):
+                    data = _tensor_of(src)  # the nvme path works on tensors
+                else:
+                    data = src if src is not None else torch.empty(0, dtype=torch.uint8)
                 # Note [durability] in tiers/nvme.py: chunks fsync'ed here, then
                 # the LMDB entry committed in _commit, then acknowledged.
                 rec.nvme = self.nvme.write(data, codec=get_codec(rec.codec), itemsize=rec.meta.itemsize,
