@@ -154,6 +154,51 @@ def _top(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _simulate(args: argparse.Namespace, console: Console) -> int:
+    from tierd.errors import InvalidArgument
+    from tierd.policies import EVICTION_POLICIES, CostModel
+    from tierd.policies.simulator import OPT, read_trace, simulate
+    from tierd.units import parse_size
+
+    tiers = {}
+    for part in args.tiers.split(","):
+        name, _, size = part.partition("=")
+        if name not in ("host", "nvme") or not size:
+            raise InvalidArgument(f"--tiers takes host=SIZE,nvme=SIZE, got {part!r}")
+        try:
+            tiers[name] = parse_size(size)
+        except ValueError as exc:
+            raise InvalidArgument(f"--tiers {name}: {exc}") from None
+    policies = [p for p in args.policy.split(",") if p]
+    for name in policies:
+        if name not in EVICTION_POLICIES:
+            raise InvalidArgument(f"unknown policy {name!r}; choose from {', '.join(EVICTION_POLICIES)}")
+    try:
+        events = read_trace(args.trace)
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read trace {args.trace!r}: {exc.strerror}") from None
+    cost = CostModel(latency_s=args.latency_us * 1e-6, bytes_per_s=parse_size(args.bandwidth))
+    host, nvme = tiers.get("host", 1 << 30), tiers.get("nvme", 8 << 30)
+    results = [simulate(events, name, host_bytes=host, nvme_bytes=nvme, prefetch=args.prefetch, cost=cost)
+               for name in policies]
+    opt = simulate(events, OPT, host_bytes=host, nvme_bytes=nvme, cost=cost)
+    table = Table(title=f"{args.trace}: {len(events)} events, host {format_size(host)}, nvme {format_size(nvme)}",
+                  title_justify="left")
+    for col in ("policy", "prefetch", "gets", "hit ratio", "/ opt", "promoted", "demoted", "stall (modelled)"):
+        table.add_column(col)
+    for r in [*results, opt]:
+        rel = r.hit_ratio / opt.hit_ratio if opt.hit_ratio else float("nan")
+        table.add_row(r.policy, r.prefetch, str(r.gets), f"{r.hit_ratio:.3f}", f"{rel:.2f}",
+                      format_size(r.bytes_promoted), format_size(r.bytes_demoted), f"{r.stall_s:.2f} s")
+    console.print(table)
+    if args.png:
+        from tierd.policies.simulator import plot_results
+
+        plot_results([*results, opt], args.png, title=str(args.trace))
+        console.print(f"wrote {args.png}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tierd", description="memory-tier manager for ML state")
     parser.add_argument("--log-level", default=os.environ.get("TIERD_LOG_LEVEL", "WARNING"))
@@ -172,13 +217,22 @@ def main(argv: list[str] | None = None) -> int:
         if name == "top":
             p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
             p.add_argument("--iterations", type=int, default=0, help="stop after this many refreshes (0: never)")
+    p = sub.add_parser("simulate", help="replay an access trace under several policies, beside OPT")
+    p.add_argument("trace", help="JSON lines t, op, key, size, tier (as [trace] path records)")
+    p.add_argument("--policy", default="lru,s3fifo,gdsf,schedule", help="comma-separated eviction policies")
+    p.add_argument("--prefetch", default="none", choices=["none", "sequential", "schedule"])
+    p.add_argument("--tiers", default="host=1GiB,nvme=8GiB", help="tier sizes, e.g. host=1GiB,nvme=8GiB")
+    p.add_argument("--bandwidth", default="2GB", help="nvme read bandwidth per second for the stall model")
+    p.add_argument("--latency-us", type=float, default=100.0, help="nvme read latency for the stall model")
+    p.add_argument("--png", default=None, help="also plot hit ratios to this PNG file")
     args = parser.parse_args(argv)
     level = "INFO" if args.command == "serve" and "--log-level" not in (argv or sys.argv) else args.log_level
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     console = Console(width=None if sys.stdout.isatty() else 132)
     try:
-        commands = {"doctor": _doctor, "demo": _demo, "serve": _serve, "status": _status, "top": _top}
+        commands = {"doctor": _doctor, "demo": _demo, "serve": _serve, "status": _status, "top": _top,
+                    "simulate": _simulate}
         return commands[args.command](args, console)
     except TierdError as exc:
         console.print(f"[red]tierd: {exc}[/]")

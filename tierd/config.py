@@ -31,6 +31,7 @@ __all__ = [
     "TiersConfig",
     "NamespaceConfig",
     "DaemonConfig",
+    "TraceConfig",
     "load_config",
     "default_nvme_path",
     "default_socket_path",
@@ -102,14 +103,36 @@ class DaemonConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
 
 
 class NamespaceConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """``[namespaces.NAME]``: what objects under ``NAME/`` get by default."""
+    """``[namespaces.NAME]``: what objects under ``NAME/`` get by default.
 
-    policy: Literal["lru"] = "lru"
+    ``access = "cyclic"`` says the namespace repeats one access order (training
+    steps): its policy and prefetch default to ``schedule``, learned from the
+    stream.
+    """
+
+    policy: Literal["lru", "s3fifo", "gdsf", "schedule"] | None = None
+    prefetch: Literal["none", "sequential", "schedule"] | None = None
+    prefetch_depth: int = 2
+    access: Literal["random", "cyclic"] = "random"
     codec: CodecName = "none"
     durable: bool = False
     tier: TierName | None = None  # highest tier objects may land in
     quota: int | None = None
     shared: bool = False  # every uid of the daemon may use it
+
+    @property
+    def eviction_policy(self) -> str:
+        return self.policy or ("schedule" if self.access == "cyclic" else "lru")
+
+    @property
+    def prefetch_policy(self) -> str:
+        return self.prefetch or ("schedule" if self.access == "cyclic" else "none")
+
+
+class TraceConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``[trace]``: record every put, get and delete as JSON lines for ``tierd simulate``."""
+
+    path: str = ""
 
 
 class Config(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -118,6 +141,7 @@ class Config(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     tiers: TiersConfig = TiersConfig()
     daemon: DaemonConfig = DaemonConfig()
     namespaces: dict[str, NamespaceConfig] = {}
+    trace: TraceConfig = TraceConfig()
 
     def namespace(self, name: str) -> NamespaceConfig:
         return self.namespaces.get(name) or _DEFAULT_NAMESPACE
@@ -262,9 +286,11 @@ def _resolve_defaults(cfg: Config) -> Config:
             raise ConfigError(f"tiers.nvme.{key} must be a multiple of 4 KiB, got {value}")
     if nvme.io_threads < 1:
         raise ConfigError(f"tiers.nvme.io_threads must be >= 1, got {nvme.io_threads}")
-    for name in cfg.namespaces:
+    for name, ns in cfg.namespaces.items():
         if not name or "/" in name:
             raise ConfigError(f"namespace names must be non-empty and hold no '/', got {name!r}")
+        if ns.prefetch_depth < 1:
+            raise ConfigError(f"namespaces.{name}.prefetch_depth must be >= 1, got {ns.prefetch_depth}")
     if cfg.daemon.lease_s <= 0:
         raise ConfigError(f"daemon.lease_s must be > 0 seconds, got {cfg.daemon.lease_s}")
     return msgspec.structs.replace(

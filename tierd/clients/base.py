@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Self
 
@@ -68,6 +68,16 @@ class Store(ABC):
     @abstractmethod
     def prefetch(self, keys: Iterable[str] | str, *, tier: str = "host") -> None:
         """Start bringing ``keys`` up to ``tier``; returns at once (a hint: missing keys are ignored)."""
+
+    @abstractmethod
+    def declare_schedule(self, keys: Sequence[str], *, cyclic: bool = True) -> None:
+        """Promise the coming access order of ``keys`` (repeating if ``cyclic``).
+
+        Namespaces whose policy or prefetch is ``schedule`` (or ``sequential``)
+        plan with it: evict what is needed last, bring up what comes next. A
+        wrong promise costs hits, nothing else: the schedule is re-learned from
+        the accesses when they stop matching it.
+        """
 
     @abstractmethod
     def move(self, key: str, tier: str) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -50,6 +50,9 @@ class EmbeddedStore(Store):
 
     def prefetch(self, keys: Iterable[str] | str, *, tier: str = "host") -> None:
         self._engine.prefetch(prefetch_keys(keys), tier)
+
+    def declare_schedule(self, keys: Sequence[str], *, cyclic: bool = True) -> None:
+        self._engine.declare_schedule([validate_key(k) for k in keys], cyclic=cyclic)
 
     def move(self, key: str, tier: str) -> None:
         self._engine.move(validate_key(key), tier)

@@ -15,7 +15,7 @@ import mmap
 import os
 import socket
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -256,6 +256,9 @@ class RemoteStore(Store):
 
     def prefetch(self, keys: Iterable[str] | str, *, tier: str = "host") -> None:
         self._call(p.Prefetch, keys=prefetch_keys(keys), tier=tier)
+
+    def declare_schedule(self, keys: Sequence[str], *, cyclic: bool = True) -> None:
+        self._call(p.DeclareSchedule, keys=[validate_key(k) for k in keys], cyclic=cyclic)
 
     def move(self, key: str, tier: str) -> None:
         self._call(p.Move, key=validate_key(key), tier=tier)

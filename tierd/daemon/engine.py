@@ -40,7 +40,7 @@ import msgspec
 import torch
 
 from tierd.codecs import get_codec
-from tierd.config import Config
+from tierd.config import Config, NamespaceConfig
 from tierd.daemon.index import DurableIndex, ObjectMeta, ObjectRecord
 from tierd.errors import (
     InvalidArgument,
@@ -50,7 +50,14 @@ from tierd.errors import (
     StoreClosed,
     TierdError,
 )
-from tierd.policies import make_eviction_policy
+from tierd.policies import (
+    CostModel,
+    EvictionPolicy,
+    PrefetchPolicy,
+    Schedule,
+    make_eviction_policy,
+    make_prefetch_policy,
+)
 from tierd.tiers.base import Tier
 from tierd.tiers.host import HostLocation, HostTier
 from tierd.tiers.nvme import NvmeTier
@@ -95,11 +102,51 @@ class PendingPut:
     staging: HostLocation | None
 
 
+def _monotonic_deadline(expires_at: float | None) -> float | None:
+    """A wall-clock expiry as a deadline on the monotonic clock the policies are given."""
+    return None if expires_at is None else time.monotonic() + (expires_at - time.time())
+
+
+class _TraceWriter:
+    """JSON lines ``{t, op, key, size, tier}`` for ``tierd simulate``; buffered, flushed at close."""
+
+    def __init__(self, path: str) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(path, "ab", buffering=1 << 20)  # noqa: SIM115 - closed in close()
+        self._lock = threading.Lock()
+        self._encoder = msgspec.json.Encoder()
+
+    def write(self, op: str, key: str, size: int, tier: str) -> None:
+        line = self._encoder.encode({"t": time.time(), "op": op, "key": key, "size": size, "tier": tier})
+        with self._lock:
+            if not self._fh.closed:
+                self._fh.write(line + b"\n")
+
+    def close(self) -> None:
+        with self._lock:
+            self._fh.close()
+
+
 def _tensor_of(view: memoryview) -> torch.Tensor:
     """A uint8 tensor over a writable byte memoryview, or over a copy of a read-only one."""
     if view.readonly:
         view = memoryview(bytearray(view))
     return torch.frombuffer(view, dtype=torch.uint8) if view.nbytes else torch.empty(0, dtype=torch.uint8)
+
+
+@dataclass(slots=True, eq=False)
+class _Namespace:
+    """The policies of one namespace, sharing one schedule tracker."""
+
+    config: NamespaceConfig
+    eviction: EvictionPolicy
+    prefetch: PrefetchPolicy
+    schedule: Schedule
+    host_bytes: int = 0
+
+    @property
+    def follows_schedule(self) -> bool:
+        return self.config.eviction_policy == "schedule" or self.config.prefetch_policy == "schedule"
 
 
 class _Counters:
@@ -129,7 +176,9 @@ class Engine:
         self._lock = threading.Lock()
         self._commit_lock = threading.Lock()
         self._index: dict[str, ObjectRecord] = {}
-        self._policy = make_eviction_policy("lru")
+        self._cost = CostModel()  # refined from measured nvme reads
+        self._namespaces: dict[str, _Namespace] = {}
+        self._trace = _TraceWriter(config.trace.path) if config.trace.path else None
         self._counters = {name: _Counters() for name in TIERS}
         self._ns_used: dict[str, int] = {}
         self._owner_used: dict[int | None, int] = {}
@@ -178,7 +227,11 @@ class Engine:
     def _set_location(self, rec: ObjectRecord, tier: str, loc: Any) -> None:
         setattr(rec, tier, loc)
         self._counters[tier].objects += 1
-        self._policy.on_insert(rec.key, tier, rec.nbytes, time.monotonic())
+        ns = self._ns(rec.namespace)
+        if tier == "host":
+            ns.host_bytes += rec.nbytes
+        ns.eviction.on_insert(rec.key, tier, rec.nbytes, time.monotonic(), pinned=rec.pinned,
+                              expires_at=_monotonic_deadline(rec.expires_at))
 
     def _take_location(self, rec: ObjectRecord, tier: str) -> None:
         """Detach ``rec``'s copy on ``tier`` and free it once no one reads it."""
@@ -187,7 +240,10 @@ class Engine:
             return
         setattr(rec, tier, None)
         self._counters[tier].objects -= 1
-        self._policy.on_remove(rec.key, tier)
+        ns = self._ns(rec.namespace)
+        if tier == "host":
+            ns.host_bytes -= rec.nbytes
+        ns.eviction.on_remove(rec.key, tier)
         if rec.readers:
             rec.graveyard.append((tier, loc))
         else:
@@ -242,7 +298,13 @@ class Engine:
             self._check_open()
             rec = self._lookup_locked(key)
             rec.readers += 1
-            self._policy.on_access(key, rec.tier, time.monotonic())
+            ns = self._ns(rec.namespace)
+            ns.eviction.on_access(key, rec.tier, time.monotonic())
+            upcoming = self._observe_locked(ns, key)
+        if self._trace is not None:
+            self._trace.write("get", key, rec.nbytes, rec.tier)
+        if upcoming:
+            self.prefetch(upcoming)  # overlaps the next objects' promotion with this one's use
         return rec
 
     def release(self, rec: ObjectRecord) -> None:
@@ -403,6 +465,11 @@ class Engine:
                 self._durable.delete(rec.key)
             with self._lock:
                 self._install_locked(rec)
+                upcoming = self._observe_locked(self._ns(rec.namespace), rec.key)
+        if self._trace is not None:
+            self._trace.write("put", rec.key, rec.nbytes, rec.tier)
+        if upcoming:
+            self.prefetch(upcoming)
 
     def host_used_bytes(self) -> int:
         return self.host.used_bytes
@@ -422,16 +489,86 @@ class Engine:
             if victim is None or not self._demote(victim):
                 return None
 
-    def _pick_victim_locked(self) -> ObjectRecord | None:
-        """The least valuable host object that may leave, leased for its demotion."""
-        for key in self._policy.victims("host", time.monotonic()):
-            rec = self._index.get(key)
-            if rec is None or rec.pinned or rec.moving or rec.host is None:
-                continue
-            rec.moving = True
-            rec.readers += 1  # the demotion reads the host copy: keep it alive
-            return rec
+    def _pick_victim_locked(self, need_bytes: int = 0) -> ObjectRecord | None:
+        """The least valuable host object that may leave, leased for its demotion.
+
+        Each namespace ranks its own objects with its own policy; the namespace
+        holding the most host bytes gives up its best victim first.
+        """
+        now = time.monotonic()
+        for ns in sorted(self._namespaces.values(), key=lambda n: -n.host_bytes):
+            if ns.host_bytes <= 0:
+                break
+            for key in ns.eviction.victims("host", need_bytes, now):
+                rec = self._index.get(key)
+                if rec is None or rec.pinned or rec.moving or rec.host is None:
+                    continue
+                rec.moving = True
+                rec.readers += 1  # the demotion reads the host copy: keep it alive
+                return rec
         return None
+
+    # -- namespaces, schedules, traces -------------------------------------------
+
+    def _ns(self, name: str) -> _Namespace:
+        ns = self._namespaces.get(name)
+        if ns is None:
+            ns = self._namespaces[name] = self._new_namespace(self.config.namespace(name))
+        return ns
+
+    def _new_namespace(self, cfg: NamespaceConfig) -> _Namespace:
+        schedule = Schedule()
+        eviction = make_eviction_policy(cfg.eviction_policy, schedule)
+        eviction.cost = self._cost
+        prefetch = make_prefetch_policy(cfg.prefetch_policy, schedule, depth=cfg.prefetch_depth)
+        return _Namespace(cfg, eviction, prefetch, schedule)
+
+    def _observe_locked(self, ns: _Namespace, key: str) -> list[str]:
+        """Feed the schedule with an access; the keys the prefetch policy wants up now."""
+        if ns.follows_schedule:
+            ns.schedule.observe(key)
+        wanted = ns.prefetch.on_access(key, time.monotonic())
+        out = []
+        for k in wanted:
+            rec = self._index.get(k)
+            if k != key and rec is not None and rec.host is None and rec.nbytes and not rec.moving:
+                out.append(k)
+        return out
+
+    def declare_schedule(self, keys: list[str], *, cyclic: bool = True) -> None:
+        """The coming access order of ``keys`` (any namespaces), for schedule-aware policies."""
+        by_ns: dict[str, list[str]] = {}
+        for key in keys:
+            by_ns.setdefault(namespace_of(key), []).append(key)
+        with self._lock:
+            for name, ns_keys in by_ns.items():
+                ns = self._ns(name)
+                ns.eviction.declare_schedule(ns_keys, cyclic=cyclic)
+                ns.prefetch.declare_schedule(ns_keys, cyclic=cyclic)
+
+    def _swap_policies_locked(self) -> None:
+        """Rebuild namespaces whose policy changed, re-telling them every object they hold."""
+        for name, ns in list(self._namespaces.items()):
+            new_cfg = self.config.namespace(name)
+            if (new_cfg.eviction_policy, new_cfg.prefetch_policy, new_cfg.prefetch_depth) == (
+                ns.config.eviction_policy, ns.config.prefetch_policy, ns.config.prefetch_depth
+            ):
+                ns.config = new_cfg
+                continue
+            fresh = self._new_namespace(new_cfg)
+            now = time.monotonic()
+            for rec in self._index.values():
+                if rec.namespace != name:
+                    continue
+                for tier in TIERS:
+                    if getattr(rec, tier) is not None:
+                        fresh.eviction.on_insert(rec.key, tier, rec.nbytes, now, pinned=rec.pinned,
+                                                 expires_at=_monotonic_deadline(rec.expires_at))
+                        if tier == "host":
+                            fresh.host_bytes += rec.nbytes
+            self._namespaces[name] = fresh
+            log.info("namespace %r now uses eviction %s, prefetch %s", name, new_cfg.eviction_policy,
+                     new_cfg.prefetch_policy)
 
     def _demote(self, rec: ObjectRecord) -> bool:
         """Move ``rec`` (picked and leased by _pick_victim_locked) from host to nvme."""
@@ -530,9 +667,19 @@ class Engine:
         nvme_loc = rec.nvme
         if nvme_loc is None:  # promoted by someone else meanwhile: read the new copy
             return self.read_into(rec, dest, promote=False)
-        self.nvme.read_into(nvme_loc, dest, itemsize=rec.meta.itemsize)
+        self._timed_nvme_read(nvme_loc, dest, rec)
         with self._lock:
             self._counters["nvme"].bytes_out += rec.nbytes
+
+    def _timed_nvme_read(self, loc: Any, dest: torch.Tensor, rec: ObjectRecord) -> None:
+        started = time.perf_counter()
+        self.nvme.read_into(loc, dest, itemsize=rec.meta.itemsize)
+        elapsed = time.perf_counter() - started
+        # GDSF's cost of a miss comes from what reads really cost here (EWMA).
+        if rec.nbytes >= (1 << 20):
+            self._cost.bytes_per_s = 0.8 * self._cost.bytes_per_s + 0.2 * (rec.nbytes / max(elapsed, 1e-9))
+        elif rec.nbytes <= (64 << 10):
+            self._cost.latency_s = 0.8 * self._cost.latency_s + 0.2 * elapsed
 
     def _promote(self, rec: ObjectRecord, *, evict: bool) -> HostLocation | None:
         """Bring leased ``rec`` up into host; its host location, or None if no room."""
@@ -545,7 +692,7 @@ class Engine:
             return None
         try:
             # Aligned extent: O_DIRECT reads land in it with no bounce copy.
-            self.nvme.read_into(nvme_loc, self.host.view(ext), itemsize=rec.meta.itemsize)
+            self._timed_nvme_read(nvme_loc, self.host.view(ext), rec)
         except BaseException:
             self.host.free(ext)
             raise
@@ -633,6 +780,8 @@ class Engine:
             with self._lock:
                 if self._index.get(key) is rec:
                     self._retire_locked(rec)
+        if self._trace is not None:
+            self._trace.write("delete", key, rec.nbytes, rec.tier)
         return True
 
     def exists(self, key: str) -> bool:
@@ -702,11 +851,13 @@ class Engine:
         """
         if config.tiers != self.config.tiers:
             log.warning("tier settings changed in the config: they apply at the next restart")
-        self.config = msgspec.structs.replace(
-            self.config, namespaces=config.namespaces,
-            daemon=msgspec.structs.replace(self.config.daemon, uid_quota=config.daemon.uid_quota,
-                                           lease_s=config.daemon.lease_s),
-        )
+        with self._lock:
+            self.config = msgspec.structs.replace(
+                self.config, namespaces=config.namespaces,
+                daemon=msgspec.structs.replace(self.config.daemon, uid_quota=config.daemon.uid_quota,
+                                               lease_s=config.daemon.lease_s),
+            )
+            self._swap_policies_locked()
 
     def close(self) -> None:
         """Stop background work, flush nvme, close the index; idempotent."""
@@ -720,3 +871,5 @@ class Engine:
         self.nvme.close()
         self._durable.close()
         self.host.close()
+        if self._trace is not None:
+            self._trace.close()

@@ -36,7 +36,7 @@ from tierd.errors import ProtocolError
 
 __all__ = [
     "ObjectMeta", "PROTOCOL_VERSION", "HEADER", "Request", "Reply", "Hello", "Put", "PutCommit", "PutAbort", "PutChunk",
-    "Get", "Release", "Delete", "Exists", "Info", "Keys", "GetStats", "Move", "Prefetch", "Status",
+    "Get", "Release", "Delete", "Exists", "Info", "Keys", "GetStats", "Move", "Prefetch", "Status", "DeclareSchedule",
     "Welcome", "Ok", "Fail", "PutReady", "GetReady", "Chunk", "FrameReader", "encode_frame",
 ]
 
@@ -122,13 +122,18 @@ class Prefetch(_Req, frozen=True, kw_only=True):
     tier: str = "host"
 
 
+class DeclareSchedule(_Req, frozen=True, kw_only=True):
+    keys: list[str]
+    cyclic: bool = True
+
+
 class Status(_Req, frozen=True, kw_only=True):
     """Everything ``tierd status`` shows: tiers, namespaces, clients."""
 
 
 Request = (
     Hello | Put | PutCommit | PutAbort | PutChunk | Get | Release | Delete | Exists | Info | Keys | GetStats
-    | Move | Prefetch | Status
+    | Move | Prefetch | Status | DeclareSchedule
 )
 
 

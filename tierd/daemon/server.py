@@ -54,7 +54,8 @@ log = logging.getLogger("tierd.daemon")
 
 _UCRED = struct.Struct("3i")
 _SCOPE = "\x00"  # user keys never hold NUL, so "key\0uid" cannot collide with a user key
-_QUICK = (p.Release, p.PutChunk, p.PutAbort, p.Exists, p.Info, p.Keys, p.GetStats, p.Status, p.Prefetch)
+_QUICK = (p.Release, p.PutChunk, p.PutAbort, p.Exists, p.Info, p.Keys, p.GetStats, p.Status, p.Prefetch,
+          p.DeclareSchedule)
 
 
 @dataclass(eq=False)
@@ -587,6 +588,11 @@ class Server:
         self.engine.prefetch(keys, req.tier)
         return p.Ok(id=req.id)
 
+    def _declare_schedule(self, conn: _Conn, req: p.DeclareSchedule) -> Any:
+        assert self.engine is not None
+        self.engine.declare_schedule([self._scope(conn, k) for k in req.keys], cyclic=req.cyclic)
+        return p.Ok(id=req.id)
+
     def _status(self, conn: _Conn, req: p.Status) -> Any:
         assert self.engine is not None
         with self._conns_lock:
@@ -602,6 +608,7 @@ class Server:
         p.Put: _put, p.PutChunk: _put_chunk, p.PutCommit: _put_commit, p.PutAbort: _put_abort, p.Get: _get,
         p.Release: _release, p.Delete: _delete, p.Exists: _exists, p.Info: _info, p.Keys: _keys,
         p.GetStats: _stats, p.Move: _move, p.Prefetch: _prefetch, p.Status: _status,
+        p.DeclareSchedule: _declare_schedule,
     }
 
 

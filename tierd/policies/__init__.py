@@ -1,16 +1,43 @@
-"""Eviction (and, later, prefetch) policies; see :mod:`tierd.policies.base`."""
+"""Eviction and prefetch policies (see :mod:`tierd.policies.base`) and the trace simulator."""
+
+from __future__ import annotations
 
 from tierd.errors import ConfigError
-from tierd.policies.base import EvictionPolicy
+from tierd.policies.base import AdmissionPolicy, CostModel, EvictionPolicy, PrefetchPolicy
+from tierd.policies.gdsf import GDSFPolicy
 from tierd.policies.lru import LRUPolicy
+from tierd.policies.prefetch import NoPrefetch, SequentialPrefetch
+from tierd.policies.s3fifo import S3FIFOPolicy
+from tierd.policies.schedule import Schedule, ScheduleEviction, SchedulePrefetch
 
-__all__ = ["EvictionPolicy", "LRUPolicy", "make_eviction_policy"]
+__all__ = [
+    "EvictionPolicy", "PrefetchPolicy", "AdmissionPolicy", "CostModel", "Schedule", "LRUPolicy", "S3FIFOPolicy",
+    "GDSFPolicy", "ScheduleEviction", "NoPrefetch", "SequentialPrefetch", "SchedulePrefetch",
+    "make_eviction_policy", "make_prefetch_policy", "EVICTION_POLICIES", "PREFETCH_POLICIES",
+]
 
-_EVICTION = {"lru": LRUPolicy}
+EVICTION_POLICIES = ("lru", "s3fifo", "gdsf", "schedule")
+PREFETCH_POLICIES = ("none", "sequential", "schedule")
 
 
-def make_eviction_policy(name: str) -> EvictionPolicy:
-    cls = _EVICTION.get(name)
-    if cls is None:
-        raise ConfigError(f"unknown eviction policy {name!r}; choose one of {sorted(_EVICTION)}")
-    return cls()
+def make_eviction_policy(name: str, schedule: Schedule | None = None) -> EvictionPolicy:
+    """A new eviction policy called ``name``; ``schedule`` is shared with a schedule prefetcher."""
+    if name == "lru":
+        return LRUPolicy()
+    if name == "s3fifo":
+        return S3FIFOPolicy()
+    if name == "gdsf":
+        return GDSFPolicy()
+    if name == "schedule":
+        return ScheduleEviction(schedule)
+    raise ConfigError(f"unknown eviction policy {name!r}; choose one of {list(EVICTION_POLICIES)}")
+
+
+def make_prefetch_policy(name: str, schedule: Schedule | None = None, *, depth: int = 2) -> PrefetchPolicy:
+    if name == "none":
+        return NoPrefetch()
+    if name == "sequential":
+        return SequentialPrefetch(depth=depth)
+    if name == "schedule":
+        return SchedulePrefetch(schedule, depth=depth)
+    raise ConfigError(f"unknown prefetch policy {name!r}; choose one of {list(PREFETCH_POLICIES)}")

@@ -1,44 +1,120 @@
-"""The seam for "which object leaves a tier first".
+"""The seams for "which object leaves a tier" and "which one comes up early".
 
-An eviction policy is told what happens to objects and, asked for victims,
-answers with candidate keys in the order it would evict them. Policies are
-pure bookkeeping: no I/O, no locks of their own, no clock reads (time is
-passed in), so the same object runs inside the engine and inside a trace
-simulator. The engine calls them under its lock and decides eligibility
-(pins, objects being moved or read) itself, skipping candidates it cannot
-evict.
+Policies are pure bookkeeping: no I/O, no locks of their own, no clock reads
+(``now`` is passed in), so the same objects run inside the engine and inside
+the trace simulator (:mod:`tierd.policies.simulator`). The engine calls
+them under its lock.
+
+Pins and TTLs are honoured by every eviction policy because the base class
+owns them: :meth:`EvictionPolicy.victims` yields expired objects first, never
+yields a pinned one, and only then asks the subclass's ``_candidates``.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
-__all__ = ["EvictionPolicy"]
+__all__ = ["EvictionPolicy", "PrefetchPolicy", "AdmissionPolicy", "CostModel"]
+
+
+class CostModel:
+    """What it costs to bring bytes back from below a tier: ``latency_s + nbytes / bytes_per_s``.
+
+    The engine feeds it measured figures; the simulator, the ones it was given.
+    """
+
+    def __init__(self, latency_s: float = 100e-6, bytes_per_s: float = 2e9) -> None:
+        self.latency_s = latency_s
+        self.bytes_per_s = bytes_per_s
+
+    def fetch_s(self, nbytes: int) -> float:
+        return self.latency_s + nbytes / self.bytes_per_s
 
 
 class EvictionPolicy(ABC):
     """Chooses victims among the objects of each tier.
 
-    Note for implementers: ``victims`` is a generator the engine may stop
-    early; it must tolerate the engine calling ``on_remove`` / ``on_insert``
-    for keys it yielded before the next ``victims`` call, but not during one.
+    Note for implementers: implement the ``_on_*`` hooks and ``_candidates``.
+    ``victims`` is a generator the caller may stop at any point; between two
+    calls the caller may insert or remove keys, but not while iterating.
+    Candidates the caller skips (an object being read, say) stay tracked.
     """
 
-    name: str
+    name: str = ""
 
-    @abstractmethod
-    def on_insert(self, key: str, tier: str, nbytes: int, now: float) -> None:
+    def __init__(self) -> None:
+        self._pinned: set[tuple[str, str]] = set()
+        self._expires: dict[tuple[str, str], float] = {}
+        self.cost = CostModel()
+
+    # -- what callers use ------------------------------------------------------
+
+    def on_insert(self, key: str, tier: str, nbytes: int, now: float, *, pinned: bool = False,
+                  expires_at: float | None = None) -> None:
         """``key`` now lives in ``tier`` (a new object, or one just moved there)."""
+        if pinned:
+            self._pinned.add((tier, key))
+        if expires_at is not None:
+            self._expires[(tier, key)] = expires_at
+        self._on_insert(key, tier, nbytes, now)
 
-    @abstractmethod
     def on_access(self, key: str, tier: str, now: float) -> None:
-        """``key`` was read from ``tier``."""
+        """``key`` was read (or rewritten) in ``tier``."""
+        self._on_access(key, tier, now)
 
-    @abstractmethod
     def on_remove(self, key: str, tier: str) -> None:
         """``key`` left ``tier`` (deleted, or moved elsewhere)."""
+        self._pinned.discard((tier, key))
+        self._expires.pop((tier, key), None)
+        self._on_remove(key, tier)
+
+    def victims(self, tier: str, need_bytes: int, now: float) -> Iterator[str]:
+        """Keys of ``tier`` in the order to evict them until ``need_bytes`` are free.
+
+        Expired objects come first; pinned ones never come.
+        """
+        expired = [k for (t, k), at in self._expires.items() if t == tier and at <= now]
+        yield from expired
+        done = set(expired)
+        for key in self._candidates(tier, need_bytes, now):
+            if (tier, key) not in self._pinned and key not in done:
+                yield key
+
+    # -- what subclasses implement -----------------------------------------------
 
     @abstractmethod
-    def victims(self, tier: str, now: float) -> Iterator[str]:
-        """Keys of ``tier``, the best one to evict first."""
+    def _on_insert(self, key: str, tier: str, nbytes: int, now: float) -> None: ...
+
+    @abstractmethod
+    def _on_access(self, key: str, tier: str, now: float) -> None: ...
+
+    @abstractmethod
+    def _on_remove(self, key: str, tier: str) -> None: ...
+
+    @abstractmethod
+    def _candidates(self, tier: str, need_bytes: int, now: float) -> Iterator[str]:
+        """Every key of ``tier``, best victim first (pins and TTLs are handled by the caller)."""
+
+    def declare_schedule(self, keys: Sequence[str], *, cyclic: bool = True) -> None:  # noqa: B027 - optional
+        """A caller's promise about the coming access order; policies that plan use it."""
+
+
+class PrefetchPolicy(ABC):
+    """Answers, after each access, which keys to bring up early and to which tier."""
+
+    name: str = ""
+
+    @abstractmethod
+    def on_access(self, key: str, now: float) -> list[str]:
+        """``key`` was accessed; the keys to prefetch now (to the host tier), best first."""
+
+    def declare_schedule(self, keys: Sequence[str], *, cyclic: bool = True) -> None:  # noqa: B027 - optional
+        """A declared access order (see :meth:`EvictionPolicy.declare_schedule`)."""
+
+
+class AdmissionPolicy(ABC):
+    """Optionally refuses to place an object in a tier (it goes one tier down)."""
+
+    @abstractmethod
+    def admit(self, key: str, tier: str, nbytes: int, now: float) -> bool: ...

@@ -14,6 +14,7 @@ class LRUPolicy(EvictionPolicy):
     name = "lru"
 
     def __init__(self) -> None:
+        super().__init__()
         self._order: dict[str, OrderedDict[str, None]] = {}
 
     def _tier(self, tier: str) -> OrderedDict[str, None]:
@@ -22,20 +23,19 @@ class LRUPolicy(EvictionPolicy):
             order = self._order[tier] = OrderedDict()
         return order
 
-    def on_insert(self, key: str, tier: str, nbytes: int, now: float) -> None:
+    def _on_insert(self, key: str, tier: str, nbytes: int, now: float) -> None:
         order = self._tier(tier)
         order[key] = None
         order.move_to_end(key)
 
-    def on_access(self, key: str, tier: str, now: float) -> None:
+    def _on_access(self, key: str, tier: str, now: float) -> None:
         order = self._tier(tier)
         if key in order:
             order.move_to_end(key)
 
-    def on_remove(self, key: str, tier: str) -> None:
+    def _on_remove(self, key: str, tier: str) -> None:
         self._tier(tier).pop(key, None)
 
-    def victims(self, tier: str, now: float) -> Iterator[str]:
-        # A live iterator, not a copy: the engine stops it before it changes
-        # anything (see EvictionPolicy.victims).
+    def _candidates(self, tier: str, need_bytes: int, now: float) -> Iterator[str]:
+        # A live iterator, not a copy: callers stop it before changing anything.
         yield from self._tier(tier)

@@ -1,0 +1,244 @@
+"""Trace replay: how each policy would have done, beside Belady's offline optimum.
+
+A trace is JSON lines ``{"t": s, "op": "put"|"get"|"delete", "key": ..., "size": bytes, "tier": ...}``,
+as the engine records with ``[trace] path``. The model has two tiers: the
+host tier (the cache under study, ``host_bytes``) and nvme below it
+(``nvme_bytes``; what falls out of it is gone, and a later get of it is a
+cold miss). For every get:
+
+* hit: the object is on host (promoted by a prefetch counts too);
+* miss: it is on nvme; it is promoted (bytes moved up) and the caller
+  stalls for ``CostModel.fetch_s(size)``; making room demotes victims
+  (bytes moved down).
+
+A prefetch moves bytes in the background: prefetches queue on one nvme
+channel (``CostModel``), and a get that arrives (by the trace's ``t``)
+before its prefetched copy has landed waits for the rest, at most what a
+demand read would have cost.
+
+``opt`` is Belady's rule (evict the object whose next access is farthest)
+with the whole future known and no prefetching: the optimum of demand
+paging for equal sizes, the standard bound for mixed ones. A prefetching
+policy can pass its hit ratio (it moves the misses off the critical path);
+compare prefetchers by modelled stall instead.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import msgspec
+
+from tierd.policies import make_eviction_policy, make_prefetch_policy
+from tierd.policies.base import CostModel, EvictionPolicy
+from tierd.policies.schedule import Schedule
+
+__all__ = ["TraceEvent", "SimResult", "read_trace", "simulate", "OPT"]
+
+OPT = "opt"
+
+
+class TraceEvent(msgspec.Struct, frozen=True):
+    t: float
+    op: str
+    key: str
+    size: int = 0
+    tier: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SimResult:
+    policy: str
+    prefetch: str
+    gets: int
+    hits: int
+    bytes_promoted: int
+    bytes_demoted: int
+    stall_s: float
+
+    @property
+    def hit_ratio(self) -> float:
+        return self.hits / self.gets if self.gets else 0.0
+
+
+def read_trace(path: str | os.PathLike[str]) -> list[TraceEvent]:
+    decoder = msgspec.json.Decoder(TraceEvent)
+    with open(path, "rb") as fh:
+        return [decoder.decode(line) for line in fh if line.strip()]
+
+
+class _Belady(EvictionPolicy):
+    """Farthest next access first, from the future the simulator tells it."""
+
+    name = OPT
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.next_use: dict[str, float] = {}
+        self._keys: dict[str, dict[str, None]] = {}
+
+    def _on_insert(self, key: str, tier: str, nbytes: int, now: float) -> None:
+        self._keys.setdefault(tier, {})[key] = None
+
+    def _on_access(self, key: str, tier: str, now: float) -> None:
+        pass
+
+    def _on_remove(self, key: str, tier: str) -> None:
+        self._keys.get(tier, {}).pop(key, None)
+
+    def _candidates(self, tier: str, need_bytes: int, now: float) -> Iterator[str]:
+        keys = self._keys.get(tier, {})
+        yield from sorted(keys, key=lambda k: -self.next_use.get(k, math.inf))
+
+
+def _next_uses(events: Sequence[TraceEvent]) -> list[float]:
+    """For each event, the index of the next event on the same key (inf if none)."""
+    out = [math.inf] * len(events)
+    last: dict[str, int] = {}
+    for i in range(len(events) - 1, -1, -1):
+        key = events[i].key
+        out[i] = last.get(key, math.inf)
+        if events[i].op == "delete":
+            last.pop(key, None)
+        else:
+            last[key] = i
+    return out
+
+
+class _Model:
+    def __init__(self, policy: EvictionPolicy, host_bytes: int, nvme_bytes: int, cost: CostModel) -> None:
+        self.policy = policy
+        self.host_cap, self.nvme_cap = host_bytes, nvme_bytes
+        self.host: dict[str, int] = {}
+        self.nvme: OrderedDict[str, int] = OrderedDict()  # LRU below host
+        self.host_used = self.nvme_used = 0
+        self.cost = cost
+        self.promoted = self.demoted = 0
+
+    def _to_nvme(self, key: str, size: int) -> None:
+        if size > self.nvme_cap:
+            return
+        while self.nvme_used + size > self.nvme_cap and self.nvme:
+            _, old = self.nvme.popitem(last=False)
+            self.nvme_used -= old
+        self.nvme[key] = size
+        self.nvme_used += size
+
+    def make_room(self, size: int, now: float, keep: str | None = None) -> bool:
+        while self.host_used + size > self.host_cap:
+            victim = next((k for k in self.policy.victims("host", size, now) if k != keep), None)
+            if victim is None:
+                return False
+            vsize = self.host.pop(victim)
+            self.host_used -= vsize
+            self.policy.on_remove(victim, "host")
+            self.demoted += vsize
+            self._to_nvme(victim, vsize)
+        return True
+
+    def place(self, key: str, size: int, now: float) -> bool:
+        """Put ``key`` on host if it can be made to fit; else on nvme."""
+        if size <= self.host_cap and self.make_room(size, now, keep=key):
+            self.host[key] = size
+            self.host_used += size
+            self.policy.on_insert(key, "host", size, now)
+            return True
+        self._to_nvme(key, size)
+        return False
+
+    def remove(self, key: str) -> None:
+        if key in self.host:
+            self.host_used -= self.host.pop(key)
+            self.policy.on_remove(key, "host")
+        if key in self.nvme:
+            self.nvme_used -= self.nvme.pop(key)
+
+    def promote(self, key: str, now: float) -> bool:
+        size = self.nvme.get(key)
+        if size is None or key in self.host:
+            return False
+        self.nvme_used -= self.nvme.pop(key)
+        self.promoted += size
+        self.place(key, size, now)
+        return True
+
+
+def simulate(
+    events: Iterable[TraceEvent], policy: str, *, host_bytes: int, nvme_bytes: int,
+    prefetch: str = "none", prefetch_depth: int = 2, cost: CostModel | None = None,
+) -> SimResult:
+    """Replay ``events`` with eviction ``policy`` (or ``"opt"``) and prefetch ``prefetch``."""
+    events = list(events)
+    cost = cost or CostModel()
+    schedule = Schedule()
+    evict: EvictionPolicy = _Belady() if policy == OPT else make_eviction_policy(policy, schedule)
+    evict.cost = cost
+    pre = make_prefetch_policy(prefetch, schedule, depth=prefetch_depth)
+    future = _next_uses(events) if policy == OPT else None
+    model = _Model(evict, host_bytes, nvme_bytes, cost)
+    gets = hits = 0
+    stall = 0.0
+    sizes: dict[str, int] = {}
+    ready_at: dict[str, float] = {}  # prefetched objects: when their copy lands on host
+    channel_free = 0.0  # prefetches queue on one nvme channel
+    for i, ev in enumerate(events):
+        now = float(i)
+        if future is not None:
+            assert isinstance(evict, _Belady)
+            evict.next_use[ev.key] = future[i]
+        if ev.op == "delete":
+            model.remove(ev.key)
+            sizes.pop(ev.key, None)
+            continue
+        schedule.observe(ev.key)
+        if ev.op == "put":
+            model.remove(ev.key)
+            sizes[ev.key] = ev.size
+            model.place(ev.key, ev.size, now)
+        elif ev.op == "get":
+            gets += 1
+            if ev.key in model.host:
+                hits += 1
+                evict.on_access(ev.key, "host", now)
+                landed = ready_at.pop(ev.key, None)
+                if landed is not None and landed > ev.t:
+                    # Issued too late to hide it all; never worse than reading it on demand.
+                    stall += min(landed - ev.t, cost.fetch_s(model.host[ev.key]))
+            else:
+                size = sizes.get(ev.key, ev.size)
+                stall += cost.fetch_s(size)
+                if not model.promote(ev.key, now):  # cold: gone from every tier, or never put
+                    sizes[ev.key] = size
+                    model.place(ev.key, size, now)
+        for key in pre.on_access(ev.key, now):
+            if key != ev.key and model.promote(key, now):
+                channel_free = max(channel_free, ev.t) + cost.fetch_s(model.host.get(key, 0))
+                ready_at[key] = channel_free
+    return SimResult(policy, prefetch, gets, hits, model.promoted, model.demoted, stall)
+
+
+def plot_results(results: Sequence[SimResult], path: str | os.PathLike[str], *, title: str = "") -> None:
+    """Hit ratio and modelled stall per policy, as a PNG (needs matplotlib: ``pip install 'tierd[bench]'``)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        from tierd.errors import InvalidArgument
+
+        raise InvalidArgument("--png needs matplotlib: pip install 'tierd[bench]'") from exc
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    names = [r.policy if r.prefetch == "none" else f"{r.policy}+{r.prefetch}" for r in results]
+    colors = ["k" if r.policy == OPT else "C0" for r in results]
+    ax1.bar(names, [r.hit_ratio for r in results], color=colors)
+    ax1.set(ylabel="hit ratio", ylim=(0, 1), title=f"hit ratio {title}")
+    ax2.bar(names, [r.stall_s for r in results], color=colors)
+    ax2.set(ylabel="modelled stall (s)", title="time waiting for nvme")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
