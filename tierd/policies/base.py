@@ -72,13 +72,14 @@ class EvictionPolicy(ABC):
     def victims(self, tier: str, need_bytes: int, now: float) -> Iterator[str]:
         """Keys of ``tier`` in the order to evict them until ``need_bytes`` are free.
 
-        Expired objects come first; pinned ones never come.
+        Expired objects come first; pinned ones never come; none comes twice.
         """
         expired = [k for (t, k), at in self._expires.items() if t == tier and at <= now]
         yield from expired
-        done = set(expired)
+        offered = set(expired)
         for key in self._candidates(tier, need_bytes, now):
-            if (tier, key) not in self._pinned and key not in done:
+            if (tier, key) not in self._pinned and key not in offered:
+                offered.add(key)
                 yield key
 
     # -- what subclasses implement -----------------------------------------------

@@ -77,25 +77,33 @@ class S3FIFOPolicy(EvictionPolicy):
 
     def _candidates(self, tier: str, need_bytes: int, now: float) -> Iterator[str]:
         q = self._q(tier)
-        # Each key is looked at a bounded number of times: freq <= 3.
+        offered: set[str] = set()
+        # Each key is looked at a bounded number of times (freq <= 3), and
+        # offered at most once; a key the caller skips goes to the tail.
         budget = 5 * (len(q.small) + len(q.main)) + 1
         while budget > 0 and (q.small or q.main):
             budget -= 1
-            if q.small and (q.small_bytes > self.small_fraction * q.total_bytes or not q.main):
-                key = next(iter(q.small))
-                if q.freq[key] > 0:  # read while on probation: promote to main
+            from_small = bool(q.small) and (q.small_bytes > self.small_fraction * q.total_bytes or not q.main)
+            queue = q.small if from_small else q.main
+            key = next(iter(queue))
+            if key in offered:
+                break  # went all the way round
+            if q.freq[key] > 0:
+                if from_small:  # read while on probation: promote to main
                     del q.small[key]
                     q.small_bytes -= q.size[key]
                     q.main[key] = None
                     q.freq[key] = 0
-                    continue
-                yield key
-                q.small.move_to_end(key)  # skipped by the caller: look at it again later
-            else:
-                key = next(iter(q.main))
-                if q.freq[key] > 0:
+                else:
                     q.freq[key] -= 1
                     q.main.move_to_end(key)
-                    continue
+                continue
+            offered.add(key)
+            yield key
+            if key in queue:
+                queue.move_to_end(key)
+        # Whatever the loop did not reach is still a candidate, worst last.
+        for key in [*q.small, *q.main]:
+            if key not in offered:
+                offered.add(key)
                 yield key
-                q.main.move_to_end(key)

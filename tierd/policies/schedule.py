@@ -5,10 +5,12 @@ one iteration of it (or takes a declared one), follows where the stream is
 in it, and re-learns when the stream stops matching, so a wrong schedule
 costs hits for a while but never wedges anything.
 
-Learning: an iteration has ended at position ``p`` when the keys from ``p``
-on repeat the first ``m`` recorded keys (``m = min(8, p)``). A key that
-occurs twice in one iteration (an activation put in forward and read in
-backward) does not end it early, because what follows it differs.
+Learning: when a key recurs after ``p`` accesses (counting back over its
+last few occurrences), ``p`` is a candidate period; it is believed once the
+last 16 accesses repeat the ones ``p`` before them, wherever in the stream
+that happens (so a random stretch does not stop a later cycle from being
+learned). A key that occurs twice in one iteration (an activation put in
+forward and read in backward) gives short candidates that the check rejects.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from tierd.policies.base import EvictionPolicy, PrefetchPolicy
 
 __all__ = ["Schedule", "ScheduleEviction", "SchedulePrefetch"]
 
-_MATCH = 8
-_MAX_RECORD = 1 << 20  # accesses; past this the stream is not periodic enough to learn
+_CONFIRM = 16  # accesses that must repeat before a period is believed
+_OCCURRENCES = 4  # of each key, remembered while learning
+_MAX_RECORD = 1 << 18  # accesses kept while learning; periods up to half of it are learnable
 
 
 class Schedule:
@@ -39,7 +42,7 @@ class Schedule:
         self.relearns = 0
         self._positions: dict[str, list[int]] = {}
         self._recording: list[str] = []
-        self._candidates: list[int] = []
+        self._last_seen: dict[str, list[int]] = {}
         self._misses = 0
         self._relearn_after = relearn_after
 
@@ -60,7 +63,7 @@ class Schedule:
             self._positions.setdefault(key, []).append(i)
         self.cursor = cursor % len(order) if order else 0
         self._recording = []
-        self._candidates = []
+        self._last_seen = {}
         self._misses = 0
 
     def _relearn(self) -> None:
@@ -68,7 +71,7 @@ class Schedule:
         self._positions = {}
         self.declared = False
         self._recording = []
-        self._candidates = []
+        self._last_seen = {}
         self._misses = 0
         self.relearns += 1
 
@@ -97,19 +100,32 @@ class Schedule:
 
     def _learn(self, key: str) -> None:
         rec = self._recording
-        if rec and key == rec[0]:
-            self._candidates.append(len(rec))
+        i = len(rec)
         rec.append(key)
-        for p in list(self._candidates):
-            m = min(_MATCH, p)
-            if len(rec) < p + m:
-                continue
-            self._candidates.remove(p)
-            if rec[p : p + m] == rec[:m]:
-                self._install(rec[:p], cursor=len(rec) - p)
+        seen = self._last_seen.setdefault(key, [])
+        # A key may occur several times per iteration (put in forward, get in
+        # backward): the period is the distance to one of its last occurrences.
+        for last in reversed(seen):
+            p = i - last
+            # Believed once the last 16 accesses repeat the ones p earlier (two
+            # whole repetitions for periods under 16), wherever in the stream: one
+            # iteration plus a little is enough to start planning, and a wrong
+            # belief is dropped after relearn_after mismatches.
+            span = _CONFIRM if p >= _CONFIRM else min(2 * p, _CONFIRM)
+            if len(rec) >= span + p and rec[-span:] == rec[-span - p : -p]:
+                self._install(rec[-p:], cursor=0)
                 return
+        seen.append(i)
+        if len(seen) > _OCCURRENCES:
+            del seen[0]
         if len(rec) > _MAX_RECORD:
-            self._recording, self._candidates = [], []
+            # Keep the recent half: a period longer than that is not learnable here.
+            keep = rec[-(_MAX_RECORD // 2) :]
+            self._recording = keep
+            self._last_seen = {}
+            for j, k in enumerate(keep):
+                self._last_seen.setdefault(k, []).append(j)
+                del self._last_seen[k][:-_OCCURRENCES]
 
     def _next_index(self, key: str) -> int | None:
         positions = self._positions.get(key)
@@ -121,13 +137,13 @@ class Schedule:
         return positions[0] if self.cyclic else None
 
     def distance(self, key: str) -> float:
-        """Accesses from now until ``key`` is next used; inf if not in the schedule."""
+        """Accesses from the latest one until ``key`` is next used (1 = the next access); inf if unknown."""
         if not self.order:
             return math.inf
         nxt = self._next_index(key)
         if nxt is None:
             return math.inf
-        return (nxt - self.cursor) % len(self.order) if self.cyclic else nxt - self.cursor
+        return ((nxt - self.cursor) % len(self.order) if self.cyclic else nxt - self.cursor) + 1
 
     def upcoming(self, k: int) -> list[str]:
         """The next ``k`` distinct keys the schedule expects."""
@@ -145,7 +161,9 @@ class Schedule:
 
 
 class ScheduleEviction(EvictionPolicy):
-    """Belady on the schedule: evict the object whose next use is farthest away.
+    """Belady on the schedule: evict the object whose next use is farthest away
+    (size-weighted: ``distance x size``, so mixed sizes do not silt the tier up
+    with large objects).
 
     Objects the schedule does not know go first (least recently used first);
     with no schedule yet it is LRU.
@@ -157,6 +175,7 @@ class ScheduleEviction(EvictionPolicy):
         super().__init__()
         self.schedule = schedule or Schedule()
         self._lru: dict[str, OrderedDict[str, None]] = {}
+        self._size: dict[str, int] = {}
 
     def _tier(self, tier: str) -> OrderedDict[str, None]:
         return self._lru.setdefault(tier, OrderedDict())
@@ -164,6 +183,7 @@ class ScheduleEviction(EvictionPolicy):
     def _on_insert(self, key: str, tier: str, nbytes: int, now: float) -> None:
         self._tier(tier)[key] = None
         self._tier(tier).move_to_end(key)
+        self._size[key] = max(nbytes, 1)
 
     def _on_access(self, key: str, tier: str, now: float) -> None:
         order = self._tier(tier)
@@ -172,15 +192,19 @@ class ScheduleEviction(EvictionPolicy):
 
     def _on_remove(self, key: str, tier: str) -> None:
         self._tier(tier).pop(key, None)
+        if not any(key in order for order in self._lru.values()):
+            self._size.pop(key, None)
 
     def _candidates(self, tier: str, need_bytes: int, now: float) -> Iterator[str]:
         order = self._tier(tier)
         if not self.schedule.active:
             yield from order
             return
-        dist = self.schedule.distance
-        # Farthest next use first; the unknown (inf) in LRU order ahead of all.
-        heap = [(-dist(k), i, k) for i, k in enumerate(order)]
+        dist, size = self.schedule.distance, self._size
+        # Farthest next use first, weighted by size (evicting one large object
+        # frees the room of several small ones that are each needed sooner);
+        # the unknown (inf) in LRU order ahead of all.
+        heap = [(-dist(k) * size.get(k, 1), i, k) for i, k in enumerate(order)]
         heapq.heapify(heap)
         while heap:
             yield heapq.heappop(heap)[2]

@@ -16,9 +16,12 @@ channel (``CostModel``), and a get that arrives (by the trace's ``t``)
 before its prefetched copy has landed waits for the rest, at most what a
 demand read would have cost.
 
-``opt`` is Belady's rule (evict the object whose next access is farthest)
-with the whole future known and no prefetching: the optimum of demand
-paging for equal sizes, the standard bound for mixed ones. A prefetching
+``opt`` is Belady's rule with the whole future known and no prefetching:
+evict the object whose next access is farthest away, distance weighted by
+size (Belady-size). For equal sizes that is exactly Belady's optimum. For
+mixed sizes no tractable optimum exists; size weighting makes the offline
+reference much stronger than plain farthest-next-use, which keeps large
+objects and loses many small hits. A prefetching
 policy can pass its hit ratio (it moves the misses off the critical path);
 compare prefetchers by modelled stall instead.
 """
@@ -72,17 +75,17 @@ def read_trace(path: str | os.PathLike[str]) -> list[TraceEvent]:
 
 
 class _Belady(EvictionPolicy):
-    """Farthest next access first, from the future the simulator tells it."""
+    """Farthest next access first (times size), from the future the simulator tells it."""
 
     name = OPT
 
     def __init__(self) -> None:
         super().__init__()
         self.next_use: dict[str, float] = {}
-        self._keys: dict[str, dict[str, None]] = {}
+        self._keys: dict[str, dict[str, int]] = {}
 
     def _on_insert(self, key: str, tier: str, nbytes: int, now: float) -> None:
-        self._keys.setdefault(tier, {})[key] = None
+        self._keys.setdefault(tier, {})[key] = max(nbytes, 1)
 
     def _on_access(self, key: str, tier: str, now: float) -> None:
         pass
@@ -92,7 +95,7 @@ class _Belady(EvictionPolicy):
 
     def _candidates(self, tier: str, need_bytes: int, now: float) -> Iterator[str]:
         keys = self._keys.get(tier, {})
-        yield from sorted(keys, key=lambda k: -self.next_use.get(k, math.inf))
+        yield from sorted(keys, key=lambda k: -(self.next_use.get(k, math.inf) - now) * keys[k])
 
 
 def _next_uses(events: Sequence[TraceEvent]) -> list[float]:
@@ -170,14 +173,22 @@ class _Model:
 def simulate(
     events: Iterable[TraceEvent], policy: str, *, host_bytes: int, nvme_bytes: int,
     prefetch: str = "none", prefetch_depth: int = 2, cost: CostModel | None = None,
+    declared: Sequence[str] | None = None,
 ) -> SimResult:
-    """Replay ``events`` with eviction ``policy`` (or ``"opt"``) and prefetch ``prefetch``."""
+    """Replay ``events`` with eviction ``policy`` (or ``"opt"``) and prefetch ``prefetch``.
+
+    ``declared``: an access order the caller declares up front (``store.declare_schedule``),
+    instead of leaving the schedule to be learned from the stream.
+    """
     events = list(events)
     cost = cost or CostModel()
     schedule = Schedule()
     evict: EvictionPolicy = _Belady() if policy == OPT else make_eviction_policy(policy, schedule)
     evict.cost = cost
     pre = make_prefetch_policy(prefetch, schedule, depth=prefetch_depth)
+    if declared is not None:
+        evict.declare_schedule(declared)
+        pre.declare_schedule(declared)
     future = _next_uses(events) if policy == OPT else None
     model = _Model(evict, host_bytes, nvme_bytes, cost)
     gets = hits = 0
