@@ -166,6 +166,16 @@ class StoreTests:
         assert wait_until(lambda: all(store.info(k).tier == "host" for k in tensors), timeout_s=30)
         assert all(_same(store.get(k), t) for k, t in tensors.items())
 
+    def test_declare_schedule(self, store: tierd.Store) -> None:
+        keys = [f"sch/{i}" for i in range(4)]
+        for k in keys:
+            store.put(k, torch.full((10,), 1.0))
+        store.declare_schedule(keys)  # accepted for any namespace; lru simply ignores it
+        store.declare_schedule(keys, cyclic=False)
+        assert all(torch.equal(store.get(k), torch.full((10,), 1.0)) for k in keys)
+        with pytest.raises(tierd.InvalidArgument):
+            store.declare_schedule(["ok/key", ""])
+
     def test_async_put_and_get(self, store: tierd.Store) -> None:
         ts = [_sample(torch.float16, (300, 100), seed=i) for i in range(8)]
         futs = [store.put_async(f"a/{i}", t) for i, t in enumerate(ts)]

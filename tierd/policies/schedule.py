@@ -18,10 +18,10 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
-from tierd.policies.base import EvictionPolicy, PrefetchPolicy
+from tierd.policies.base import PrefetchPolicy
+from tierd.policies.lru import LRUPolicy
 
 __all__ = ["Schedule", "ScheduleEviction", "SchedulePrefetch"]
 
@@ -160,7 +160,7 @@ class Schedule:
         return out
 
 
-class ScheduleEviction(EvictionPolicy):
+class ScheduleEviction(LRUPolicy):
     """Belady on the schedule: evict the object whose next use is farthest away
     (size-weighted: ``distance x size``, so mixed sizes do not silt the tier up
     with large objects).
@@ -174,37 +174,25 @@ class ScheduleEviction(EvictionPolicy):
     def __init__(self, schedule: Schedule | None = None) -> None:
         super().__init__()
         self.schedule = schedule or Schedule()
-        self._lru: dict[str, OrderedDict[str, None]] = {}
-        self._size: dict[str, int] = {}
-
-    def _tier(self, tier: str) -> OrderedDict[str, None]:
-        return self._lru.setdefault(tier, OrderedDict())
+        self._size: dict[tuple[str, str], int] = {}
 
     def _on_insert(self, key: str, tier: str, nbytes: int, now: float) -> None:
-        self._tier(tier)[key] = None
-        self._tier(tier).move_to_end(key)
-        self._size[key] = max(nbytes, 1)
-
-    def _on_access(self, key: str, tier: str, now: float) -> None:
-        order = self._tier(tier)
-        if key in order:
-            order.move_to_end(key)
+        super()._on_insert(key, tier, nbytes, now)
+        self._size[(tier, key)] = max(nbytes, 1)
 
     def _on_remove(self, key: str, tier: str) -> None:
-        self._tier(tier).pop(key, None)
-        if not any(key in order for order in self._lru.values()):
-            self._size.pop(key, None)
+        super()._on_remove(key, tier)
+        self._size.pop((tier, key), None)
 
     def _candidates(self, tier: str, need_bytes: int, now: float) -> Iterator[str]:
-        order = self._tier(tier)
         if not self.schedule.active:
-            yield from order
+            yield from super()._candidates(tier, need_bytes, now)
             return
-        dist, size = self.schedule.distance, self._size
+        dist = self.schedule.distance
         # Farthest next use first, weighted by size (evicting one large object
         # frees the room of several small ones that are each needed sooner);
         # the unknown (inf) in LRU order ahead of all.
-        heap = [(-dist(k) * size.get(k, 1), i, k) for i, k in enumerate(order)]
+        heap = [(-dist(k) * self._size.get((tier, k), 1), i, k) for i, k in enumerate(self._tier(tier))]
         heapq.heapify(heap)
         while heap:
             yield heapq.heappop(heap)[2]
