@@ -241,3 +241,17 @@ def test_simulate_command(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "tierd", "simulate", str(path), "--policy", "mru"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "unknown policy 'mru'" in bad.stdout
+
+
+def test_size_admission_keeps_huge_objects_off_host(nvme_dir: Path) -> None:
+    cfg = small_config(nvme_dir, host="16MiB", namespaces={"w": {"admit_max": "4MiB"}})
+    with tierd.open(cfg) as s:
+        small = torch.ones(MIB, dtype=torch.uint8)
+        s.put("w/small", small)
+        huge = torch.ones(8 * MIB, dtype=torch.uint8)
+        s.put("w/huge", huge)
+        assert s.info("w/small").tier == "host"
+        assert s.info("w/huge").tier == "nvme"  # refused by admission, not by room
+        s.put("w/forced", huge, tier="host")  # an explicit tier= overrides admission
+        assert s.info("w/forced").tier == "host"
+        assert torch.equal(s.get("w/huge", out=torch.empty_like(huge)), huge)

@@ -114,6 +114,7 @@ class NamespaceConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only
     prefetch: Literal["none", "sequential", "schedule"] | None = None
     prefetch_depth: int = 2
     access: Literal["random", "cyclic"] = "random"
+    admit_max: int | None = None  # larger objects skip the host tier (admission)
     codec: CodecName = "none"
     durable: bool = False
     tier: TierName | None = None  # highest tier objects may land in
@@ -156,6 +157,7 @@ _SIZE_KEYS = {
     ("tiers", "nvme", "slab_size"),
     ("tiers", "nvme", "chunk_size"),
     ("namespaces", "*", "quota"),
+    ("namespaces", "*", "admit_max"),
     ("daemon", "", "uid_quota"),
     ("daemon", "", "max_frame_bytes"),
     ("daemon", "", "inline_max_bytes"),

@@ -51,10 +51,13 @@ from tierd.errors import (
     TierdError,
 )
 from tierd.policies import (
+    AdmissionPolicy,
+    AdmitAll,
     CostModel,
     EvictionPolicy,
     PrefetchPolicy,
     Schedule,
+    SizeAdmission,
     make_eviction_policy,
     make_prefetch_policy,
 )
@@ -141,6 +144,7 @@ class _Namespace:
     config: NamespaceConfig
     eviction: EvictionPolicy
     prefetch: PrefetchPolicy
+    admission: AdmissionPolicy
     schedule: Schedule
     host_bytes: int = 0
 
@@ -354,6 +358,11 @@ class Engine:
         if ttl is not None and not ttl > 0:
             raise InvalidArgument(f"ttl must be > 0 seconds, got {ttl!r}")
         self._check_quotas(key, ns, ns_cfg.quota, owner, nbytes)
+        if top == "host" and tier is None:
+            with self._lock:
+                admitted = self._ns(ns).admission.admit(key, "host", nbytes, time.monotonic())
+            if not admitted:
+                top = "nvme"
         rec = ObjectRecord(
             key=key, namespace=ns, meta=meta, nbytes=nbytes, codec=codec_name, durable=durable,
             pinned=pin, expires_at=None if ttl is None else time.time() + ttl, owner=owner,
@@ -521,7 +530,8 @@ class Engine:
         eviction = make_eviction_policy(cfg.eviction_policy, schedule)
         eviction.cost = self._cost
         prefetch = make_prefetch_policy(cfg.prefetch_policy, schedule, depth=cfg.prefetch_depth)
-        return _Namespace(cfg, eviction, prefetch, schedule)
+        admission = SizeAdmission(cfg.admit_max) if cfg.admit_max is not None else AdmitAll()
+        return _Namespace(cfg, eviction, prefetch, admission, schedule)
 
     def _observe_locked(self, ns: _Namespace, key: str) -> list[str]:
         """Feed the schedule with an access; the keys the prefetch policy wants up now."""
@@ -550,8 +560,8 @@ class Engine:
         """Rebuild namespaces whose policy changed, re-telling them every object they hold."""
         for name, ns in list(self._namespaces.items()):
             new_cfg = self.config.namespace(name)
-            if (new_cfg.eviction_policy, new_cfg.prefetch_policy, new_cfg.prefetch_depth) == (
-                ns.config.eviction_policy, ns.config.prefetch_policy, ns.config.prefetch_depth
+            if (new_cfg.eviction_policy, new_cfg.prefetch_policy, new_cfg.prefetch_depth, new_cfg.admit_max) == (
+                ns.config.eviction_policy, ns.config.prefetch_policy, ns.config.prefetch_depth, ns.config.admit_max
             ):
                 ns.config = new_cfg
                 continue

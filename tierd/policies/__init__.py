@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tierd.errors import ConfigError
-from tierd.policies.base import AdmissionPolicy, CostModel, EvictionPolicy, PrefetchPolicy
+from tierd.policies.base import AdmissionPolicy, AdmitAll, CostModel, EvictionPolicy, PrefetchPolicy, SizeAdmission
 from tierd.policies.gdsf import GDSFPolicy
 from tierd.policies.lru import LRUPolicy
 from tierd.policies.prefetch import NoPrefetch, SequentialPrefetch
@@ -11,7 +11,7 @@ from tierd.policies.s3fifo import S3FIFOPolicy
 from tierd.policies.schedule import Schedule, ScheduleEviction, SchedulePrefetch
 
 __all__ = [
-    "EvictionPolicy", "PrefetchPolicy", "AdmissionPolicy", "CostModel", "Schedule", "LRUPolicy", "S3FIFOPolicy",
+    "EvictionPolicy", "PrefetchPolicy", "AdmissionPolicy", "AdmitAll", "SizeAdmission", "CostModel", "Schedule", "LRUPolicy", "S3FIFOPolicy",
     "GDSFPolicy", "ScheduleEviction", "NoPrefetch", "SequentialPrefetch", "SchedulePrefetch",
     "make_eviction_policy", "make_prefetch_policy", "EVICTION_POLICIES", "PREFETCH_POLICIES",
 ]

@@ -15,7 +15,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 
-__all__ = ["EvictionPolicy", "PrefetchPolicy", "AdmissionPolicy", "CostModel"]
+__all__ = ["EvictionPolicy", "PrefetchPolicy", "AdmissionPolicy", "AdmitAll", "SizeAdmission", "CostModel"]
 
 
 class CostModel:
@@ -118,4 +118,21 @@ class AdmissionPolicy(ABC):
     """Optionally refuses to place an object in a tier (it goes one tier down)."""
 
     @abstractmethod
-    def admit(self, key: str, tier: str, nbytes: int, now: float) -> bool: ...
+    def admit(self, key: str, tier: str, nbytes: int, now: float) -> bool:
+        """Whether ``key`` (``nbytes``) may be placed in ``tier``."""
+
+
+class AdmitAll(AdmissionPolicy):
+    def admit(self, key: str, tier: str, nbytes: int, now: float) -> bool:
+        return True
+
+
+class SizeAdmission(AdmissionPolicy):
+    """Keeps objects larger than ``max_bytes`` out of the host tier, so one huge
+    tensor does not flush everything else; they go straight to nvme."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+
+    def admit(self, key: str, tier: str, nbytes: int, now: float) -> bool:
+        return tier != "host" or nbytes <= self.max_bytes
