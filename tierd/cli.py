@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                     "simulate": _simulate}
         return commands[args.command](args, console)
     except TierdError as exc:
-        console.print(f"[red]tierd: {exc}[/]")
+        console.print(f"[red]tierd: {escape(str(exc))}[/]")
         return 2
 
 
