@@ -1,0 +1,210 @@
+"""``tierd.offload_activations``: saved activations leave the device between forward and backward.
+
+Built on ``torch.autograd.graph.saved_tensors_hooks``. During the forward
+pass every tensor autograd saves goes through ``pack``; large ones are
+stashed in the store and replaced by a small handle; in backward ``unpack``
+brings them back, fetching the next ``prefetch_depth`` stashes (backward
+runs in reverse) ahead of time.
+
+Note [what is stashed]
+    A saved tensor is stashed as its whole *storage*: a tensor saved twice,
+    or two views of one base, share one stash, and unpack rebuilds each view
+    with its own size, stride and offset on one restored storage, so aliasing
+    comes back as it was. Leaf tensors are never stashed: parameters, buffers
+    and inputs are kept alive by their owners anyway, so stashing them would
+    copy bytes without freeing any.
+
+Note [stash lifetime]
+    A stash lives as long as some autograd node still holds a handle to it:
+    ``retain_graph=True`` unpacks a handle twice, so the bytes stay in the
+    store until autograd drops the handle (after backward without
+    retain_graph, or when the graph is freed); then the key is deleted. The
+    restored storage is cached while handles remain, so views unpacked
+    separately alias one storage, as in the forward pass.
+
+GPU tensors go through the host arena (device-to-host on stash, back on
+unpack). The copies are synchronous here; overlapping them on a dedicated
+stream needs the arena registered for DMA (cudaHostRegister), which arrives
+with the GPU work.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import uuid
+import weakref
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tierd.clients.base import Store
+from tierd.errors import InvalidArgument, TierdError
+
+__all__ = ["offload_activations"]
+
+log = logging.getLogger("tierd.clients.activations")
+
+
+@dataclass(eq=False)
+class _Stash:
+    """One stored storage (see Note [stash lifetime])."""
+
+    key: str
+    index: int
+    device: torch.device
+    nbytes: int
+    handles: int = 0
+    loaded: torch.UntypedStorage | None = None
+    pending: Future[Any] | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class _Handle:
+    """What autograd keeps instead of a stashed tensor."""
+
+    __slots__ = ("stash", "dtype", "size", "stride", "offset", "owner", "__weakref__")
+
+    def __init__(self, owner: _Offloader, stash: _Stash, t: torch.Tensor) -> None:
+        self.owner = owner
+        self.stash = stash
+        self.dtype = t.dtype
+        self.size = t.size()
+        self.stride = t.stride()
+        self.offset = t.storage_offset()
+        with stash.lock:
+            stash.handles += 1
+
+    def __del__(self) -> None:
+        self.owner.drop(self.stash)
+
+
+class _Offloader:
+    def __init__(self, store: Store, min_bytes: int, tier: str, prefetch_depth: int) -> None:
+        self.store = store
+        self.min_bytes = min_bytes
+        self.tier = tier
+        self.prefetch_depth = prefetch_depth
+        self.session = uuid.uuid4().hex[:12]
+        self._counter = itertools.count()
+        self._by_storage: dict[tuple[torch.device, int], tuple[weakref.ref[Any], _Stash]] = {}
+        self._stashes: list[_Stash] = []
+        self._lock = threading.Lock()
+        self.stashed_bytes = 0  # bytes put into the store by this context (for stats and tests)
+
+    # -- forward ---------------------------------------------------------------
+
+    def pack(self, t: torch.Tensor) -> Any:
+        if (
+            t.grad_fn is None  # Note [what is stashed]: leaves are kept by their owners
+            or t.layout != torch.strided
+            or t.untyped_storage().nbytes() < self.min_bytes
+        ):
+            return t
+        storage = t.untyped_storage()
+        ident = (t.device, storage.data_ptr())
+        with self._lock:
+            known = self._by_storage.get(ident)
+            if known is not None and known[0]() is storage:
+                stash = known[1]  # the same storage saved again: stash it once
+            else:
+                stash = _Stash(f"acts/{self.session}-{next(self._counter)}", len(self._stashes), t.device,
+                               storage.nbytes())
+                self._stashes.append(stash)
+                self._by_storage[ident] = (weakref.ref(storage), stash)
+                known = None
+        if known is None:
+            raw = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage)
+            self.store.put(stash.key, raw.detach(), tier=self.tier)
+            self.stashed_bytes += stash.nbytes
+        return _Handle(self, stash, t)
+
+    # -- backward --------------------------------------------------------------
+
+    def unpack(self, packed: Any) -> torch.Tensor:
+        if isinstance(packed, torch.Tensor):
+            return packed
+        handle: _Handle = packed
+        stash = handle.stash
+        storage = self._load(stash)
+        self._prefetch_before(stash.index)
+        out = torch.empty(0, dtype=handle.dtype, device=stash.device)
+        return out.set_(storage, handle.offset, handle.size, handle.stride)
+
+    def _load(self, stash: _Stash) -> torch.UntypedStorage:
+        with stash.lock:
+            if stash.loaded is not None:
+                return stash.loaded
+            pending = stash.pending
+        raw = pending.result() if pending is not None else self.store.get(stash.key)
+        if raw.device != stash.device:
+            raw = raw.to(stash.device)
+        storage = raw.untyped_storage()
+        with stash.lock:
+            if stash.handles == 0:  # dropped while loading: nothing to cache
+                return storage
+            if stash.loaded is None:
+                stash.loaded = storage
+                stash.pending = None
+            return stash.loaded
+
+    def _prefetch_before(self, index: int) -> None:
+        """Start fetching the stashes backward will need next (lower indices)."""
+        for i in range(index - 1, max(index - 1 - self.prefetch_depth, -1), -1):
+            stash = self._stashes[i]
+            with stash.lock:
+                if stash.loaded is not None or stash.pending is not None or stash.handles == 0:
+                    continue
+                stash.pending = self.store.get_async(stash.key)
+
+    def drop(self, stash: _Stash) -> None:
+        """A handle died; the last one deletes the stash (Note [stash lifetime])."""
+        with stash.lock:
+            stash.handles -= 1
+            if stash.handles > 0:
+                return
+            stash.loaded = None
+            pending, stash.pending = stash.pending, None
+        if pending is not None:
+            pending.cancel()
+        try:
+            self.store.delete(stash.key)
+        except TierdError as exc:  # a closed store or a gone daemon: nothing left to free here
+            log.debug("could not delete %s: %s", stash.key, exc)
+
+
+class offload_activations(torch.autograd.graph.saved_tensors_hooks):  # noqa: N801 - used like a function
+    """Stash the activations autograd saves in ``store`` during the ``with`` block.
+
+        with tierd.offload_activations(store, min_bytes=1 << 20):
+            loss = model(batch).sum()
+        loss.backward()   # saved tensors come back, prefetched in backward order
+
+    Args:
+        store: from ``tierd.open()`` or ``tierd.connect()``.
+        min_bytes: storages smaller than this stay where they are.
+        tier: the tier stashes are put in (``"host"``; ``"nvme"`` for very large ones).
+        prefetch_depth: stashes fetched ahead of the one backward is using.
+
+    Gradients are bitwise identical to those without offloading. Works with
+    ``torch.utils.checkpoint`` inside the block, ``retain_graph=True``, and
+    double backward (``create_graph=True``).
+    """
+
+    def __init__(self, store: Store, *, min_bytes: int = 1 << 20, tier: str = "host", prefetch_depth: int = 2) -> None:
+        if min_bytes < 0 or prefetch_depth < 0:
+            raise InvalidArgument(f"min_bytes and prefetch_depth must be >= 0, got {min_bytes}, {prefetch_depth}")
+        self.offloader = _Offloader(store, min_bytes, tier, prefetch_depth)
+        super().__init__(self.offloader.pack, self.offloader.unpack)
+
+    def __enter__(self) -> offload_activations:  # the base class returns None
+        super().__enter__()
+        return self
+
+    @property
+    def stashed_bytes(self) -> int:
+        """Bytes this context has put into the store so far."""
+        return self.offloader.stashed_bytes
