@@ -59,7 +59,7 @@ def _grads(model: torch.nn.Module) -> list[torch.Tensor]:
 
 def _bitwise(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return len(a) == len(b) and all(torch.equal(x.view(torch.uint8) if x.dtype != torch.bool else x,
-                                                y.view(torch.uint8) if y.dtype != torch.bool else y) for x, y in zip(a, b))
+                                                y.view(torch.uint8) if y.dtype != torch.bool else y) for x, y in zip(a, b, strict=True))
 
 
 @pytest.fixture(params=["embedded", "daemon"], scope="module")
