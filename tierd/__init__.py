@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from tierd.clients import checkpoint
 from tierd.clients.activations import offload_activations
 from tierd.clients.base import Store
 from tierd.clients.embedded import EmbeddedStore, open_store
@@ -36,7 +37,7 @@ from tierd.types import ObjectInfo, Stats, TierStats
 __version__ = "0.1.0"
 
 __all__ = [
-    "open", "connect", "offload_activations", "offload_optimizer", "OffloadedOptimizer", "Store", "EmbeddedStore", "RemoteStore", "Config", "load_config", "ObjectInfo", "Stats", "TierStats",
+    "open", "connect", "checkpoint", "offload_activations", "offload_optimizer", "OffloadedOptimizer", "Store", "EmbeddedStore", "RemoteStore", "Config", "load_config", "ObjectInfo", "Stats", "TierStats",
     "TierdError", "NotFound", "OutOfSpace", "QuotaExceeded", "CorruptObject", "ProtocolError",
     "DaemonUnavailable", "ConfigError", "StoreClosed", "InvalidArgument", "MediaError",
 ]

@@ -1,0 +1,697 @@
+"""Checkpoints: ``save``, ``async_save``, ``load``, ``latest``.
+
+A checkpoint is a directory::
+
+    shard-00000.safetensors ...     tensors, at most ``shard_bytes`` each (safetensors format)
+    shard-00000.tierd ...           the same, compressed (``codec="zstd"`` or ``"bytegroup"``)
+    manifest.json                   written last: what is where, checksums, non-tensor state
+
+Note [checkpoint durability]
+    Shards are written with O_DIRECT from a page-aligned staging pool,
+    truncated to their exact size and fdatasync'ed; then the manifest is
+    written to a temporary file, fsync'ed, renamed into place, and the
+    directory fsync'ed. A directory without ``manifest.json`` is incomplete
+    and ``latest()`` ignores it, so a crash at any point leaves either the
+    previous checkpoint or the new one, never half of one.
+
+Note [staging]
+    ``async_save`` returns once every tensor has been copied into the
+    staging pool (the ``staged`` future): from then on training may change
+    the parameters in place, the checkpoint is a snapshot. The pool is
+    page-aligned memory reused from save to save (no allocation per save),
+    and each shard's tensors lie back to back in it, so the shard's data
+    section is written straight from the pool. One save is in flight at a
+    time: the next ``async_save`` waits for the previous one to be durable.
+
+A safetensors file allows no holes between tensors, so tensors are packed
+back to back; the header is padded with spaces (valid JSON whitespace) so
+the data section starts on a 4 KiB boundary, which is what O_DIRECT needs.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import math
+import mmap
+import os
+import shutil
+import struct
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+import torch
+import xxhash
+
+from tierd._buffers import address_view, aligned_buffer, tensor_bytes
+from tierd.clients.values import dtype_from_name
+from tierd.codecs import decode_chunk, get_codec
+from tierd.errors import CorruptObject, InvalidArgument, MediaError, NotFound, TierdError
+from tierd.tiers.nvme import probe_direct
+
+__all__ = ["save", "async_save", "load", "latest", "PendingSave", "MANIFEST"]
+
+log = logging.getLogger("tierd.checkpoint")
+
+MANIFEST = "manifest.json"
+FORMAT = "tierd-checkpoint"
+VERSION = 1
+BLOCK = 4096
+CHUNK = 4 << 20  # unit of parallel writes and of compression
+DEFAULT_SHARD_BYTES = 2 << 30
+
+# safetensors dtype names
+_ST_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+    **{d: n for n, d in (("F8_E4M3", getattr(torch, "float8_e4m3fn", None)),
+                          ("F8_E5M2", getattr(torch, "float8_e5m2", None))) if d is not None},
+    **{d: n for n, d in (("U16", getattr(torch, "uint16", None)), ("U32", getattr(torch, "uint32", None)),
+                          ("U64", getattr(torch, "uint64", None))) if d is not None},
+}
+
+
+# -- the state dict <-> (tensors, JSON tree) ------------------------------------------
+
+
+def _join(path: str, key: object) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _entry_key(name: str, rank: int, world: int) -> str:
+    """Manifest key of a tensor: ranks may hold tensors of the same name."""
+    return name if world == 1 else f"rank{rank}:{name}"
+
+
+def _flatten(obj: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """A JSON-able tree of ``obj`` with tensors moved into ``tensors`` by path."""
+    if isinstance(obj, torch.Tensor):
+        if obj.layout != torch.strided:
+            raise InvalidArgument(f"{path}: only dense tensors can be checkpointed, got {obj.layout}")
+        tensors[path] = obj  # the object itself: load(into=...) fills these very tensors
+        return {"__tensor__": path}
+    if isinstance(obj, np.ndarray):
+        tensors[path] = torch.from_numpy(np.ascontiguousarray(obj))
+        return {"__ndarray__": path}
+    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else {"__float__": repr(obj)}
+    if isinstance(obj, (bytes, bytearray)):
+        return {"__bytes__": base64.b64encode(bytes(obj)).decode()}
+    if isinstance(obj, Mapping):
+        # Keys may be ints (optimizer state) or strings: keep their type.
+        return {"__dict__": [[_flatten(k, _join(path, f"__key{i}"), tensors), _flatten(v, _join(path, k), tensors)]
+                             for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, (list, tuple)):
+        items = [_flatten(v, _join(path, i), tensors) for i, v in enumerate(obj)]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if isinstance(obj, (np.integer, np.floating)):
+        return _flatten(obj.item(), path, tensors)
+    raise InvalidArgument(f"{path}: cannot checkpoint a {type(obj).__name__}; use tensors, numbers, strings, "
+                          "bytes, lists, tuples and dicts")
+
+
+def _unflatten(tree: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    if isinstance(tree, list):
+        return [_unflatten(v, tensors) for v in tree]
+    if not isinstance(tree, dict):
+        return tree
+    if "__tensor__" in tree:
+        return tensors[tree["__tensor__"]]
+    if "__ndarray__" in tree:
+        t = tensors[tree["__ndarray__"]]
+        return None if t is None else t.numpy()
+    if "__float__" in tree:
+        return float(tree["__float__"])
+    if "__bytes__" in tree:
+        return base64.b64decode(tree["__bytes__"])
+    if "__tuple__" in tree:
+        return tuple(_unflatten(v, tensors) for v in tree["__tuple__"])
+    if "__dict__" in tree:
+        return {_unflatten(k, tensors): _unflatten(v, tensors) for k, v in tree["__dict__"]}
+    raise CorruptObject(f"manifest holds an unknown node {sorted(tree)!r}")
+
+
+# -- manifest -------------------------------------------------------------------------
+
+
+class TensorEntry(msgspec.Struct, kw_only=True):
+    shard: str
+    offset: int  # in the shard's data section (safetensors) or file (compressed)
+    nbytes: int
+    stored: int  # bytes in the file (== nbytes unless compressed)
+    dtype: str
+    shape: list[int]
+    checksum: str  # xxh3-64 of the raw bytes, hex
+    rank: int = 0
+    chunks: list[list[int]] = []  # compressed: [offset, stored, raw, mode] per chunk
+
+
+class ShardEntry(msgspec.Struct, kw_only=True):
+    bytes: int
+    data_start: int
+    rank: int = 0
+
+
+class Manifest(msgspec.Struct, kw_only=True):
+    format: str = FORMAT
+    version: int = VERSION
+    step: int | None = None
+    created: float = 0.0
+    world_size: int = 1
+    codec: str = "none"
+    metadata: dict[str, Any] = {}
+    tensors: dict[str, TensorEntry] = {}
+    shards: dict[str, ShardEntry] = {}
+    tree: Any = None  # per rank: the non-tensor structure, see _flatten
+    trees: dict[str, Any] = {}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Temp file, write, fsync, rename, fsync the directory (Note [checkpoint durability])."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _read_manifest(path: Path) -> Manifest:
+    try:
+        raw = (path / MANIFEST).read_bytes()
+    except FileNotFoundError:
+        raise NotFound(f"{path} is not a complete checkpoint: it has no {MANIFEST}") from None
+    try:
+        manifest = msgspec.json.decode(raw, type=Manifest)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise CorruptObject(f"{path / MANIFEST} does not parse: {exc}") from None
+    if manifest.format != FORMAT or manifest.version > VERSION:
+        raise CorruptObject(f"{path / MANIFEST} is format {manifest.format!r} v{manifest.version}, not ours")
+    return manifest
+
+
+# -- staging pool ---------------------------------------------------------------------
+
+
+class _StagingPool:
+    """Page-aligned host memory reused from save to save (Note [staging])."""
+
+    def __init__(self) -> None:
+        self._buf: mmap.mmap | None = None
+        self._tensor: torch.Tensor | None = None
+
+    def reserve(self, nbytes: int) -> torch.Tensor:
+        size = max(BLOCK, -(-nbytes // BLOCK) * BLOCK)
+        if self._buf is None or len(self._buf) < size:
+            self._tensor = None
+            if self._buf is not None:
+                self._buf.close()
+            self._buf = aligned_buffer(size)
+            self._tensor = torch.frombuffer(self._buf, dtype=torch.uint8)
+        assert self._tensor is not None
+        return self._tensor[:size]
+
+
+_pool = _StagingPool()
+_inflight_lock = threading.Lock()
+_inflight: PendingSave | None = None
+_writer = ThreadPoolExecutor(max_workers=8, thread_name_prefix="tierd-ckpt")
+_committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tierd-ckpt-commit")
+
+
+# -- saving ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Shard:
+    name: str
+    names: list[str] = field(default_factory=list)
+    nbytes: int = 0
+    pool_offset: int = 0  # where its data starts in the staging pool (page-aligned)
+
+
+@dataclass
+class PendingSave:
+    """An ``async_save`` in flight: ``staged`` then ``durable`` complete, in that order.
+
+    Attributes:
+        staged: done once every tensor is copied to host (training may go on).
+        durable: done once the checkpoint is on disk, fsync'ed, manifest committed;
+            its result is the checkpoint's path.
+    """
+
+    path: Path
+    staged: Future[None] = field(default_factory=Future)
+    durable: Future[Path] = field(default_factory=Future)
+
+    def result(self, timeout: float | None = None) -> Path:
+        """Wait until durable; return the path."""
+        return self.durable.result(timeout)
+
+
+def _plan(tensors: dict[str, torch.Tensor], shard_bytes: int, rank: int, world: int) -> list[_Shard]:
+    shards: list[_Shard] = []
+    prefix = f"rank{rank:05d}-" if world > 1 else ""
+    current: _Shard | None = None
+    pool = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if current is None or (current.nbytes and current.nbytes + n > shard_bytes):
+            pool = -(-pool // BLOCK) * BLOCK
+            current = _Shard(f"{prefix}shard-{len(shards):05d}", pool_offset=pool)
+            shards.append(current)
+        current.names.append(name)
+        current.nbytes += n
+        pool += n
+    return shards
+
+
+def _header(shard: _Shard, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The safetensors header, padded so the data section starts on a 4 KiB boundary."""
+    entries: dict[str, Any] = {"__metadata__": metadata}
+    pos = 0
+    for name in shard.names:
+        t = tensors[name]
+        n = t.numel() * t.element_size()
+        if t.dtype not in _ST_DTYPES:
+            raise InvalidArgument(f"{name}: dtype {t.dtype} has no safetensors name; save it with codec='zstd'")
+        entries[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [pos, pos + n]}
+        pos += n
+    body = msgspec.json.encode(entries)
+    total = -(-(8 + len(body)) // BLOCK) * BLOCK
+    body += b" " * (total - 8 - len(body))
+    return struct.pack("<Q", len(body)) + body
+
+
+def _open_for_write(path: Path, direct: bool) -> tuple[int, bool]:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+    if direct:
+        try:
+            return os.open(path, flags | os.O_DIRECT, 0o644), True
+        except OSError:
+            pass
+    return os.open(path, flags, 0o644), False
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while view:
+        n = os.pwritev(fd, [view], offset)
+        view, offset = view[n:], offset + n
+
+
+def _write_region(fd: int, region: torch.Tensor, file_offset: int, direct: bool) -> None:
+    """Write the page-aligned ``region`` at ``file_offset`` in parallel pieces (tail padded under O_DIRECT)."""
+    n = region.numel()
+    size = -(-n // BLOCK) * BLOCK if direct else n  # rounding stays inside the pool's pages
+    base = region.data_ptr()
+    futures = [
+        _writer.submit(_pwrite_all, fd, address_view(base + start, min(CHUNK, size - start)), file_offset + start)
+        for start in range(0, size, CHUNK)
+    ]
+    for fut in futures:
+        fut.result()
+
+
+def _write_shard(directory: Path, shard: _Shard, tensors: dict[str, torch.Tensor], staged: torch.Tensor,
+                 codec: str, direct: bool, rank: int, world: int, entries: dict[str, TensorEntry]) -> ShardEntry:
+    region = staged[shard.pool_offset : shard.pool_offset + shard.nbytes]
+    compressed = codec != "none"
+    path = directory / (shard.name + (".tierd" if compressed else ".safetensors"))
+    # Encoded chunks are neither aligned nor block-sized: compressed shards are
+    # written buffered (and fdatasync'ed all the same).
+    fd, direct = _open_for_write(path, direct and not compressed)
+    try:
+        if compressed:
+            data_start, end = 0, _write_compressed(fd, shard, tensors, region, codec, rank, world, entries, path.name)
+        else:
+            header = _header(shard, tensors, {"format": "pt"})
+            head = aligned_buffer(len(header))  # the header is a whole number of blocks
+            head[: len(header)] = header
+            _pwrite_all(fd, memoryview(head)[: len(header)], 0)
+            data_start = len(header)
+            _write_region(fd, region, data_start, direct)
+            end = data_start + shard.nbytes
+            pos = 0
+            for name in shard.names:
+                t = tensors[name]
+                n = t.numel() * t.element_size()
+                entries[_entry_key(name, rank, world)] = TensorEntry(
+                    shard=path.name, offset=pos, nbytes=n, stored=n, dtype=str(t.dtype).removeprefix("torch."),
+                    shape=list(t.shape), checksum=xxhash.xxh3_64_hexdigest(address_view(region.data_ptr() + pos, n)),
+                    rank=rank,
+                )
+                pos += n
+        os.ftruncate(fd, end)  # O_DIRECT wrote whole blocks: cut the padding
+        os.fdatasync(fd)  # Note [checkpoint durability]
+    except OSError as exc:
+        raise MediaError(f"writing checkpoint shard {path} failed: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+    return ShardEntry(bytes=end, data_start=data_start, rank=rank)
+
+
+def _write_compressed(fd: int, shard: _Shard, tensors: dict[str, torch.Tensor], region: torch.Tensor, codec: str,
+                      rank: int, world: int, entries: dict[str, TensorEntry], shard_name: str) -> int:
+    enc = get_codec(codec)
+    pos = 0
+    file_pos = 0
+    for name in shard.names:
+        t = tensors[name]
+        n = t.numel() * t.element_size()
+        raw = address_view(region.data_ptr() + pos, n)
+        pieces = list(_writer.map(lambda s: enc.encode(raw[s : s + CHUNK], t.element_size()), range(0, n, CHUNK)))
+        chunks = []
+        for mode, payload in pieces:
+            _pwrite_all(fd, memoryview(payload), file_pos)
+            chunks.append([file_pos, len(payload), min(CHUNK, n - len(chunks) * CHUNK), int(mode)])
+            file_pos += len(payload)
+        entries[_entry_key(name, rank, world)] = TensorEntry(
+            shard=shard_name, offset=chunks[0][0] if chunks else file_pos, nbytes=n,
+            stored=sum(c[1] for c in chunks), dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape),
+            checksum=xxhash.xxh3_64_hexdigest(raw), rank=rank, chunks=chunks,
+        )
+        pos += n
+    return file_pos
+
+
+def _dist() -> tuple[int, int, Any]:
+    """(rank, world size, the dedicated gloo group) when torch.distributed is initialised."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 0, 1, None
+    global _gloo_group
+    if _gloo_group is None:
+        # A group of its own: the barrier never queues behind training collectives.
+        _gloo_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=_BARRIER_TIMEOUT_S))
+    return dist.get_rank(), dist.get_world_size(), _gloo_group
+
+
+_gloo_group: Any = None
+_BARRIER_TIMEOUT_S = float(os.environ.get("TIERD_CHECKPOINT_BARRIER_S", "600"))
+
+
+def _barrier(group: Any, what: str) -> None:
+    try:
+        torch.distributed.monitored_barrier(group=group, timeout=timedelta(seconds=_BARRIER_TIMEOUT_S))
+    except RuntimeError as exc:
+        raise TierdError(f"checkpoint barrier ({what}) failed or timed out after {_BARRIER_TIMEOUT_S:.0f} s: {exc}") from exc
+
+
+def async_save(
+    state_dict: Mapping[str, Any], path: str | os.PathLike[str], *, store: Any = None, keep_last: int | None = None,
+    codec: str | None = None, step: int | None = None, metadata: Mapping[str, Any] | None = None,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> PendingSave:
+    """Start saving ``state_dict`` to the directory ``path``; see :class:`PendingSave`.
+
+    Args:
+        store: stage in this store's host arena (``tierd.open()`` or
+            ``tierd.connect()``; the memory clients pin for GPUs) instead of the
+            private staging pool; the pool is used when the arena has no room.
+        keep_last: after this one is durable, delete all but the newest N
+            complete checkpoints in ``path``'s parent directory.
+        codec: ``None``/``"none"`` (safetensors shards), ``"zstd"`` or ``"bytegroup"``.
+        step, metadata: recorded in the manifest (``metadata`` must be JSON-able).
+
+    Raises:
+        InvalidArgument: a value that cannot be checkpointed, or ``path`` exists already.
+    """
+    global _inflight
+    codec_name = get_codec(codec).name
+    directory = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _flatten(dict(state_dict), "", tensors)
+    rank, world, group = _dist()
+    if keep_last is not None and keep_last < 1:
+        raise InvalidArgument(f"keep_last must be >= 1, got {keep_last}")
+    # At most one save in flight: wait for the previous one before using the pool again.
+    with _inflight_lock:
+        previous = _inflight
+    if previous is not None:
+        previous.durable.exception()  # waits; its own caller sees its error
+    if rank == 0 and (directory / MANIFEST).exists():
+        raise InvalidArgument(f"{directory} holds a checkpoint already; choose a new directory per save")
+    directory.mkdir(parents=True, exist_ok=True)
+    pending = PendingSave(directory)
+    with _inflight_lock:
+        _inflight = pending
+    release: list[Any] = []
+    try:
+        shards = _plan(tensors, shard_bytes, rank, world)
+        total = (shards[-1].pool_offset + shards[-1].nbytes) if shards else 0
+        staged = _stage_in_store(store, total, release) if store is not None else None
+        if staged is None:
+            staged = _pool.reserve(total)
+        for shard in shards:  # the snapshot: copy every tensor into the pool
+            pos = shard.pool_offset
+            for name in shard.names:
+                src = tensors[name]
+                n = src.numel() * src.element_size()
+                dst = staged[pos : pos + n]
+                dst.copy_(tensor_bytes(src.detach().contiguous().cpu()) if n else dst)
+                pos += n
+    except BaseException as exc:
+        _release(release)
+        pending.staged.set_exception(exc)
+        pending.durable.set_exception(exc)
+        raise
+    pending.staged.set_result(None)
+    manifest = Manifest(step=step, created=time.time(), world_size=world, codec=codec_name,
+                        metadata=msgspec.to_builtins(dict(metadata or {})))
+    manifest.trees = {str(rank): tree}
+    direct = probe_direct(directory) is None
+    _committer.submit(_finish, pending, shards, tensors, staged, manifest, codec_name, direct, rank, world, group,
+                      keep_last, release)
+    return pending
+
+
+def _stage_in_store(store: Any, nbytes: int, release: list[Any]) -> torch.Tensor | None:
+    """A page-aligned staging region in ``store``'s host arena, or None (no room, or no arena).
+
+    The region is a prepared put that is never committed: reserved space, given
+    back by ``_release`` once the shards are durable.
+    """
+    from tierd.clients.embedded import EmbeddedStore
+    from tierd.clients.remote import RemoteStore
+    from tierd.daemon import protocol as p
+    from tierd.daemon.index import ObjectMeta
+
+    if not nbytes:
+        return None
+    meta = ObjectMeta("bytes", "uint8", (nbytes,), 1)
+    key = f"ckpt-staging/{os.getpid()}-{time.monotonic_ns()}"
+    if isinstance(store, EmbeddedStore):
+        pending = store.engine.prepare_put(key, nbytes, meta, stage=True)
+        if pending.staging is None:
+            return None
+        release.append(lambda: store.engine.abort_put(pending))
+        return store.engine.host.view(pending.staging)
+    if isinstance(store, RemoteStore):
+        ready, _ = store._call(p.Put, key=key, nbytes=nbytes, meta=meta)  # noqa: SLF001 - same package
+        release.append(lambda: store._send(p.PutAbort(id=0, put_id=ready.put_id)))  # noqa: SLF001
+        if ready.offset is None:
+            return None
+        return store._arena[ready.offset : ready.offset + nbytes]  # noqa: SLF001
+    raise InvalidArgument(f"store must come from tierd.open() or tierd.connect(), got {type(store).__name__}")
+
+
+def _release(release: list[Any]) -> None:
+    for fn in release:
+        try:
+            fn()
+        except TierdError as exc:
+            log.warning("could not give back checkpoint staging space: %s", exc)
+    release.clear()
+
+
+def _finish(pending: PendingSave, shards: list[_Shard], tensors: dict[str, torch.Tensor], staged: torch.Tensor,
+            manifest: Manifest, codec: str, direct: bool, rank: int, world: int, group: Any,
+            keep_last: int | None, release: list[Any]) -> None:
+    directory = pending.path
+    try:
+        for shard in shards:
+            manifest.shards[shard.name + (".tierd" if codec != "none" else ".safetensors")] = _write_shard(
+                directory, shard, tensors, staged, codec, direct, rank, world, manifest.tensors)
+        _fsync_dir(directory)
+        if world > 1:
+            # Each rank's part is durable before rank 0 may commit the whole.
+            _atomic_write(directory / f"rank{rank:05d}.part.json", msgspec.json.encode(manifest))
+            _barrier(group, "parts written")
+            if rank == 0:
+                for r in range(1, world):
+                    part = msgspec.json.decode((directory / f"rank{r:05d}.part.json").read_bytes(), type=Manifest)
+                    manifest.tensors.update(part.tensors)
+                    manifest.shards.update(part.shards)
+                    manifest.trees.update(part.trees)
+        if rank == 0:
+            _atomic_write(directory / MANIFEST, msgspec.json.encode(manifest))  # the commit point
+        if world > 1:
+            _barrier(group, "manifest committed")
+        if keep_last is not None and rank == 0:
+            _retain(directory.parent, keep_last)
+    except BaseException as exc:  # noqa: BLE001 - delivered through the future
+        _release(release)
+        pending.durable.set_exception(exc)
+        return
+    _release(release)
+    pending.durable.set_result(directory)
+
+
+def save(state_dict: Mapping[str, Any], path: str | os.PathLike[str], **kwargs: Any) -> Path:
+    """Save ``state_dict`` and return once it is durable (the blocking :func:`async_save`)."""
+    return async_save(state_dict, path, **kwargs).durable.result()
+
+
+# -- finding and loading --------------------------------------------------------------
+
+
+def _complete(path: Path) -> Manifest | None:
+    try:
+        manifest = _read_manifest(path)
+    except TierdError:
+        return None
+    for name, shard in manifest.shards.items():
+        try:
+            if (path / name).stat().st_size != shard.bytes:
+                return None
+        except OSError:
+            return None
+    return manifest
+
+
+def _checkpoints(root: Path) -> list[tuple[tuple[int, float], Path]]:
+    found = []
+    for child in root.iterdir() if root.is_dir() else []:
+        if child.is_dir():
+            manifest = _complete(child)
+            if manifest is not None:
+                found.append(((manifest.step if manifest.step is not None else -1, manifest.created), child))
+    return sorted(found)
+
+
+def latest(root: str | os.PathLike[str]) -> Path | None:
+    """The newest complete checkpoint under ``root`` (by step, then time), or None.
+
+    Directories without a committed manifest, or whose shards are missing or
+    of the wrong size, are not complete and are never returned.
+    """
+    found = _checkpoints(Path(root))
+    return found[-1][1] if found else None
+
+
+def _retain(root: Path, keep_last: int) -> None:
+    found = _checkpoints(root)
+    for _, path in found[:-keep_last]:
+        log.info("keep_last=%d: deleting %s", keep_last, path)
+        (path / MANIFEST).unlink()  # first: a half-deleted checkpoint is already incomplete
+        _fsync_dir(path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _read_tensor(directory: Path, entry: TensorEntry, shard: ShardEntry, name: str, out: torch.Tensor) -> None:
+    path = directory / entry.shard
+    raw = tensor_bytes(out)
+    dest = address_view(raw.data_ptr(), entry.nbytes)
+    try:
+        with open(path, "rb", buffering=0) as fh:
+            fd = fh.fileno()
+            if not entry.chunks:
+                view, offset = dest, shard.data_start + entry.offset
+                while view:
+                    n = os.preadv(fd, [view], offset)
+                    if n == 0:
+                        raise CorruptObject(f"tensor {name!r}: shard {path.name} is truncated")
+                    view, offset = view[n:], offset + n
+            else:
+                pos = 0
+                for file_off, stored, rawlen, mode in entry.chunks:
+                    payload = os.pread(fd, stored, file_off)
+                    if len(payload) != stored:
+                        raise CorruptObject(f"tensor {name!r}: shard {path.name} is truncated")
+                    decode_chunk(mode, memoryview(payload), dest[pos : pos + rawlen], out.element_size())
+                    pos += rawlen
+    except FileNotFoundError:
+        raise CorruptObject(f"tensor {name!r}: shard {path.name} is missing") from None
+    except CorruptObject as exc:
+        raise CorruptObject(f"tensor {name!r} in shard {path.name}: {exc}") from None
+    if xxhash.xxh3_64_hexdigest(dest) != entry.checksum:
+        raise CorruptObject(f"tensor {name!r} in shard {path.name} fails its checksum: the shard is corrupt")
+
+
+def load(path: str | os.PathLike[str], *, map_location: Any = None, into: Mapping[str, Any] | None = None) -> Any:
+    """Load a checkpoint saved by :func:`save` / :func:`async_save`.
+
+    Args:
+        map_location: device for fresh tensors (``"cpu"`` by default).
+        into: a state dict whose tensors are filled in place (``into=model.state_dict()``).
+            Only its tensors are read, so shards holding none of them are never
+            opened; other tensors of the checkpoint come back as None.
+
+    Returns:
+        The saved state dict; with ``into``, its tensors are ``into``'s own objects.
+
+    Raises:
+        NotFound: no complete checkpoint at ``path``.
+        CorruptObject: a shard is missing, truncated, or fails a checksum (names tensor and shard).
+    """
+    directory = Path(path)
+    manifest = _read_manifest(directory)
+    rank, world, _ = _dist()
+    if world != manifest.world_size and manifest.world_size > 1:
+        raise InvalidArgument(f"{directory} was saved by {manifest.world_size} ranks; load it with as many")
+    tree = manifest.trees.get(str(rank), manifest.tree)
+    wanted: dict[str, torch.Tensor] = {}
+    if into is not None:
+        _flatten(dict(into), "", wanted)
+    device = torch.device(map_location) if map_location is not None else torch.device("cpu")
+    tensors: dict[str, torch.Tensor] = {}
+    for key, entry in manifest.tensors.items():
+        if entry.rank != rank:
+            continue
+        name = key.partition(":")[2] if manifest.world_size > 1 else key
+        target = wanted.get(name)
+        dtype = dtype_from_name(entry.dtype)
+        shape = tuple(entry.shape)
+        if target is not None:
+            if target.dtype != dtype or tuple(target.shape) != shape:
+                raise InvalidArgument(f"into[{name!r}] is {target.dtype} {tuple(target.shape)}, the checkpoint "
+                                      f"holds {dtype} {shape}")
+            if target.device.type == "cpu" and target.is_contiguous():
+                _read_tensor(directory, entry, manifest.shards[entry.shard], name, target)
+            else:
+                tmp = torch.empty(shape, dtype=dtype)
+                _read_tensor(directory, entry, manifest.shards[entry.shard], name, tmp)
+                target.copy_(tmp)
+            tensors[name] = target
+        elif into is None:
+            fresh = torch.empty(shape, dtype=dtype)
+            _read_tensor(directory, entry, manifest.shards[entry.shard], name, fresh)
+            tensors[name] = fresh.to(device) if device.type != "cpu" else fresh
+    return _unflatten(tree, _MissingAsNone(tensors))
+
+
+class _MissingAsNone(dict):  # type: ignore[type-arg]
+    """Tensors not read (``into`` did not ask for them) come back as None."""
+
+    def __missing__(self, key: str) -> None:
+        return None
