@@ -379,8 +379,10 @@ def _write_compressed(fd: int, shard: _Shard, tensors: dict[str, torch.Tensor], 
         t = tensors[name]
         n = t.numel() * t.element_size()
         raw = address_view(region.data_ptr() + pos, n)
-        pieces = list(_writer.map(lambda s: enc.encode(raw[s : s + CHUNK], t.element_size()), range(0, n, CHUNK)))
-        chunks = []
+        itemsize = t.element_size()
+        pieces = list(_writer.map(lambda s, raw=raw, k=itemsize: enc.encode(raw[s : s + CHUNK], k),
+                                  range(0, n, CHUNK)))
+        chunks: list[list[int]] = []
         for mode, payload in pieces:
             _pwrite_all(fd, memoryview(payload), file_pos)
             chunks.append([file_pos, len(payload), min(CHUNK, n - len(chunks) * CHUNK), int(mode)])
