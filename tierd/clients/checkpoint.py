@@ -667,6 +667,7 @@ def load(path: str | os.PathLike[str], *, map_location: Any = None, into: Mappin
         _flatten(dict(into), "", wanted)
     device = torch.device(map_location) if map_location is not None else torch.device("cpu")
     tensors: dict[str, torch.Tensor] = {}
+    reads: list[Future[None]] = []  # tensors are read (and checked) in parallel
     for key, entry in manifest.tensors.items():
         if entry.rank != rank:
             continue
@@ -679,17 +680,26 @@ def load(path: str | os.PathLike[str], *, map_location: Any = None, into: Mappin
                 raise InvalidArgument(f"into[{name!r}] is {target.dtype} {tuple(target.shape)}, the checkpoint "
                                       f"holds {dtype} {shape}")
             if target.device.type == "cpu" and target.is_contiguous():
-                _read_tensor(directory, entry, manifest.shards[entry.shard], name, target)
+                reads.append(_writer.submit(_read_tensor, directory, entry, manifest.shards[entry.shard], name, target))
             else:
-                tmp = torch.empty(shape, dtype=dtype)
-                _read_tensor(directory, entry, manifest.shards[entry.shard], name, tmp)
-                target.copy_(tmp)
+                reads.append(_writer.submit(_read_then_copy, directory, entry, manifest.shards[entry.shard], name,
+                                            target))
             tensors[name] = target
         elif into is None:
             fresh = torch.empty(shape, dtype=dtype)
-            _read_tensor(directory, entry, manifest.shards[entry.shard], name, fresh)
-            tensors[name] = fresh.to(device) if device.type != "cpu" else fresh
+            reads.append(_writer.submit(_read_tensor, directory, entry, manifest.shards[entry.shard], name, fresh))
+            tensors[name] = fresh
+    for fut in reads:
+        fut.result()
+    if into is None and device.type != "cpu":
+        tensors = {k: v.to(device) for k, v in tensors.items()}
     return _unflatten(tree, _MissingAsNone(tensors))
+
+
+def _read_then_copy(directory: Path, entry: TensorEntry, shard: ShardEntry, name: str, target: torch.Tensor) -> None:
+    tmp = torch.empty(tuple(entry.shape), dtype=target.dtype)
+    _read_tensor(directory, entry, shard, name, tmp)
+    target.copy_(tmp)
 
 
 class _MissingAsNone(dict):  # type: ignore[type-arg]
