@@ -47,9 +47,13 @@ with tempfile.TemporaryDirectory() as root:
 
     newest = checkpoint.latest(root)
     resumed_model, resumed_opt = make()
-    sd = checkpoint.load(newest, into={"model": resumed_model.state_dict()})  # model weights filled in place
-    resumed_opt.load_state_dict(checkpoint.load(newest)["optim"])
+    # Model weights straight into the model's own tensors (only their shards are read) ...
+    checkpoint.load(newest, into={"model": resumed_model.state_dict()})
+    # ... and everything else as fresh objects.
+    sd = checkpoint.load(newest)
+    resumed_opt.load_state_dict(sd["optim"])
     torch.set_rng_state(sd["rng"])
+    random.setstate(sd["py_rng"])
     same = all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed_model.parameters(), strict=True))
     print(f"resumed from {newest.name} at step {sd['step']}: weights identical: {same}")
     assert same
