@@ -222,3 +222,34 @@ def test_staging_in_a_store_arena(tmp_path: Path, kind: str) -> None:
         finally:
             d.close()
     _assert_same(sd, checkpoint.load(tmp_path / "c"))
+
+
+_STRAGGLER = textwrap.dedent(
+    """
+    import os, sys, threading, torch, torch.distributed as dist
+    os.environ["TIERD_CHECKPOINT_BARRIER_S"] = "3"
+    import tierd
+    from tierd import checkpoint
+    rank, root = int(sys.argv[1]), sys.argv[2]
+    dist.init_process_group("gloo", init_method=f"file://{root}/init", rank=rank, world_size=2)
+    if rank == 0:
+        try:
+            checkpoint.save({"w": torch.ones(10)}, f"{root}/ckpt")
+            print("SAVED")
+        except tierd.TierdError as exc:
+            print("RAISED", "timed out" in str(exc), flush=True)
+    else:
+        checkpoint._dist()   # joins the checkpoint group like every rank must, then never saves
+        threading.Event().wait(8)  # alive in the group, never arriving at the barrier
+    """
+)
+
+
+def test_barrier_timeout_raises_instead_of_hanging(tmp_path: Path) -> None:
+    procs = [subprocess.Popen([sys.executable, "-c", _STRAGGLER, str(r), str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    out0, err0 = procs[0].communicate(timeout=120)
+    procs[1].kill()
+    procs[1].wait(timeout=30)
+    assert "RAISED True" in out0, err0[-2000:]
+    assert checkpoint.latest(tmp_path) is None  # nothing was committed
