@@ -52,6 +52,7 @@ import torch
 import xxhash
 
 from tierd._buffers import address_view, aligned_buffer, tensor_bytes
+from tierd._io import fsync_dir, pread_all, pwrite_all
 from tierd.clients.values import dtype_from_name
 from tierd.codecs import decode_chunk, get_codec
 from tierd.errors import CorruptObject, InvalidArgument, MediaError, NotFound, TierdError
@@ -177,14 +178,6 @@ class Manifest(msgspec.Struct, kw_only=True):
     trees: dict[str, Any] = {}
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: Path, data: bytes) -> None:
     """Temp file, write, fsync, rename, fsync the directory (Note [checkpoint durability])."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -193,7 +186,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _read_manifest(path: Path) -> Manifest:
@@ -313,19 +306,13 @@ def _open_for_write(path: Path, direct: bool) -> tuple[int, bool]:
     return os.open(path, flags, 0o644), False
 
 
-def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
-    while view:
-        n = os.pwritev(fd, [view], offset)
-        view, offset = view[n:], offset + n
-
-
 def _write_region(fd: int, region: torch.Tensor, file_offset: int, direct: bool) -> None:
     """Write the page-aligned ``region`` at ``file_offset`` in parallel pieces (tail padded under O_DIRECT)."""
     n = region.numel()
     size = -(-n // BLOCK) * BLOCK if direct else n  # rounding stays inside the pool's pages
     base = region.data_ptr()
     futures = [
-        _writer.submit(_pwrite_all, fd, address_view(base + start, min(CHUNK, size - start)), file_offset + start)
+        _writer.submit(pwrite_all, fd, address_view(base + start, min(CHUNK, size - start)), file_offset + start)
         for start in range(0, size, CHUNK)
     ]
     for fut in futures:
@@ -347,7 +334,7 @@ def _write_shard(directory: Path, shard: _Shard, tensors: dict[str, torch.Tensor
             header = _header(shard, tensors, {"format": "pt"})
             head = aligned_buffer(len(header))  # the header is a whole number of blocks
             head[: len(header)] = header
-            _pwrite_all(fd, memoryview(head)[: len(header)], 0)
+            pwrite_all(fd, memoryview(head)[: len(header)], 0)
             data_start = len(header)
             _write_region(fd, region, data_start, direct)
             end = data_start + shard.nbytes
@@ -384,7 +371,7 @@ def _write_compressed(fd: int, shard: _Shard, tensors: dict[str, torch.Tensor], 
                                   range(0, n, CHUNK)))
         chunks: list[list[int]] = []
         for mode, payload in pieces:
-            _pwrite_all(fd, memoryview(payload), file_pos)
+            pwrite_all(fd, memoryview(payload), file_pos)
             chunks.append([file_pos, len(payload), min(CHUNK, n - len(chunks) * CHUNK), int(mode)])
             file_pos += len(payload)
         entries[_entry_key(name, rank, world)] = TensorEntry(
@@ -534,7 +521,7 @@ def _finish(pending: PendingSave, shards: list[_Shard], tensors: dict[str, torch
         for shard in shards:
             manifest.shards[shard.name + (".tierd" if codec != "none" else ".safetensors")] = _write_shard(
                 directory, shard, tensors, staged, codec, direct, rank, world, manifest.tensors)
-        _fsync_dir(directory)
+        fsync_dir(directory)
         if world > 1:
             # Each rank's part is durable before rank 0 may commit the whole.
             _atomic_write(directory / f"rank{rank:05d}.part.json", msgspec.json.encode(manifest))
@@ -606,7 +593,7 @@ def _retain(root: Path, keep_last: int) -> None:
     for _, path in found[:-keep_last]:
         log.info("keep_last=%d: deleting %s", keep_last, path)
         (path / MANIFEST).unlink()  # first: a half-deleted checkpoint is already incomplete
-        _fsync_dir(path)
+        fsync_dir(path)
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -618,12 +605,10 @@ def _read_tensor(directory: Path, entry: TensorEntry, shard: ShardEntry, name: s
         with open(path, "rb", buffering=0) as fh:
             fd = fh.fileno()
             if not entry.chunks:
-                view, offset = dest, shard.data_start + entry.offset
-                while view:
-                    n = os.preadv(fd, [view], offset)
-                    if n == 0:
-                        raise CorruptObject(f"tensor {name!r}: shard {path.name} is truncated")
-                    view, offset = view[n:], offset + n
+                try:
+                    pread_all(fd, dest, shard.data_start + entry.offset)
+                except OSError as exc:
+                    raise CorruptObject(f"tensor {name!r}: shard {path.name} is truncated") from exc
             else:
                 pos = 0
                 for file_off, stored, rawlen, mode in entry.chunks:

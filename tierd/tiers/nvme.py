@@ -46,6 +46,7 @@ import torch
 import xxhash
 
 from tierd._buffers import address_view, aligned_buffer
+from tierd._io import pread_all, pwrite_all
 from tierd.codecs import ChunkMode, Codec, decode_chunk
 from tierd.errors import CorruptObject, MediaError, OutOfSpace, TierdError
 from tierd.tiers.alloc import ExtentAllocator
@@ -81,20 +82,6 @@ def _io_error(exc: OSError, what: str, path: Path) -> TierdError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return OutOfSpace(f"the disk under nvme tier {str(path)!r} is full while {what}; free disk space or lower tiers.nvme.size")
     return MediaError(f"nvme tier {str(path)!r}: {what} failed: {exc.strerror or exc}")
-
-
-def _full_pwrite(fd: int, view: memoryview, offset: int) -> None:
-    while view:
-        n = os.pwritev(fd, [view], offset)
-        view, offset = view[n:], offset + n
-
-
-def _full_pread(fd: int, view: memoryview, offset: int) -> None:
-    while view:
-        n = os.preadv(fd, [view], offset)
-        if n == 0:
-            raise OSError(errno.EIO, "short read: slab file is shorter than its index says")
-        view, offset = view[n:], offset + n
 
 
 def probe_direct(path: Path) -> str | None:
@@ -307,14 +294,14 @@ class NvmeTier(Tier):
         try:
             fd = self._fds[slab]
             if not self.direct:
-                _full_pwrite(fd, memoryview(payload), offset)
+                pwrite_all(fd, memoryview(payload), offset)
             elif mode == ChunkMode.RAW and src.data_ptr() % BLOCK == 0:
                 # Note [O_DIRECT alignment]: straight from the source's pages.
-                _full_pwrite(fd, address_view(src.data_ptr(), _padded(stored)), offset)
+                pwrite_all(fd, address_view(src.data_ptr(), _padded(stored)), offset)
             else:
                 bounce = self._bounce()
                 bounce[:stored] = payload
-                _full_pwrite(fd, bounce[: _padded(stored)], offset)
+                pwrite_all(fd, bounce[: _padded(stored)], offset)
         except OSError as exc:
             self._free_chunks([chunk])
             raise _io_error(exc, "writing a chunk", self.path) from exc
@@ -341,18 +328,18 @@ class NvmeTier(Tier):
                 # Whole blocks straight into the destination; a partial last
                 # block through the bounce buffer (Note [O_DIRECT alignment]).
                 whole = c.raw if not self.direct else c.raw // BLOCK * BLOCK
-                _full_pread(fd, out[:whole], c.offset)
+                pread_all(fd, out[:whole], c.offset)
                 hasher = xxhash.xxh3_64(out[:whole])
                 if whole < c.raw:
                     bounce = self._bounce()
-                    _full_pread(fd, bounce[:BLOCK], c.offset + whole)
+                    pread_all(fd, bounce[:BLOCK], c.offset + whole)
                     out[whole:] = bounce[: c.raw - whole]
                     hasher.update(out[whole:])
                 self._verify(c, hasher.intdigest())
                 return
             bounce = self._bounce()
             span = _padded(c.stored) if self.direct else c.stored
-            _full_pread(fd, bounce[:span], c.offset)
+            pread_all(fd, bounce[:span], c.offset)
             stored = bounce[: c.stored]
             self._verify(c, xxhash.xxh3_64_intdigest(stored))
             decode_chunk(c.mode, stored, out, itemsize)
