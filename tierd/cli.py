@@ -6,7 +6,9 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -42,8 +44,9 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
 
     cfg = load_config(args.config)
     # A small host tier so that overflow to nvme shows within a few puts.
-    small = {"tiers": {"host": {"size": args.host_size}, "nvme": {"path": cfg.tiers.nvme.path,
-                                                                 "size": cfg.tiers.nvme.size}}}
+    # Its own nvme directory: the default one may belong to a running daemon.
+    scratch = tempfile.TemporaryDirectory(prefix="tierd-demo-", dir=Path(cfg.tiers.nvme.path).parent)
+    small = {"tiers": {"host": {"size": args.host_size}, "nvme": {"path": scratch.name, "size": "2GiB"}}}
     tensors: dict[str, Any] = {
         "demo/embedding": torch.randn(4096, 1024).to(torch.bfloat16),
         "demo/acts-0": torch.randn(48, 1024, 256),
@@ -64,7 +67,7 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
             placed = {k: store.info(k) for k in tensors}
             back = {k: store.get(k) for k in tensors}
             elapsed = time.perf_counter() - started
-            table = Table(title=f"where the objects went (host tier {args.host_size}, nvme in {cfg.tiers.nvme.path})",
+            table = Table(title=f"where the objects went (host tier {args.host_size}, nvme in {scratch.name})",
                           title_justify="left")
             for col in ("key", "dtype", "shape", "bytes", "codec", "durable", "after put", "nvme bytes", "after get",
                         "equal"):
@@ -82,6 +85,7 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
         finally:  # durable demo objects must not outlive the demo, even if it is interrupted
             for key in tensors:
                 store.delete(key)
+    scratch.cleanup()
     return 0
 
 
