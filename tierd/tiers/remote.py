@@ -1,0 +1,163 @@
+"""The ``remote`` tier: objects in Redis or Valkey, chunked, pipelined, checksummed.
+
+An object is split into chunks (1 MiB by default), each encoded with the
+object's codec and stored under ``{prefix}:{object id}:{i}``; its location
+records every chunk's stored size, raw size, mode and xxh3 checksum, so a
+read verifies what came back. Writes and reads are pipelined (one round
+trip per batch of chunks); a TTL, when configured, lets Redis expire what
+tierd forgets to delete.
+
+Failures are the remote server's, never the local tiers': a dead or
+unreachable server makes operations on remote objects raise
+:class:`MediaError` naming the URL, and everything else keeps working. A
+chunk that has vanished (expired, evicted by Redis's maxmemory policy,
+flushed) is reported as such.
+
+Not wired into the engine's movement yet: demotion nvme -> remote and
+remote lookups arrive with the KV-cache work (issue 7).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from typing import Any
+
+import msgspec
+import redis
+import torch
+import xxhash
+
+from tierd._buffers import address_view
+from tierd.codecs import Codec, decode_chunk
+from tierd.errors import CorruptObject, MediaError, OutOfSpace
+from tierd.tiers.base import Tier, TierUsage
+
+__all__ = ["RemoteTier", "RemoteLocation", "RemoteChunk"]
+
+log = logging.getLogger("tierd.tiers.remote")
+
+_BATCH = 32  # chunks per pipeline round trip: bounds client memory for huge objects
+
+
+class RemoteChunk(msgspec.Struct, frozen=True, array_like=True):
+    stored: int
+    raw: int
+    mode: int
+    checksum: int
+
+
+class RemoteLocation(msgspec.Struct, frozen=True, array_like=True):
+    oid: str
+    chunks: tuple[RemoteChunk, ...]
+
+
+class RemoteTier(Tier):
+    """Objects of at most ``capacity_bytes`` (as tierd counts them) on a Redis server."""
+
+    name = "remote"
+    persistent = True
+
+    def __init__(self, url: str, capacity_bytes: int, *, chunk_size: int = 1 << 20, ttl_s: float | None = None,
+                 timeout_s: float = 5.0, prefix: str = "tierd", client: Any = None, **redis_options: Any) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.chunk_size = chunk_size
+        self.ttl_s = ttl_s
+        self._capacity = capacity_bytes
+        self._used = 0
+        self._lock = threading.Lock()
+        # A pooled client: redis-py reconnects on the next command after a failure.
+        self._redis = client or redis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=30,
+            **redis_options,
+        )
+
+    def _key(self, oid: str, i: int) -> str:
+        return f"{self.prefix}:{oid}:{i}"
+
+    def _fail(self, exc: Exception, what: str) -> MediaError:
+        return MediaError(f"remote tier at {self.url} is unreachable while {what}: {exc}; "
+                          "local tiers keep working")
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self._capacity
+
+    def usage(self) -> TierUsage:
+        with self._lock:
+            used = self._used
+        return TierUsage(self._capacity, used, self._capacity - used, 0.0)
+
+    def write(self, src: torch.Tensor, *, codec: Codec, itemsize: int, durable: bool) -> RemoteLocation:
+        n = src.numel()
+        with self._lock:
+            if self._used + n > self._capacity:
+                raise OutOfSpace(f"remote tier at {self.url} is full ({self._capacity} bytes counted)")
+            self._used += n
+        oid = uuid.uuid4().hex
+        chunks: list[RemoteChunk] = []
+        written = 0
+        try:
+            data = address_view(src.data_ptr(), n)
+            for batch_start in range(0, n, _BATCH * self.chunk_size):
+                pipe = self._redis.pipeline(transaction=False)
+                for start in range(batch_start, min(n, batch_start + _BATCH * self.chunk_size), self.chunk_size):
+                    raw = data[start : start + self.chunk_size]
+                    mode, payload = codec.encode(raw, itemsize)
+                    payload = bytes(payload)
+                    chunks.append(RemoteChunk(len(payload), len(raw), int(mode), xxhash.xxh3_64_intdigest(payload)))
+                    pipe.set(self._key(oid, len(chunks) - 1), payload,
+                             px=int(self.ttl_s * 1000) if self.ttl_s else None)
+                pipe.execute()
+                written = len(chunks)
+        except redis.RedisError as exc:
+            self._delete_keys(oid, written)
+            with self._lock:
+                self._used -= n
+            raise self._fail(exc, "writing") from exc
+        return RemoteLocation(oid, tuple(chunks))
+
+    def read_into(self, location: RemoteLocation, dest: torch.Tensor, *, itemsize: int) -> None:
+        out = address_view(dest.data_ptr(), dest.numel())
+        pos = 0
+        chunks = location.chunks
+        try:
+            for batch_start in range(0, len(chunks), _BATCH):
+                batch = range(batch_start, min(len(chunks), batch_start + _BATCH))
+                pipe = self._redis.pipeline(transaction=False)
+                for i in batch:
+                    pipe.get(self._key(location.oid, i))
+                payloads = pipe.execute()
+                for i, payload in zip(batch, payloads, strict=True):
+                    c = chunks[i]
+                    if payload is None:
+                        raise MediaError(f"remote tier at {self.url}: chunk {i} of object {location.oid} is gone "
+                                         "(expired by its TTL or evicted by the server's maxmemory policy)")
+                    if len(payload) != c.stored or xxhash.xxh3_64_intdigest(payload) != c.checksum:
+                        raise CorruptObject(f"remote tier at {self.url}: chunk {i} of object {location.oid} fails "
+                                            "its checksum")
+                    decode_chunk(c.mode, memoryview(payload), out[pos : pos + c.raw], itemsize)
+                    pos += c.raw
+        except redis.RedisError as exc:
+            raise self._fail(exc, "reading") from exc
+
+    def _delete_keys(self, oid: str, count: int) -> None:
+        if not count:
+            return
+        try:
+            self._redis.delete(*(self._key(oid, i) for i in range(count)))
+        except redis.RedisError as exc:
+            log.warning("could not delete %d chunks of %s from %s: %s", count, oid, self.url, exc)
+
+    def free(self, location: RemoteLocation) -> None:
+        self._delete_keys(location.oid, len(location.chunks))
+        with self._lock:
+            self._used -= sum(c.raw for c in location.chunks)
+
+    def stored_nbytes(self, location: Any) -> int:
+        return sum(c.stored for c in location.chunks)
+
+    def close(self) -> None:
+        self._redis.close()
