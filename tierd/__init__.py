@@ -16,6 +16,7 @@ from tierd.clients import checkpoint
 from tierd.clients.activations import offload_activations
 from tierd.clients.base import Store
 from tierd.clients.embedded import EmbeddedStore, open_store
+from tierd.clients.kv import PrefixKVStore
 from tierd.clients.optimizer import OffloadedOptimizer, offload_optimizer
 from tierd.clients.remote import RemoteStore
 from tierd.config import Config, load_config
@@ -37,7 +38,7 @@ from tierd.types import ObjectInfo, Stats, TierStats
 __version__ = "0.1.0"
 
 __all__ = [
-    "open", "connect", "checkpoint", "offload_activations", "offload_optimizer", "OffloadedOptimizer", "Store", "EmbeddedStore", "RemoteStore", "Config", "load_config", "ObjectInfo", "Stats", "TierStats",
+    "open", "connect", "checkpoint", "PrefixKVStore", "offload_activations", "offload_optimizer", "OffloadedOptimizer", "Store", "EmbeddedStore", "RemoteStore", "Config", "load_config", "ObjectInfo", "Stats", "TierStats",
     "TierdError", "NotFound", "OutOfSpace", "QuotaExceeded", "CorruptObject", "ProtocolError",
     "DaemonUnavailable", "ConfigError", "StoreClosed", "InvalidArgument", "MediaError",
 ]

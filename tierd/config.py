@@ -28,6 +28,7 @@ __all__ = [
     "Config",
     "HostTierConfig",
     "NvmeTierConfig",
+    "RemoteTierConfig",
     "TiersConfig",
     "NamespaceConfig",
     "DaemonConfig",
@@ -38,7 +39,7 @@ __all__ = [
 ]
 
 CodecName = Literal["none", "zstd", "bytegroup"]
-TierName = Literal["host", "nvme"]
+TierName = Literal["host", "nvme", "remote"]
 
 # Environment variables that belong to the CLI rather than to the config.
 _ENV_NOT_CONFIG = frozenset({"TIERD_SOCKET", "TIERD_CONFIG", "TIERD_LOG_LEVEL"})
@@ -79,9 +80,26 @@ class NvmeTierConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=
     io_threads: int = 8
 
 
+class RemoteTierConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``[tiers.remote]``: Redis or Valkey; off unless ``url`` is set.
+
+    ``url`` carries password and TLS (``rediss://user:pass@host:6379/0``);
+    ``cluster = true`` speaks Redis Cluster.
+    """
+
+    url: str = ""
+    size: int = 1 << 40  # what tierd may store there (the server has its own maxmemory)
+    cluster: bool = False
+    ttl_s: float | None = None
+    chunk_size: int = 1 << 20
+    timeout_s: float = 5.0
+    prefix: str = "tierd"
+
+
 class TiersConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     host: HostTierConfig = HostTierConfig()
     nvme: NvmeTierConfig = NvmeTierConfig()
+    remote: RemoteTierConfig = RemoteTierConfig()
 
 
 class DaemonConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -115,6 +133,7 @@ class NamespaceConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only
     prefetch_depth: int = 2
     access: Literal["random", "cyclic"] = "random"
     admit_max: int | None = None  # larger objects skip the host tier (admission)
+    write_through: bool = False  # also keep a copy on the remote tier (shared between machines)
     codec: CodecName = "none"
     durable: bool = False
     tier: TierName | None = None  # highest tier objects may land in
@@ -156,6 +175,8 @@ _SIZE_KEYS = {
     ("tiers", "nvme", "size"),
     ("tiers", "nvme", "slab_size"),
     ("tiers", "nvme", "chunk_size"),
+    ("tiers", "remote", "size"),
+    ("tiers", "remote", "chunk_size"),
     ("namespaces", "*", "quota"),
     ("namespaces", "*", "admit_max"),
     ("daemon", "", "uid_quota"),
@@ -300,6 +321,7 @@ def _resolve_defaults(cfg: Config) -> Config:
         tiers=TiersConfig(
             host=msgspec.structs.replace(host, size=host_size),
             nvme=msgspec.structs.replace(nvme, path=str(path), size=nvme_size),
+            remote=cfg.tiers.remote,
         ),
     )
 

@@ -64,13 +64,14 @@ from tierd.policies import (
 from tierd.tiers.base import Tier
 from tierd.tiers.host import HostLocation, HostTier
 from tierd.tiers.nvme import NvmeTier
+from tierd.tiers.remote import RemoteLocation, RemoteTier
 from tierd.types import ObjectInfo, Stats, TierStats
 
 __all__ = ["Engine", "PendingPut", "TIERS", "namespace_of", "validate_key"]
 
 log = logging.getLogger("tierd.daemon.engine")
 
-TIERS = ("host", "nvme")  # fastest first
+TIERS = ("host", "nvme", "remote")  # fastest first; remote only when configured
 MAX_KEY_BYTES = 1024
 _DEFAULT_NAMESPACE = "default"
 
@@ -103,6 +104,19 @@ class PendingPut:
     rec: ObjectRecord
     top: str
     staging: HostLocation | None
+
+
+class RemoteEntry(msgspec.Struct, frozen=True, array_like=True):
+    """The remote index's value: enough for another store to read the object."""
+
+    meta: ObjectMeta
+    nbytes: int
+    codec: str
+    location: RemoteLocation
+
+
+_remote_encoder = msgspec.msgpack.Encoder()
+_remote_decoder = msgspec.msgpack.Decoder(RemoteEntry)
 
 
 def _monotonic_deadline(expires_at: float | None) -> float | None:
@@ -177,6 +191,14 @@ class Engine:
             self.host.close()
             raise
         self.tiers: dict[str, Tier] = {"host": self.host, "nvme": self.nvme}
+        self.remote: RemoteTier | None = None
+        remote_cfg = config.tiers.remote
+        if remote_cfg.url:
+            self.remote = RemoteTier(
+                remote_cfg.url, remote_cfg.size, chunk_size=remote_cfg.chunk_size, ttl_s=remote_cfg.ttl_s,
+                timeout_s=remote_cfg.timeout_s, prefix=remote_cfg.prefix, cluster=remote_cfg.cluster,
+            )
+            self.tiers["remote"] = self.remote
         self._lock = threading.Lock()
         self._commit_lock = threading.Lock()
         self._index: dict[str, ObjectRecord] = {}
@@ -295,9 +317,27 @@ class Engine:
     def acquire(self, key: str) -> ObjectRecord:
         """Lease ``key``'s current version: its bytes stay readable until :meth:`release`.
 
+        A key missing here is looked up in the remote tier's shared index.
+
         Raises:
             NotFound: no such key (or it expired).
         """
+        try:
+            return self._acquire_local(key)
+        except NotFound:
+            if not self._adopt_quietly(key):
+                raise
+        return self._acquire_local(key)
+
+    def _adopt_quietly(self, key: str) -> bool:
+        """Remote fallback of a lookup: an unreachable server is a miss, not an error."""
+        try:
+            return self._adopt_remote(key)
+        except TierdError as exc:
+            log.warning("remote lookup of %r skipped: %s", key, exc)
+            return False
+
+    def _acquire_local(self, key: str) -> ObjectRecord:
         with self._lock:
             self._check_open()
             rec = self._lookup_locked(key)
@@ -426,22 +466,37 @@ class Engine:
                     data = src if src is not None else torch.empty(0, dtype=torch.uint8)
                 # Note [durability] in tiers/nvme.py: chunks fsync'ed here, then
                 # the LMDB entry committed in _commit, then acknowledged.
-                rec.nvme = self.nvme.write(data, codec=get_codec(rec.codec), itemsize=rec.meta.itemsize,
-                                           durable=rec.durable)
+                rec.nvme = self._write_nvme(data, rec, durable=rec.durable)
+            if self.remote is not None and nbytes and self.config.namespace(rec.namespace).write_through:
+                remote_src = self.host.view(staging) if staging is not None else (
+                    _tensor_of(src) if isinstance(src, memoryview) else src)
+                assert remote_src is not None  # nbytes > 0 means bytes were given or staged
+                try:
+                    rec.remote = self.remote.write(remote_src, codec=get_codec(rec.codec),
+                                                   itemsize=rec.meta.itemsize, durable=False)
+                except TierdError as exc:  # the remote copy is a bonus: local tiers keep working
+                    log.warning("write-through of %r to the remote tier failed: %s", rec.key, exc)
             keep_staging = staging is not None and pending.top == "host"
             if keep_staging:
                 rec.host = staging  # volatile: its home; durable: a cached copy
-            self._commit(rec)
+            replaced = self._commit(rec)
         except BaseException:
             if rec.nvme is not None:
                 self.nvme.free(rec.nvme)
                 rec.nvme = None
+            if rec.remote is not None and self.remote is not None:
+                self.remote.free(rec.remote)
+                rec.remote = None
             rec.host = None
             if staging is not None:
                 self.host.free(staging)
             raise
         if staging is not None and not keep_staging:
             self.host.free(staging)
+        if rec.remote is not None:
+            self._index_remote(rec)
+        elif replaced is not None and replaced.remote is not None and self.remote is not None:
+            self.remote.index_delete(rec.key)  # the old remote copy is gone
         with self._lock:
             for name in TIERS:
                 if getattr(rec, name) is not None:
@@ -463,7 +518,8 @@ class Engine:
         nbytes = src.nbytes if isinstance(src, memoryview) else src.numel()
         self.finish_put(self.prepare_put(key, nbytes, meta, **options), src)
 
-    def _commit(self, rec: ObjectRecord) -> None:
+    def _commit(self, rec: ObjectRecord) -> ObjectRecord | None:
+        """Install ``rec`` (LMDB first for durable objects); returns the record it replaced."""
         with self._commit_lock:
             with self._lock:
                 self._check_open()
@@ -479,6 +535,7 @@ class Engine:
             self._trace.write("put", rec.key, rec.nbytes, rec.tier)
         if upcoming:
             self.prefetch(upcoming)
+        return old
 
     def host_used_bytes(self) -> int:
         return self.host.used_bytes
@@ -498,24 +555,109 @@ class Engine:
             if victim is None or not self._demote(victim):
                 return None
 
-    def _pick_victim_locked(self, need_bytes: int = 0) -> ObjectRecord | None:
-        """The least valuable host object that may leave, leased for its demotion.
+    def _pick_victim_locked(self, need_bytes: int = 0, tier: str = "host") -> ObjectRecord | None:
+        """The least valuable object of ``tier`` that may leave, leased for its demotion.
 
-        Each namespace ranks its own objects with its own policy; the namespace
-        holding the most host bytes gives up its best victim first.
+        Each namespace ranks its own objects with its own policy; on host, the
+        namespace holding the most host bytes gives up its best victim first.
+        On nvme, durable objects never leave (their nvme copy is the durable one).
         """
         now = time.monotonic()
         for ns in sorted(self._namespaces.values(), key=lambda n: -n.host_bytes):
-            if ns.host_bytes <= 0:
+            if tier == "host" and ns.host_bytes <= 0:
                 break
-            for key in ns.eviction.victims("host", need_bytes, now):
+            for key in ns.eviction.victims(tier, need_bytes, now):
                 rec = self._index.get(key)
-                if rec is None or rec.pinned or rec.moving or rec.host is None:
+                if rec is None or rec.pinned or rec.moving or getattr(rec, tier) is None:
+                    continue
+                if tier == "nvme" and (rec.durable or rec.host is not None):
                     continue
                 rec.moving = True
-                rec.readers += 1  # the demotion reads the host copy: keep it alive
+                rec.readers += 1  # the demotion reads this copy: keep it alive
                 return rec
         return None
+
+    def _write_nvme(self, src: torch.Tensor, rec: ObjectRecord, *, durable: bool) -> Any:
+        """Write to nvme; when it is full and a remote tier exists, demote nvme objects there first."""
+        for _ in range(64):
+            try:
+                return self.nvme.write(src, codec=get_codec(rec.codec), itemsize=rec.meta.itemsize, durable=durable)
+            except OutOfSpace:
+                if self.remote is None or not self._demote_nvme(src.numel()):
+                    raise
+        raise OutOfSpace("nvme tier stays full although objects were moved to the remote tier")
+
+    def _demote_nvme(self, need_bytes: int) -> bool:
+        """Move nvme objects (least valuable first) to the remote tier until ``need_bytes`` left nvme."""
+        assert self.remote is not None
+        freed = 0
+        while freed < need_bytes:
+            with self._lock:
+                victim = self._pick_victim_locked(need_bytes - freed, tier="nvme")
+            if victim is None:
+                return freed > 0
+            try:
+                loc = victim.nvme
+                assert loc is not None  # picked because it has an nvme copy; the lease keeps it
+                buf = torch.empty(victim.nbytes, dtype=torch.uint8)
+                self.nvme.read_into(loc, buf, itemsize=victim.meta.itemsize)
+                remote_loc = victim.remote or self.remote.write(buf, codec=get_codec(victim.codec),
+                                                                itemsize=victim.meta.itemsize, durable=False)
+            except TierdError as exc:
+                log.warning("cannot demote %r to the remote tier: %s", victim.key, exc)
+                with self._lock:
+                    victim.moving = False
+                self.release(victim)
+                return freed > 0
+            with self._lock:
+                victim.moving = False
+                if victim.live and victim.nvme is not None:
+                    if victim.remote is None:
+                        self._set_location(victim, "remote", remote_loc)
+                        self._counters["remote"].bytes_in += victim.nbytes
+                        self._counters["remote"].demoted += victim.nbytes
+                    self._take_location(victim, "nvme")
+                    freed += victim.nbytes
+                    indexed = True
+                else:
+                    indexed = False
+            if indexed:
+                self._index_remote(victim)
+            elif victim.remote is None:
+                self.remote.free(remote_loc)
+            self.release(victim)
+        return True
+
+    def _index_remote(self, rec: ObjectRecord) -> None:
+        """Describe ``rec``'s remote copy in the shared index (other stores adopt it from there)."""
+        if self.remote is None or rec.remote is None:
+            return
+        entry = _remote_encoder.encode(RemoteEntry(rec.meta, rec.nbytes, rec.codec, rec.remote))
+        try:
+            self.remote.index_put(rec.key, entry)
+        except TierdError as exc:
+            log.warning("remote index update for %r failed: %s", rec.key, exc)
+
+    def _adopt_remote(self, key: str) -> bool:
+        """On a local miss, look ``key`` up in the remote index; install it if found."""
+        if self.remote is None:
+            return False
+        raw = self.remote.index_get(key)  # network I/O: never under the engine lock
+        if raw is None:
+            return False
+        try:
+            entry = _remote_decoder.decode(raw)
+        except msgspec.DecodeError:
+            log.error("remote index entry for %r does not decode; ignored", key)
+            return False
+        rec = ObjectRecord(key=key, namespace=namespace_of(key), meta=entry.meta, nbytes=entry.nbytes,
+                           codec=entry.codec, durable=False, pinned=False, expires_at=None, remote=entry.location)
+        with self._commit_lock, self._lock:
+            if key in self._index:
+                return True  # someone installed it meanwhile
+            self.remote.adopt(entry.location)
+            self._install_locked(rec)
+        return True
 
     # -- namespaces, schedules, traces -------------------------------------------
 
@@ -585,11 +727,8 @@ class Engine:
         new_loc = None
         try:
             host_loc = rec.host
-            if host_loc is not None and rec.nvme is None:
-                new_loc = self.nvme.write(
-                    self.host.view(host_loc), codec=get_codec(rec.codec),
-                    itemsize=rec.meta.itemsize, durable=False,
-                )
+            if host_loc is not None and rec.nvme is None and rec.remote is None:
+                new_loc = self._write_nvme(self.host.view(host_loc), rec, durable=False)
         except TierdError as exc:
             log.debug("cannot demote %r: %s", rec.key, exc)
             with self._lock:
@@ -646,12 +785,16 @@ class Engine:
         """
         with self._lock:
             host_loc = rec.host
-            if host_loc is not None or rec.nvme is None:
+            if host_loc is not None or (rec.nvme is None and rec.remote is None):
                 self._counters["host"].hits += 1
                 self._counters["host"].bytes_out += rec.nbytes
                 return host_loc
             self._counters["host"].misses += 1
-            self._counters["nvme"].hits += 1
+            if rec.nvme is not None:
+                self._counters["nvme"].hits += 1
+            else:
+                self._counters["nvme"].misses += 1
+                self._counters["remote"].hits += 1
         if promote and rec.nbytes:
             loc = self._promote(rec, evict=evict)
             if loc is not None:
@@ -674,12 +817,14 @@ class Engine:
             return
         if isinstance(dest, memoryview):
             dest = _tensor_of(dest)
-        nvme_loc = rec.nvme
-        if nvme_loc is None:  # promoted by someone else meanwhile: read the new copy
-            return self.read_into(rec, dest, promote=False)
-        self._timed_nvme_read(nvme_loc, dest, rec)
         with self._lock:
-            self._counters["nvme"].bytes_out += rec.nbytes
+            source = "nvme" if rec.nvme is not None else "remote" if rec.remote is not None else None
+            loc = getattr(rec, source) if source else None
+        if source is None:  # promoted by someone else meanwhile: read the new copy
+            return self.read_into(rec, dest, promote=False)
+        self._read_lower(source, loc, dest, rec)
+        with self._lock:
+            self._counters[source].bytes_out += rec.nbytes
 
     def _timed_nvme_read(self, loc: Any, dest: torch.Tensor, rec: ObjectRecord) -> None:
         started = time.perf_counter()
@@ -693,21 +838,22 @@ class Engine:
 
     def _promote(self, rec: ObjectRecord, *, evict: bool) -> HostLocation | None:
         """Bring leased ``rec`` up into host; its host location, or None if no room."""
-        nvme_loc = rec.nvme
-        if nvme_loc is None or rec.host is not None:
+        source = "nvme" if rec.nvme is not None else "remote" if rec.remote is not None else None
+        if source is None or rec.host is not None:
             return rec.host
+        loc = getattr(rec, source)
         ext = self._alloc_host(rec.nbytes, evict=evict)
         if ext is None:
             self._wake.set()  # make room for next time
             return None
         try:
             # Aligned extent: O_DIRECT reads land in it with no bounce copy.
-            self._timed_nvme_read(nvme_loc, self.host.view(ext), rec)
+            self._read_lower(source, loc, self.host.view(ext), rec)
         except BaseException:
             self.host.free(ext)
             raise
         with self._lock:
-            self._counters["nvme"].bytes_out += rec.nbytes
+            self._counters[source].bytes_out += rec.nbytes
             if not rec.live or rec.host is not None:
                 # Replaced, deleted or promoted meanwhile: our copy is still a
                 # correct image of this version; hand it to the reader and
@@ -717,9 +863,18 @@ class Engine:
             self._set_location(rec, "host", ext)
             self._counters["host"].bytes_in += rec.nbytes
             self._counters["host"].promoted += rec.nbytes
-            if not rec.durable:  # a volatile object moves; a durable one keeps its nvme copy
+            # A volatile nvme copy moves up. A durable one stays (it is the
+            # durable copy), and so does a remote one (other stores may share it).
+            if source == "nvme" and not rec.durable:
                 self._take_location(rec, "nvme")
         return ext
+
+    def _read_lower(self, tier: str, loc: Any, dest: torch.Tensor, rec: ObjectRecord) -> None:
+        if tier == "nvme":
+            self._timed_nvme_read(loc, dest, rec)
+        else:
+            assert self.remote is not None
+            self.remote.read_into(loc, dest, itemsize=rec.meta.itemsize)
 
     def move(self, key: str, tier: str) -> None:
         """Promote or demote ``key`` to ``tier`` now.
@@ -790,6 +945,8 @@ class Engine:
             with self._lock:
                 if self._index.get(key) is rec:
                     self._retire_locked(rec)
+        if rec.remote is not None and self.remote is not None:
+            self.remote.index_delete(key)  # other stores must not adopt it any more
         if self._trace is not None:
             self._trace.write("delete", key, rec.nbytes, rec.tier)
         return True
@@ -798,11 +955,16 @@ class Engine:
         with self._lock:
             try:
                 self._lookup_locked(key)
+                return True
             except NotFound:
-                return False
-            return True
+                if self.remote is None or key in self._index:  # absent, or present but expired
+                    return False
+        return self._adopt_quietly(key)
 
     def info(self, key: str) -> ObjectInfo:
+        if not self.exists(key):
+            with self._lock:
+                self._lookup_locked(key)  # raises the right NotFound
         with self._lock:
             rec = self._lookup_locked(key)
             on = tuple(t for t in TIERS if getattr(rec, t) is not None)
@@ -881,5 +1043,7 @@ class Engine:
         self.nvme.close()
         self._durable.close()
         self.host.close()
+        if self.remote is not None:
+            self.remote.close()
         if self._trace is not None:
             self._trace.close()

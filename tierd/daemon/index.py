@@ -70,6 +70,7 @@ class ObjectRecord:
     owner: int | None = None  # uid of the daemon client that put it; None: embedded or shared
     host: HostLocation | None = None
     nvme: NvmeLocation | None = None
+    remote: Any = None  # RemoteLocation: a demoted object, a write-through copy, or one adopted from the remote index
     readers: int = 0
     moving: bool = False
     live: bool = True
@@ -77,7 +78,12 @@ class ObjectRecord:
 
     @property
     def tier(self) -> str:
-        return "nvme" if self.host is None and self.nvme is not None else "host"
+        """The fastest tier holding a copy."""
+        if self.host is not None:
+            return "host"
+        if self.nvme is not None:
+            return "nvme"
+        return "remote" if self.remote is not None else "host"
 
     def durable_entry(self) -> DurableEntry:
         assert self.nvme is not None, "a durable record always has an nvme copy"

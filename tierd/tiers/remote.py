@@ -13,8 +13,10 @@ unreachable server makes operations on remote objects raise
 chunk that has vanished (expired, evicted by Redis's maxmemory policy,
 flushed) is reported as such.
 
-Not wired into the engine's movement yet: demotion nvme -> remote and
-remote lookups arrive with the KV-cache work (issue 7).
+The index: every object the engine puts on this tier is also described
+under ``{prefix}:idx`` (a hash: key -> msgpack of its metadata and chunks),
+so another store using the same server finds it on a local miss. That is
+how two machines share KV-cache blocks.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgspec
@@ -60,7 +63,8 @@ class RemoteTier(Tier):
     persistent = True
 
     def __init__(self, url: str, capacity_bytes: int, *, chunk_size: int = 1 << 20, ttl_s: float | None = None,
-                 timeout_s: float = 5.0, prefix: str = "tierd", client: Any = None, **redis_options: Any) -> None:
+                 timeout_s: float = 5.0, prefix: str = "tierd", cluster: bool = False, client: Any = None,
+                 **redis_options: Any) -> None:
         self.url = url
         self.prefix = prefix
         self.chunk_size = chunk_size
@@ -69,10 +73,11 @@ class RemoteTier(Tier):
         self._used = 0
         self._lock = threading.Lock()
         # A pooled client: redis-py reconnects on the next command after a failure.
-        self._redis = client or redis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=30,
-            **redis_options,
-        )
+        if client is None:
+            factory = redis.RedisCluster.from_url if cluster else redis.Redis.from_url
+            client = factory(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, **redis_options)
+        self._redis = client
+        self._freer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tierd-remote-free")
 
     def _key(self, oid: str, i: int) -> str:
         return f"{self.prefix}:{oid}:{i}"
@@ -152,12 +157,40 @@ class RemoteTier(Tier):
             log.warning("could not delete %d chunks of %s from %s: %s", count, oid, self.url, exc)
 
     def free(self, location: RemoteLocation) -> None:
-        self._delete_keys(location.oid, len(location.chunks))
+        # The engine frees under its lock: the round trip to the server goes to a worker.
         with self._lock:
             self._used -= sum(c.raw for c in location.chunks)
+        self._freer.submit(self._delete_keys, location.oid, len(location.chunks))
 
     def stored_nbytes(self, location: Any) -> int:
         return sum(c.stored for c in location.chunks)
 
+    # -- the shared index ----------------------------------------------------
+
+    def index_put(self, key: str, entry: bytes) -> None:
+        try:
+            self._redis.hset(f"{self.prefix}:idx", key, entry)
+        except redis.RedisError as exc:
+            raise self._fail(exc, "indexing") from exc
+
+    def index_get(self, key: str) -> bytes | None:
+        try:
+            value = self._redis.hget(f"{self.prefix}:idx", key)
+        except redis.RedisError as exc:
+            raise self._fail(exc, "looking up") from exc
+        return bytes(value) if value is not None else None
+
+    def index_delete(self, key: str) -> None:
+        try:
+            self._redis.hdel(f"{self.prefix}:idx", key)
+        except redis.RedisError as exc:
+            log.warning("could not drop %r from the remote index at %s: %s", key, self.url, exc)
+
+    def adopt(self, location: RemoteLocation) -> None:
+        """Count an object another store put here (found through the index)."""
+        with self._lock:
+            self._used += sum(c.raw for c in location.chunks)
+
     def close(self) -> None:
+        self._freer.shutdown(wait=True)
         self._redis.close()

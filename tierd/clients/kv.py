@@ -1,0 +1,175 @@
+"""``tierd.PrefixKVStore``: KV-cache blocks keyed by the token prefix that produced them.
+
+A prompt's tokens are cut into blocks of ``block_tokens``; block ``i`` is
+stored under a chain hash of every token up to the end of block ``i``, so
+two requests that share a prefix share its blocks, and a key says nothing
+about the suffix after it. The hash is xxh3-128 over the previous block's
+hash and this block's token ids (int64, little-endian), seeded with the
+model id, dtype, block size and layout: the same in every process and on
+every machine, whatever PYTHONHASHSEED says.
+
+Note [prefix eviction order]
+    A prefix is only useful from its head: a tail without its head can never
+    be hit. Blocks are therefore touched tail first, head last, on every put
+    and get, so under a recency policy the head is the most recent and goes
+    last. ``lookup`` stops at the first missing block, so a prefix that did
+    lose a block in the middle is reported only up to the hole.
+
+``kv`` tensors are shaped ``[layers, 2, tokens, kv_heads, head_dim]``; one
+object per block holds all layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+import xxhash
+
+from tierd.clients.base import Store
+from tierd.errors import InvalidArgument, NotFound
+
+__all__ = ["PrefixKVStore"]
+
+_LAYOUT = "layers,2,tokens,kv_heads,head_dim"
+
+
+def _token_bytes(tokens: Sequence[int] | torch.Tensor) -> bytes:
+    t = torch.as_tensor(tokens, dtype=torch.int64).reshape(-1)
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return t.numpy().astype("<i8", copy=False).tobytes()
+
+
+class PrefixKVStore:
+    """Stores and finds KV-cache blocks by token prefix.
+
+    Args:
+        store: ``tierd.open()`` or ``tierd.connect()``; with ``connect()``, all
+            processes on the machine share blocks; with a remote tier and
+            ``write_through`` on the namespace, all machines do.
+        model: model id (part of every key: two models never share blocks).
+        block_tokens: tokens per block; a partial tail block is not stored.
+        namespace: key namespace (default ``"kv"``).
+        dtype: the KV dtype (part of every key).
+    """
+
+    def __init__(self, store: Store, *, model: str, block_tokens: int = 256, namespace: str | None = None,
+                 dtype: torch.dtype = torch.bfloat16) -> None:
+        if block_tokens < 1:
+            raise InvalidArgument(f"block_tokens must be >= 1, got {block_tokens}")
+        self.store = store
+        self.model = model
+        self.block_tokens = block_tokens
+        self.namespace = namespace or "kv"
+        self.dtype = dtype
+        seed = f"tierd-kv/v1|{model}|{str(dtype).removeprefix('torch.')}|{block_tokens}|{_LAYOUT}".encode()
+        self._seed = xxhash.xxh3_128_digest(seed)
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tierd-kv")
+
+    # -- keys ------------------------------------------------------------------
+
+    def block_keys(self, tokens: Sequence[int] | torch.Tensor) -> list[str]:
+        """Keys of the whole blocks of ``tokens``, head first."""
+        raw = _token_bytes(tokens)
+        step = self.block_tokens * 8
+        keys = []
+        prev = self._seed
+        for start in range(0, len(raw) - step + 1, step):
+            prev = xxhash.xxh3_128_digest(prev + raw[start : start + step])
+            keys.append(f"{self.namespace}/{prev.hex()}")
+        return keys
+
+    # -- single request ----------------------------------------------------------
+
+    def put(self, tokens: Sequence[int] | torch.Tensor, kv: torch.Tensor) -> int:
+        """Store the whole blocks of ``kv`` (``[layers, 2, tokens, heads, head_dim]``); returns tokens stored.
+
+        Blocks already stored (a shared prefix) are not written again.
+        """
+        keys = self.block_keys(tokens)
+        if kv.dim() != 5 or kv.shape[1] != 2:
+            raise InvalidArgument(f"kv must be [layers, 2, tokens, kv_heads, head_dim], got {tuple(kv.shape)}")
+        if kv.shape[2] < len(keys) * self.block_tokens:
+            raise InvalidArgument(f"kv holds {kv.shape[2]} tokens, fewer than the {len(keys) * self.block_tokens} "
+                                  "of the whole blocks of tokens")
+        if kv.dtype != self.dtype:
+            raise InvalidArgument(f"kv is {kv.dtype}, this store keys {self.dtype}")
+        # Note [prefix eviction order]: tail first, head last.
+        for i in reversed(range(len(keys))):
+            if not self.store.exists(keys[i]):
+                b = i * self.block_tokens
+                self.store.put(keys[i], kv[:, :, b : b + self.block_tokens])
+        return len(keys) * self.block_tokens
+
+    def lookup(self, tokens: Sequence[int] | torch.Tensor) -> int:
+        """Tokens of the longest stored prefix of ``tokens`` (a multiple of ``block_tokens``)."""
+        n = 0
+        for key in self.block_keys(tokens):
+            if not self.store.exists(key):
+                break  # a hole ends the prefix (Note [prefix eviction order])
+            n += 1
+        return n * self.block_tokens
+
+    def _fetch(self, keys: Sequence[str]) -> list[torch.Tensor]:
+        # Tail first, head last: the head ends up the most recently used.
+        futures = [self.store.get_async(k) for k in reversed(keys)]
+        try:
+            blocks = [f.result() for f in futures]
+        except NotFound as exc:
+            raise NotFound(f"a block of this prefix was evicted since lookup(): {exc}") from None
+        return blocks[::-1]
+
+    def get(self, tokens: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """KV of the longest stored prefix of ``tokens``: ``[layers, 2, n, heads, head_dim]`` (n may be 0).
+
+        Raises:
+            NotFound: a block vanished between lookup and fetch (evicted meanwhile).
+        """
+        n = self.lookup(tokens) // self.block_tokens
+        keys = self.block_keys(tokens)[:n]
+        if not keys:
+            return torch.empty(0, 2, 0, 0, 0, dtype=self.dtype)
+        return torch.cat(self._fetch(keys), dim=2)
+
+    def get_layers(self, tokens: Sequence[int] | torch.Tensor, *, device: Any = None) -> Iterator[torch.Tensor]:
+        """The stored prefix's KV layer by layer (``[2, n, heads, head_dim]``).
+
+        All blocks are fetched at once; then layer ``i + 1`` is assembled (and
+        moved to ``device``) on a worker while the caller uses layer ``i``.
+        """
+        n = self.lookup(tokens) // self.block_tokens
+        keys = self.block_keys(tokens)[:n]
+        if not keys:
+            return
+        blocks = self._fetch(keys)
+        layers = blocks[0].shape[0]
+
+        def assemble(i: int) -> torch.Tensor:
+            layer = torch.cat([b[i] for b in blocks], dim=1)
+            return layer.to(device, non_blocking=True) if device is not None else layer
+
+        nxt: Future[torch.Tensor] = self._pool.submit(assemble, 0)
+        for i in range(layers):
+            current = nxt.result()
+            if i + 1 < layers:
+                nxt = self._pool.submit(assemble, i + 1)
+            yield current
+
+    # -- many requests -----------------------------------------------------------
+
+    def put_many(self, requests: Sequence[tuple[Sequence[int] | torch.Tensor, torch.Tensor]]) -> list[int]:
+        """``put`` for several requests, in parallel."""
+        return list(self._pool.map(lambda r: self.put(*r), requests))
+
+    def lookup_many(self, token_lists: Sequence[Sequence[int] | torch.Tensor]) -> list[int]:
+        return list(self._pool.map(self.lookup, token_lists))
+
+    def get_many(self, token_lists: Sequence[Sequence[int] | torch.Tensor]) -> list[torch.Tensor]:
+        return list(self._pool.map(self.get, token_lists))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
