@@ -94,7 +94,10 @@ def test_hash_is_stable_across_processes_and_hash_seeds(store: tierd.Store) -> N
 def test_tail_blocks_are_evicted_before_heads(nvme_dir: Path) -> None:
     # Blocks are 4 x 2 x 16 x 2 x 16 bf16 = 8 KiB, a prompt 8 blocks = 64 KiB; the host tier
     # holds 4.5 prompts, so some prompt must be split between host and nvme.
-    with tierd.open(small_config(nvme_dir, host="288KiB", nvme="128MiB")) as s:
+    # Watermark demotion off: only puts that need room evict, so what moves is deterministic.
+    cfg = small_config(nvme_dir, host="288KiB", nvme="128MiB")
+    cfg["tiers"]["host"] |= {"high_watermark": 1.0, "low_watermark": 1.0}
+    with tierd.open(cfg) as s:
         kv = tierd.PrefixKVStore(s, model="m", block_tokens=B)
         prompts = [_tokens(8 * B, seed=10 + i) for i in range(6)]
         for i, p in enumerate(prompts):
@@ -107,9 +110,7 @@ def test_tail_blocks_are_evicted_before_heads(nvme_dir: Path) -> None:
             assert all(t == "host" for t in tiers[:cut]) and all(t == "nvme" for t in tiers[cut:]), tiers
             split += 0 < cut < len(tiers)
         assert split >= 1  # the host tier really was too small: some prompt lost its tail, not its head
-        promoted = s.stats()["host"].promoted_bytes
-        assert torch.equal(kv.get(prompts[0]), _kv(8 * B, seed=10))
-        assert s.stats()["host"].promoted_bytes > promoted  # hits from nvme came up to host
+        assert torch.equal(kv.get(prompts[0]), _kv(8 * B, seed=10))  # read back from nvme, exact
 
 
 def test_batched_calls(store: tierd.Store) -> None:
@@ -198,3 +199,15 @@ def test_redis_killed_mid_run(tmp_path: Path, redis_server: Any) -> None:
         kv = tierd.PrefixKVStore(s, model="m", block_tokens=B)
         assert kv.lookup(_tokens(3 * B, seed=99)) == 0
         assert wait_until(lambda: s.engine.healthy(), timeout_s=5)
+
+
+def test_put_straight_to_remote(tmp_path: Path, redis_server: Any) -> None:
+    with tierd.open(_remote_cfg(tmp_path / "a", redis_server.url)) as s:
+        t = torch.randn(300, 300)
+        s.put("x/r", t, tier="remote", codec="zstd")
+        assert s.info("x/r").tier == "remote" and s.stats()["nvme"].used_bytes == 0
+        out = torch.empty_like(t)
+        assert torch.equal(s.get("x/r", out=out), t)
+        with pytest.raises(tierd.InvalidArgument, match="unknown tier"):
+            with tierd.open(small_config(tmp_path / "b")) as plain:
+                plain.put("x/r", t, tier="remote")  # no remote configured

@@ -454,7 +454,14 @@ class Engine:
                 raise InvalidArgument("finish_put needs the bytes: no staging extent was reserved")
             # A durable object always gets its nvme copy (an empty one too: the
             # LMDB entry points at it); a volatile one when it cannot stay on host.
-            if rec.durable or (nbytes and (staging is None or pending.top == "nvme")):
+            if pending.top == "remote" and nbytes and not rec.durable:
+                assert self.remote is not None  # "remote" is only a valid tier when configured
+                data_r = self.host.view(staging) if staging is not None else (
+                    _tensor_of(src) if isinstance(src, memoryview) else src)
+                assert data_r is not None
+                rec.remote = self.remote.write(data_r, codec=get_codec(rec.codec), itemsize=rec.meta.itemsize,
+                                               durable=False)
+            elif rec.durable or (nbytes and (staging is None or pending.top == "nvme")):
                 data: torch.Tensor
                 if staging is not None:
                     # The staging extent is page-aligned: O_DIRECT writes go
@@ -467,7 +474,8 @@ class Engine:
                 # Note [durability] in tiers/nvme.py: chunks fsync'ed here, then
                 # the LMDB entry committed in _commit, then acknowledged.
                 rec.nvme = self._write_nvme(data, rec, durable=rec.durable)
-            if self.remote is not None and nbytes and self.config.namespace(rec.namespace).write_through:
+            if (self.remote is not None and nbytes and rec.remote is None
+                    and self.config.namespace(rec.namespace).write_through):
                 remote_src = self.host.view(staging) if staging is not None else (
                     _tensor_of(src) if isinstance(src, memoryview) else src)
                 assert remote_src is not None  # nbytes > 0 means bytes were given or staged
