@@ -15,3 +15,53 @@ def pyplot() -> Any | None:
     except ImportError:
         return None
     return plt
+
+
+def fio_gbs(directory: Any, rw: str, size: int) -> float | None:
+    """fio's O_DIRECT sequential bandwidth (bs=4M, iodepth=16) in GB/s, or None without fio."""
+    import json
+    import shutil
+    import subprocess
+
+    if shutil.which("fio") is None:
+        return None
+    cmd = ["fio", "--name=tierd-bench", f"--directory={directory}", f"--rw={rw}", "--bs=4M", "--iodepth=16",
+           "--direct=1", "--ioengine=libaio", f"--size={size}", "--numjobs=1", "--output-format=json"]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300)
+    except (subprocess.SubprocessError, OSError):
+        return None
+    job = json.loads(res.stdout)["jobs"][0]
+    return float(job["read" if rw == "read" else "write"]["bw_bytes"]) / 1e9
+
+
+def start_redis(workdir: Any) -> tuple[Any, str] | None:
+    """A private redis-server on a loopback TCP port: (process, url), or None if redis is not installed."""
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    exe = shutil.which("redis-server")
+    try:
+        import redis
+    except ImportError:
+        return None
+    if exe is None:
+        return None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(workdir)], stdout=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 30
+    while True:  # redis has no readiness signal: PING until it answers
+        try:
+            if redis.Redis.from_url(url).ping():
+                return proc, url
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                return None
+            time.sleep(0.05)

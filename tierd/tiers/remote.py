@@ -162,6 +162,10 @@ class RemoteTier(Tier):
             self._used -= sum(c.raw for c in location.chunks)
         self._freer.submit(self._delete_keys, location.oid, len(location.chunks))
 
+    def drain(self) -> None:
+        """Wait until every free queued so far has reached the server (one worker: FIFO)."""
+        self._freer.submit(lambda: None).result()
+
     def stored_nbytes(self, location: Any) -> int:
         return sum(c.stored for c in location.chunks)
 
