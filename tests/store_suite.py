@@ -67,6 +67,9 @@ class StoreTests:
 
     def test_non_contiguous_input_comes_back_with_its_shape(self, store: tierd.Store) -> None:
         base = _sample(torch.float32, (64, 48), seed=2)
+        big = _sample(torch.float32, (256, 3, 128), seed=9)[:, 1]  # large and strided: copied into the arena
+        store.put("t/big-strided", big)
+        assert _same(store.get("t/big-strided"), big.contiguous())
         for name, t in {"transposed": base.t(), "strided": base[::3, 1::2], "expanded": base[:1].expand(5, 48)}.items():
             store.put(f"t/{name}", t)
             got = store.get(f"t/{name}")
@@ -87,8 +90,12 @@ class StoreTests:
         assert got is out and out.data_ptr() == ptr and _same(out, t)
         with pytest.raises(tierd.InvalidArgument, match="dtype"):
             store.get("t/o", out=torch.zeros(128, 64))
-        with pytest.raises(tierd.InvalidArgument, match="contiguous"):
-            store.get("t/o", out=torch.zeros(64, 128, dtype=torch.bfloat16).t())
+        # A strided out= (a slice of a larger tensor) is filled in place through its strides.
+        big = torch.zeros(128, 3, 64, dtype=torch.bfloat16)
+        store.get("t/o", out=big[:, 1, :])
+        assert _same(big[:, 1, :].contiguous(), t) and int(big[:, 0].count_nonzero()) == 0
+        with pytest.raises(tierd.InvalidArgument, match="non-contiguous out= must have the object's shape"):
+            store.get("t/o", out=torch.zeros(64, 256, dtype=torch.bfloat16)[:, ::2])  # 64 x 128, not 128 x 64
 
     def test_get_out_from_nvme(self, store: tierd.Store) -> None:
         t = _sample(torch.float32, (1000, 333), seed=5)

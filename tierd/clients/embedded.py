@@ -9,7 +9,15 @@ from typing import Any
 import torch
 
 from tierd.clients.base import Store, prefetch_keys
-from tierd.clients.values import Value, check_out, encode_value, new_value
+from tierd.clients.values import (
+    Value,
+    check_out,
+    encode_value,
+    new_value,
+    strided_source,
+    tensor_meta,
+    typed_view,
+)
 from tierd.config import Config, load_config
 from tierd.daemon.engine import Engine, validate_key
 from tierd.types import ObjectInfo, Stats
@@ -36,13 +44,41 @@ class EmbeddedStore(Store):
         self, key: str, value: Value, *, tier: str | None = None, durable: bool | None = None,
         codec: str | None = None, pin: bool = False, ttl: float | None = None,
     ) -> None:
+        opts: dict[str, Any] = {"tier": tier, "durable": durable, "codec": codec, "pin": pin, "ttl": ttl}
+        strided = strided_source(value)
+        if strided is not None:
+            # A slice of a larger tensor: copy it with its strides straight into the
+            # staging extent, instead of making it contiguous first and copying again.
+            meta = tensor_meta(strided)
+            pending = self._engine.prepare_put(validate_key(key), strided.numel() * strided.element_size(), meta,
+                                               **opts)
+            if pending.staging is not None:
+                try:
+                    typed_view(self._engine.host.view(pending.staging), meta).copy_(strided)
+                except BaseException:
+                    self._engine.abort_put(pending)
+                    raise
+                self._engine.finish_put(pending)
+                return
+            self._engine.abort_put(pending)
         src, meta = encode_value(value)
-        self._engine.put(validate_key(key), src, meta, tier=tier, durable=durable, codec=codec, pin=pin, ttl=ttl)
+        self._engine.put(validate_key(key), src, meta, **opts)
 
     def get(self, key: str, *, device: str | torch.device | None = None, out: torch.Tensor | None = None) -> Any:
         with self._engine.lease(validate_key(key)) as rec:
             if out is not None:
-                self._engine.read_into(rec, check_out(out, rec.meta, key))
+                flat = check_out(out, rec.meta, key)
+                if flat is not None:
+                    self._engine.read_into(rec, flat)
+                    return out
+                if rec.host is not None:  # strided out: straight from the arena, one copy
+                    loc = self._engine.read_location(rec)
+                    if loc is not None:
+                        out.copy_(typed_view(self._engine.host.view(loc), rec.meta))
+                        return out
+                tmp, tmp_flat = new_value(rec.meta)
+                self._engine.read_into(rec, tmp_flat)
+                out.copy_(tmp)
                 return out
             value, dest = new_value(rec.meta)
             self._engine.read_into(rec, dest)

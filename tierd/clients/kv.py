@@ -113,9 +113,14 @@ class PrefixKVStore:
             n += 1
         return n * self.block_tokens
 
-    def _fetch(self, keys: Sequence[str]) -> list[torch.Tensor]:
+    def _fetch(self, keys: Sequence[str], out: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The blocks of ``keys``; with ``out`` (``[layers, 2, n, ...]``) each lands in its slice of it."""
+        b = self.block_tokens
         # Tail first, head last: the head ends up the most recently used.
-        futures = [self.store.get_async(k) for k in reversed(keys)]
+        futures = []
+        for i in reversed(range(len(keys))):
+            target = out[:, :, i * b : (i + 1) * b] if out is not None else None
+            futures.append(self.store.get_async(keys[i], out=target))
         try:
             blocks = [f.result() for f in futures]
         except NotFound as exc:
@@ -132,7 +137,12 @@ class PrefixKVStore:
         keys = self.block_keys(tokens)[:n]
         if not keys:
             return torch.empty(0, 2, 0, 0, 0, dtype=self.dtype)
-        return torch.cat(self._fetch(keys), dim=2)
+        # The first block gives the shape; the others are copied straight into their slices.
+        first = self.store.get(keys[0])
+        out = torch.empty(first.shape[0], 2, n * self.block_tokens, *first.shape[3:], dtype=first.dtype)
+        out[:, :, : self.block_tokens] = first
+        self._fetch(keys[1:], out[:, :, self.block_tokens :])
+        return out
 
     def get_layers(self, tokens: Sequence[int] | torch.Tensor, *, device: Any = None) -> Iterator[torch.Tensor]:
         """The stored prefix's KV layer by layer (``[2, n, heads, head_dim]``).

@@ -25,7 +25,15 @@ import torch
 from tierd import errors
 from tierd.clients.base import Store, prefetch_keys
 from tierd.clients.embedded import finish_value
-from tierd.clients.values import Value, check_out, encode_value, new_value
+from tierd.clients.values import (
+    Value,
+    check_out,
+    encode_value,
+    new_value,
+    strided_source,
+    tensor_meta,
+    typed_view,
+)
 from tierd.config import default_socket_path
 from tierd.daemon import protocol as p
 from tierd.daemon.engine import validate_key
@@ -209,18 +217,32 @@ class RemoteStore(Store):
             self._call(p.Put, key=key, nbytes=len(value), meta=meta, tier=tier, durable=durable, codec=codec,
                        pin=pin, ttl=ttl, data=value)
             return
-        src, meta = encode_value(value)
-        n = src.numel()
+        strided = strided_source(value)
+        if strided is not None:
+            src, meta = None, tensor_meta(strided)  # copied with its strides straight into the arena
+            n = strided.numel() * strided.element_size()
+        else:
+            src, meta = encode_value(value)
+            n = src.numel()
         opts = {"key": key, "nbytes": n, "meta": meta, "tier": tier, "durable": durable, "codec": codec,
                 "pin": pin, "ttl": ttl}
+        if src is None and (n <= self._inline_max):
+            src, _ = encode_value(value)
         if n <= self._inline_max:
+            assert src is not None
             self._call(p.Put, data=src.numpy().tobytes(), **opts)
             return
         ready, _ = self._call(p.Put, **opts)
         try:
-            if ready.offset is not None:
+            if ready.offset is not None and src is None:
+                assert strided is not None
+                typed_view(self._arena[ready.offset : ready.offset + n], meta).copy_(strided)
+            elif ready.offset is not None:
+                assert src is not None
                 self._arena[ready.offset : ready.offset + n].copy_(src)
             else:  # no room to stage in the arena: the bytes go through the socket
+                if src is None:
+                    src, _ = encode_value(value)
                 view = src.numpy()
                 for start in range(0, n, self._chunk_bytes):
                     self._send(p.PutChunk(id=0, put_id=ready.put_id, offset=start,
@@ -234,21 +256,25 @@ class RemoteStore(Store):
         ready, chunks = self._call(p.Get, key=validate_key(key))
         try:
             if out is not None:
-                value, dest = out, check_out(out, ready.meta, key)
+                flat = check_out(out, ready.meta, key)
+                if flat is None:  # strided out: one copy, from the arena or the frame
+                    if ready.offset is not None:
+                        out.copy_(typed_view(self._arena[ready.offset : ready.offset + out.numel()
+                                                         * out.element_size()], ready.meta))
+                    else:
+                        tmp, tmp_flat = new_value(ready.meta)
+                        _fill(tmp_flat, ready, chunks)
+                        out.copy_(tmp)
+                    return out
+                value, dest = out, flat
             else:
                 value, dest = new_value(ready.meta)
             if ready.offset is not None:
                 dest.copy_(self._arena[ready.offset : ready.offset + dest.numel()])
-            elif ready.data is not None:
-                if out is None and ready.meta.kind == "bytes":
-                    return ready.data
-                if ready.data:
-                    dest.copy_(torch.frombuffer(bytearray(ready.data), dtype=torch.uint8))
+            elif ready.data is not None and out is None and ready.meta.kind == "bytes":
+                return ready.data
             else:
-                pos = 0
-                for data in chunks:
-                    dest[pos : pos + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-                    pos += len(data)
+                _fill(dest, ready, chunks)
         finally:
             if ready.lease_id:
                 self._send(p.Release(id=0, lease_id=ready.lease_id))
@@ -299,6 +325,18 @@ class RemoteStore(Store):
             self._map.close()
         except BufferError:
             pass  # a tensor still aliases the mapping; it goes with the last one
+
+
+def _fill(dest: torch.Tensor, ready: p.GetReady, chunks: list[bytes]) -> None:
+    """Copy bytes that came in the frames (inline, or streamed in chunks) into ``dest``."""
+    if ready.data is not None:
+        if ready.data:
+            dest.copy_(torch.frombuffer(bytearray(ready.data), dtype=torch.uint8))
+        return
+    pos = 0
+    for data in chunks:
+        dest[pos : pos + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        pos += len(data)
 
 
 def connect(socket_path: str | os.PathLike[str] | None = None) -> RemoteStore:

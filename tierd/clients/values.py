@@ -11,7 +11,8 @@ from tierd._buffers import tensor_bytes
 from tierd.daemon.index import ObjectMeta
 from tierd.errors import InvalidArgument
 
-__all__ = ["Value", "encode_value", "new_value", "check_out", "dtype_from_name"]
+__all__ = ["Value", "encode_value", "new_value", "check_out", "dtype_from_name", "typed_view", "tensor_meta",
+           "strided_source"]
 
 Value = torch.Tensor | bytes | bytearray | memoryview
 
@@ -43,8 +44,7 @@ def encode_value(value: Any) -> tuple[torch.Tensor, ObjectMeta]:
         if value.device.type != "cpu":
             value = value.cpu()
         t = value.contiguous()
-        meta = ObjectMeta("tensor", str(t.dtype).removeprefix("torch."), tuple(t.shape), t.element_size())
-        return tensor_bytes(t), meta
+        return tensor_bytes(t), tensor_meta(t)
     if isinstance(value, (bytes, bytearray, memoryview)):
         view = memoryview(value).cast("B")
         meta = ObjectMeta("bytes", "uint8", (view.nbytes,), 1)
@@ -67,11 +67,15 @@ def new_value(meta: ObjectMeta) -> tuple[Any, torch.Tensor]:
     return t, tensor_bytes(t)
 
 
-def check_out(out: torch.Tensor, meta: ObjectMeta, key: str) -> torch.Tensor:
-    """The flat uint8 view of ``out`` after checking it can take ``key``'s value.
+def check_out(out: torch.Tensor, meta: ObjectMeta, key: str) -> torch.Tensor | None:
+    """Check that ``out`` can take ``key``'s value; its flat uint8 view if contiguous, else None.
+
+    A non-contiguous ``out`` (a slice of a larger tensor) must have the object's
+    shape; the store then copies into it with its strides, without a temporary
+    where it can.
 
     Raises:
-        InvalidArgument: wrong dtype, element count, device or layout.
+        InvalidArgument: wrong dtype, element count or shape, device or layout.
     """
     if meta.kind != "tensor":
         raise InvalidArgument(f"{key!r} holds raw bytes; out= takes tensor objects only")
@@ -85,6 +89,30 @@ def check_out(out: torch.Tensor, meta: ObjectMeta, key: str) -> torch.Tensor:
         )
     if out.device.type != "cpu":
         raise InvalidArgument(f"out= on {out.device} is not supported yet; pass a CPU tensor")
-    if not out.is_contiguous():
-        raise InvalidArgument("out= must be contiguous (get() fills it in place, without a temporary)")
-    return tensor_bytes(out)
+    if out.is_contiguous():
+        return tensor_bytes(out)
+    if tuple(out.shape) != tuple(meta.shape):
+        raise InvalidArgument(f"a non-contiguous out= must have the object's shape {tuple(meta.shape)}, "
+                              f"got {tuple(out.shape)}")
+    return None
+
+
+def typed_view(raw: torch.Tensor, meta: ObjectMeta) -> torch.Tensor:
+    """The stored bytes ``raw`` (flat uint8) seen as the object's dtype and shape, without a copy."""
+    return raw.view(dtype_from_name(meta.dtype)).view(meta.shape)
+
+
+def tensor_meta(t: torch.Tensor) -> ObjectMeta:
+    return ObjectMeta("tensor", str(t.dtype).removeprefix("torch."), tuple(t.shape), t.element_size())
+
+
+def strided_source(value: Any) -> torch.Tensor | None:
+    """``value`` if it is a large, non-contiguous CPU tensor a store can copy straight into its arena."""
+    if (isinstance(value, torch.Tensor) and value.layout == torch.strided and value.device.type == "cpu"
+            and not value.is_contiguous() and not value.is_quantized
+            and value.numel() * value.element_size() >= STRIDED_MIN_BYTES):
+        return value.detach()
+    return None
+
+
+STRIDED_MIN_BYTES = 64 << 10  # below this, a contiguous temporary costs less than the bookkeeping
