@@ -42,6 +42,10 @@ def test_put_lookup_get_round_trip(store: tierd.Store) -> None:
     assert kv.put(toks, cache) == 5 * B  # the partial tail block is not stored
     assert kv.lookup(toks) == 5 * B
     assert torch.equal(kv.get(toks), cache[:, :, : 5 * B])
+    buffer = torch.zeros(L, 2, 8 * B, H, D, dtype=torch.bfloat16)  # an engine's preallocated KV memory
+    got = kv.get(toks, out=buffer)
+    assert got.data_ptr() == buffer.data_ptr() and torch.equal(buffer[:, :, : 5 * B], cache[:, :, : 5 * B])
+    assert int(buffer[:, :, 5 * B :].count_nonzero()) == 0
     layers = list(kv.get_layers(toks))
     assert len(layers) == L and all(torch.equal(layers[i], cache[i, :, : 5 * B]) for i in range(L))
 

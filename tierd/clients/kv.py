@@ -127,8 +127,13 @@ class PrefixKVStore:
             raise NotFound(f"a block of this prefix was evicted since lookup(): {exc}") from None
         return blocks[::-1]
 
-    def get(self, tokens: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    def get(self, tokens: Sequence[int] | torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
         """KV of the longest stored prefix of ``tokens``: ``[layers, 2, n, heads, head_dim]`` (n may be 0).
+
+        Args:
+            out: a preallocated KV buffer ``[layers, 2, >= n, heads, head_dim]`` (a serving
+                engine's own KV memory); the prefix is copied into its first ``n`` tokens,
+                block by block, and that slice is returned.
 
         Raises:
             NotFound: a block vanished between lookup and fetch (evicted meanwhile).
@@ -136,13 +141,19 @@ class PrefixKVStore:
         n = self.lookup(tokens) // self.block_tokens
         keys = self.block_keys(tokens)[:n]
         if not keys:
-            return torch.empty(0, 2, 0, 0, 0, dtype=self.dtype)
-        # The first block gives the shape; the others are copied straight into their slices.
-        first = self.store.get(keys[0])
-        out = torch.empty(first.shape[0], 2, n * self.block_tokens, *first.shape[3:], dtype=first.dtype)
-        out[:, :, : self.block_tokens] = first
-        self._fetch(keys[1:], out[:, :, self.block_tokens :])
-        return out
+            return torch.empty(0, 2, 0, 0, 0, dtype=self.dtype) if out is None else out[:, :, :0]
+        tokens_n = n * self.block_tokens
+        if out is None:
+            # The first block gives the shape; the others are copied straight into their slices.
+            first = self.store.get(keys[0])
+            out = torch.empty(first.shape[0], 2, tokens_n, *first.shape[3:], dtype=first.dtype)
+            out[:, :, : self.block_tokens] = first
+            self._fetch(keys[1:], out[:, :, self.block_tokens :])
+            return out
+        if out.shape[2] < tokens_n:
+            raise InvalidArgument(f"out= holds {out.shape[2]} tokens, the stored prefix has {tokens_n}")
+        self._fetch(keys, out[:, :, :tokens_n])
+        return out[:, :, :tokens_n]
 
     def get_layers(self, tokens: Sequence[int] | torch.Tensor, *, device: Any = None) -> Iterator[torch.Tensor]:
         """The stored prefix's KV layer by layer (``[2, n, heads, head_dim]``).
