@@ -215,3 +215,20 @@ def test_put_straight_to_remote(tmp_path: Path, redis_server: Any) -> None:
         with pytest.raises(tierd.InvalidArgument, match="unknown tier"):
             with tierd.open(small_config(tmp_path / "b")) as plain:
                 plain.put("x/r", t, tier="remote")  # no remote configured
+
+
+def test_a_block_redis_evicted_is_a_hole_not_a_hit(tmp_path: Path, redis_server: Any) -> None:
+    import redis as redis_py
+
+    with tierd.open(_remote_cfg(tmp_path / "a", redis_server.url)) as a, \
+            tierd.open(_remote_cfg(tmp_path / "b", redis_server.url)) as b:
+        toks, cache = _tokens(5 * B), _kv(5 * B)
+        tierd.PrefixKVStore(a, model="m", block_tokens=B).put(toks, cache)
+        kv_b = tierd.PrefixKVStore(b, model="m", block_tokens=B)
+        assert kv_b.lookup(toks) == 5 * B  # B adopted every block: its only copies are remote
+        a.engine.remote.drain()
+        # Redis drops the chunks of block 2 (maxmemory eviction, TTL, a flush...).
+        loc = b.engine._index[kv_b.block_keys(toks)[2]].remote  # noqa: SLF001 - backdoor to the medium
+        redis_py.Redis.from_url(redis_server.url).delete(*[f"tierd:{loc.oid}:{i}" for i in range(len(loc.chunks))])
+        assert kv_b.lookup(toks) == 2 * B  # the hole ends the prefix; it is not reported as a hit
+        assert torch.equal(kv_b.get(toks), cache[:, :, : 2 * B])

@@ -960,14 +960,36 @@ class Engine:
         return True
 
     def exists(self, key: str) -> bool:
+        """Whether ``key`` can be read. An object whose only copy is remote is checked on the
+        server (Redis may have evicted or expired it); one that is gone is forgotten here."""
         with self._lock:
             try:
-                self._lookup_locked(key)
-                return True
+                rec = self._lookup_locked(key)
             except NotFound:
                 if self.remote is None or key in self._index:  # absent, or present but expired
                     return False
-        return self._adopt_quietly(key)
+                rec = None
+        if rec is None:
+            if not self._adopt_quietly(key):
+                return False
+            with self._lock:
+                rec = self._index.get(key)
+            if rec is None:
+                return False
+        if rec.host is not None or rec.nvme is not None or rec.remote is None or self.remote is None:
+            return True
+        try:
+            if self.remote.present(rec.remote):
+                return True
+        except TierdError as exc:
+            log.warning("remote check of %r failed: %s", key, exc)
+            return False
+        log.info("%r is gone from the remote tier (evicted or expired there); forgetting it", key)
+        with self._commit_lock, self._lock:
+            if self._index.get(key) is rec:
+                self._retire_locked(rec)
+        self.remote.index_delete(key)
+        return False
 
     def info(self, key: str) -> ObjectInfo:
         if not self.exists(key):

@@ -162,6 +162,20 @@ class RemoteTier(Tier):
             self._used -= sum(c.raw for c in location.chunks)
         self._freer.submit(self._delete_keys, location.oid, len(location.chunks))
 
+    def present(self, location: RemoteLocation) -> bool:
+        """Whether the server still holds the object (its first and last chunks: one round trip).
+
+        Raises:
+            MediaError: the server cannot be reached.
+        """
+        if not location.chunks:
+            return True
+        keys = {self._key(location.oid, 0), self._key(location.oid, len(location.chunks) - 1)}
+        try:
+            return bool(self._redis.exists(*keys) == len(keys))
+        except redis.RedisError as exc:
+            raise self._fail(exc, "checking an object") from exc
+
     def drain(self) -> None:
         """Wait until every free queued so far has reached the server (one worker: FIFO)."""
         self._freer.submit(lambda: None).result()
