@@ -40,8 +40,10 @@ import msgspec
 import torch
 
 from tierd.codecs import get_codec
-from tierd.config import Config, NamespaceConfig
+from tierd.config import Config
 from tierd.daemon.index import DurableIndex, ObjectMeta, ObjectRecord
+from tierd.daemon.namespaces import TIERS, NamespacePolicies
+from tierd.daemon.trace import TraceWriter
 from tierd.errors import (
     InvalidArgument,
     NotFound,
@@ -50,17 +52,7 @@ from tierd.errors import (
     StoreClosed,
     TierdError,
 )
-from tierd.policies import (
-    AdmissionPolicy,
-    AdmitAll,
-    CostModel,
-    EvictionPolicy,
-    PrefetchPolicy,
-    Schedule,
-    SizeAdmission,
-    make_eviction_policy,
-    make_prefetch_policy,
-)
+from tierd.policies import CostModel
 from tierd.tiers.base import Tier
 from tierd.tiers.host import HostLocation, HostTier
 from tierd.tiers.nvme import NvmeTier
@@ -71,7 +63,6 @@ __all__ = ["Engine", "PendingPut", "TIERS", "namespace_of", "validate_key"]
 
 log = logging.getLogger("tierd.daemon.engine")
 
-TIERS = ("host", "nvme", "remote")  # fastest first; remote only when configured
 MAX_KEY_BYTES = 1024
 _DEFAULT_NAMESPACE = "default"
 
@@ -119,52 +110,11 @@ _remote_encoder = msgspec.msgpack.Encoder()
 _remote_decoder = msgspec.msgpack.Decoder(RemoteEntry)
 
 
-def _monotonic_deadline(expires_at: float | None) -> float | None:
-    """A wall-clock expiry as a deadline on the monotonic clock the policies are given."""
-    return None if expires_at is None else time.monotonic() + (expires_at - time.time())
-
-
-class _TraceWriter:
-    """JSON lines ``{t, op, key, size, tier}`` for ``tierd simulate``; buffered, flushed at close."""
-
-    def __init__(self, path: str) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(path, "ab", buffering=1 << 20)  # noqa: SIM115 - closed in close()
-        self._lock = threading.Lock()
-        self._encoder = msgspec.json.Encoder()
-
-    def write(self, op: str, key: str, size: int, tier: str) -> None:
-        line = self._encoder.encode({"t": time.time(), "op": op, "key": key, "size": size, "tier": tier})
-        with self._lock:
-            if not self._fh.closed:
-                self._fh.write(line + b"\n")
-
-    def close(self) -> None:
-        with self._lock:
-            self._fh.close()
-
-
 def _tensor_of(view: memoryview) -> torch.Tensor:
     """A uint8 tensor over a writable byte memoryview, or over a copy of a read-only one."""
     if view.readonly:
         view = memoryview(bytearray(view))
     return torch.frombuffer(view, dtype=torch.uint8) if view.nbytes else torch.empty(0, dtype=torch.uint8)
-
-
-@dataclass(slots=True, eq=False)
-class _Namespace:
-    """The policies of one namespace, sharing one schedule tracker."""
-
-    config: NamespaceConfig
-    eviction: EvictionPolicy
-    prefetch: PrefetchPolicy
-    admission: AdmissionPolicy
-    schedule: Schedule
-    host_bytes: int = 0
-
-    @property
-    def follows_schedule(self) -> bool:
-        return self.config.eviction_policy == "schedule" or self.config.prefetch_policy == "schedule"
 
 
 class _Counters:
@@ -203,8 +153,8 @@ class Engine:
         self._commit_lock = threading.Lock()
         self._index: dict[str, ObjectRecord] = {}
         self._cost = CostModel()  # refined from measured nvme reads
-        self._namespaces: dict[str, _Namespace] = {}
-        self._trace = _TraceWriter(config.trace.path) if config.trace.path else None
+        self._policies = NamespacePolicies(lambda: self.config, self._cost)
+        self._trace = TraceWriter(config.trace.path) if config.trace.path else None
         self._counters = {name: _Counters() for name in TIERS}
         self._ns_used: dict[str, int] = {}
         self._owner_used: dict[int | None, int] = {}
@@ -253,11 +203,7 @@ class Engine:
     def _set_location(self, rec: ObjectRecord, tier: str, loc: Any) -> None:
         setattr(rec, tier, loc)
         self._counters[tier].objects += 1
-        ns = self._ns(rec.namespace)
-        if tier == "host":
-            ns.host_bytes += rec.nbytes
-        ns.eviction.on_insert(rec.key, tier, rec.nbytes, time.monotonic(), pinned=rec.pinned,
-                              expires_at=_monotonic_deadline(rec.expires_at))
+        self._policies.on_insert(rec, tier)
 
     def _take_location(self, rec: ObjectRecord, tier: str) -> None:
         """Detach ``rec``'s copy on ``tier`` and free it once no one reads it."""
@@ -266,10 +212,7 @@ class Engine:
             return
         setattr(rec, tier, None)
         self._counters[tier].objects -= 1
-        ns = self._ns(rec.namespace)
-        if tier == "host":
-            ns.host_bytes -= rec.nbytes
-        ns.eviction.on_remove(rec.key, tier)
+        self._policies.on_remove(rec, tier)
         if rec.readers:
             rec.graveyard.append((tier, loc))
         else:
@@ -342,9 +285,8 @@ class Engine:
             self._check_open()
             rec = self._lookup_locked(key)
             rec.readers += 1
-            ns = self._ns(rec.namespace)
-            ns.eviction.on_access(key, rec.tier, time.monotonic())
-            upcoming = self._observe_locked(ns, key)
+            self._policies.on_access(rec)
+            upcoming = self._observe_locked(rec.namespace, key)
         if self._trace is not None:
             self._trace.write("get", key, rec.nbytes, rec.tier)
         if upcoming:
@@ -400,7 +342,7 @@ class Engine:
         self._check_quotas(key, ns, ns_cfg.quota, owner, nbytes)
         if top == "host" and tier is None:
             with self._lock:
-                admitted = self._ns(ns).admission.admit(key, "host", nbytes, time.monotonic())
+                admitted = self._policies.admit(ns, key, "host", nbytes)
             if not admitted:
                 top = "nvme"
         rec = ObjectRecord(
@@ -538,7 +480,7 @@ class Engine:
                 self._durable.delete(rec.key)
             with self._lock:
                 self._install_locked(rec)
-                upcoming = self._observe_locked(self._ns(rec.namespace), rec.key)
+                upcoming = self._observe_locked(rec.namespace, rec.key)
         if self._trace is not None:
             self._trace.write("put", rec.key, rec.nbytes, rec.tier)
         if upcoming:
@@ -566,23 +508,19 @@ class Engine:
     def _pick_victim_locked(self, need_bytes: int = 0, tier: str = "host") -> ObjectRecord | None:
         """The least valuable object of ``tier`` that may leave, leased for its demotion.
 
-        Each namespace ranks its own objects with its own policy; on host, the
-        namespace holding the most host bytes gives up its best victim first.
-        On nvme, durable objects never leave (their nvme copy is the durable one).
+        The order comes from the namespaces' policies; here, what may not move
+        is skipped. On nvme, durable objects never leave (their nvme copy is the
+        durable one).
         """
-        now = time.monotonic()
-        for ns in sorted(self._namespaces.values(), key=lambda n: -n.host_bytes):
-            if tier == "host" and ns.host_bytes <= 0:
-                break
-            for key in ns.eviction.victims(tier, need_bytes, now):
-                rec = self._index.get(key)
-                if rec is None or rec.pinned or rec.moving or getattr(rec, tier) is None:
-                    continue
-                if tier == "nvme" and (rec.durable or rec.host is not None):
-                    continue
-                rec.moving = True
-                rec.readers += 1  # the demotion reads this copy: keep it alive
-                return rec
+        for key in self._policies.victims(tier, need_bytes):
+            rec = self._index.get(key)
+            if rec is None or rec.pinned or rec.moving or getattr(rec, tier) is None:
+                continue
+            if tier == "nvme" and (rec.durable or rec.host is not None):
+                continue
+            rec.moving = True
+            rec.readers += 1  # the demotion reads this copy: keep it alive
+            return rec
         return None
 
     def _write_nvme(self, src: torch.Tensor, rec: ObjectRecord, *, durable: bool) -> Any:
@@ -669,27 +607,10 @@ class Engine:
 
     # -- namespaces, schedules, traces -------------------------------------------
 
-    def _ns(self, name: str) -> _Namespace:
-        ns = self._namespaces.get(name)
-        if ns is None:
-            ns = self._namespaces[name] = self._new_namespace(self.config.namespace(name))
-        return ns
-
-    def _new_namespace(self, cfg: NamespaceConfig) -> _Namespace:
-        schedule = Schedule()
-        eviction = make_eviction_policy(cfg.eviction_policy, schedule)
-        eviction.cost = self._cost
-        prefetch = make_prefetch_policy(cfg.prefetch_policy, schedule, depth=cfg.prefetch_depth)
-        admission = SizeAdmission(cfg.admit_max) if cfg.admit_max is not None else AdmitAll()
-        return _Namespace(cfg, eviction, prefetch, admission, schedule)
-
-    def _observe_locked(self, ns: _Namespace, key: str) -> list[str]:
-        """Feed the schedule with an access; the keys the prefetch policy wants up now."""
-        if ns.follows_schedule:
-            ns.schedule.observe(key)
-        wanted = ns.prefetch.on_access(key, time.monotonic())
+    def _observe_locked(self, namespace: str, key: str) -> list[str]:
+        """Feed the schedule with an access; the keys worth promoting now (not on host yet)."""
         out = []
-        for k in wanted:
+        for k in self._policies.observe(namespace, key):
             rec = self._index.get(k)
             if k != key and rec is not None and rec.host is None and rec.nbytes and not rec.moving:
                 out.append(k)
@@ -701,34 +622,7 @@ class Engine:
         for key in keys:
             by_ns.setdefault(namespace_of(key), []).append(key)
         with self._lock:
-            for name, ns_keys in by_ns.items():
-                ns = self._ns(name)
-                ns.eviction.declare_schedule(ns_keys, cyclic=cyclic)
-                ns.prefetch.declare_schedule(ns_keys, cyclic=cyclic)
-
-    def _swap_policies_locked(self) -> None:
-        """Rebuild namespaces whose policy changed, re-telling them every object they hold."""
-        for name, ns in list(self._namespaces.items()):
-            new_cfg = self.config.namespace(name)
-            if (new_cfg.eviction_policy, new_cfg.prefetch_policy, new_cfg.prefetch_depth, new_cfg.admit_max) == (
-                ns.config.eviction_policy, ns.config.prefetch_policy, ns.config.prefetch_depth, ns.config.admit_max
-            ):
-                ns.config = new_cfg
-                continue
-            fresh = self._new_namespace(new_cfg)
-            now = time.monotonic()
-            for rec in self._index.values():
-                if rec.namespace != name:
-                    continue
-                for tier in TIERS:
-                    if getattr(rec, tier) is not None:
-                        fresh.eviction.on_insert(rec.key, tier, rec.nbytes, now, pinned=rec.pinned,
-                                                 expires_at=_monotonic_deadline(rec.expires_at))
-                        if tier == "host":
-                            fresh.host_bytes += rec.nbytes
-            self._namespaces[name] = fresh
-            log.info("namespace %r now uses eviction %s, prefetch %s", name, new_cfg.eviction_policy,
-                     new_cfg.prefetch_policy)
+            self._policies.declare_schedule(by_ns, cyclic=cyclic)
 
     def _demote(self, rec: ObjectRecord) -> bool:
         """Move ``rec`` (picked and leased by _pick_victim_locked) from host to nvme."""
@@ -1059,7 +953,7 @@ class Engine:
                 daemon=msgspec.structs.replace(self.config.daemon, uid_quota=config.daemon.uid_quota,
                                                lease_s=config.daemon.lease_s),
             )
-            self._swap_policies_locked()
+            self._policies.swap(self._index.values())
 
     def close(self) -> None:
         """Stop background work, flush nvme, close the index; idempotent."""

@@ -1,0 +1,154 @@
+"""Per-namespace policies: which object leaves a tier, which comes up early, which may enter.
+
+Each namespace (the part of a key before the first ``/``) has its own
+eviction, prefetch and admission policies, built from ``[namespaces.NAME]``
+and sharing one schedule tracker. The engine tells this class what happens
+to objects and asks it in which order to consider victims; it never moves
+bytes. All methods are called under the engine lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from tierd.config import Config, NamespaceConfig
+from tierd.daemon.index import ObjectRecord
+from tierd.policies import (
+    AdmissionPolicy,
+    AdmitAll,
+    CostModel,
+    EvictionPolicy,
+    PrefetchPolicy,
+    Schedule,
+    SizeAdmission,
+    make_eviction_policy,
+    make_prefetch_policy,
+)
+
+__all__ = ["Namespace", "NamespacePolicies", "TIERS"]
+
+log = logging.getLogger("tierd.daemon.namespaces")
+
+TIERS = ("host", "nvme", "remote")  # fastest first; remote only when configured
+
+
+def _monotonic_deadline(expires_at: float | None) -> float | None:
+    """A wall-clock expiry as a deadline on the monotonic clock the policies are given."""
+    return None if expires_at is None else time.monotonic() + (expires_at - time.time())
+
+
+@dataclass(slots=True, eq=False)
+class Namespace:
+    """The policies of one namespace, sharing one schedule tracker."""
+
+    config: NamespaceConfig
+    eviction: EvictionPolicy
+    prefetch: PrefetchPolicy
+    admission: AdmissionPolicy
+    schedule: Schedule
+    host_bytes: int = 0
+
+    @property
+    def follows_schedule(self) -> bool:
+        return self.config.eviction_policy == "schedule" or self.config.prefetch_policy == "schedule"
+
+    def track(self, rec: ObjectRecord, tier: str) -> None:
+        """``rec`` now has a copy on ``tier``."""
+        if tier == "host":
+            self.host_bytes += rec.nbytes
+        self.eviction.on_insert(rec.key, tier, rec.nbytes, time.monotonic(), pinned=rec.pinned,
+                                expires_at=_monotonic_deadline(rec.expires_at))
+
+
+class NamespacePolicies:
+    """The namespaces' policies, created on first use from the current config."""
+
+    def __init__(self, config: Callable[[], Config], cost: CostModel) -> None:
+        self._config = config
+        self._cost = cost
+        self._namespaces: dict[str, Namespace] = {}
+
+    def get(self, name: str) -> Namespace:
+        ns = self._namespaces.get(name)
+        if ns is None:
+            ns = self._namespaces[name] = self._build(self._config().namespace(name))
+        return ns
+
+    def _build(self, cfg: NamespaceConfig) -> Namespace:
+        schedule = Schedule()
+        eviction = make_eviction_policy(cfg.eviction_policy, schedule)
+        eviction.cost = self._cost  # GDSF's fetch cost: measured by the engine
+        prefetch = make_prefetch_policy(cfg.prefetch_policy, schedule, depth=cfg.prefetch_depth)
+        admission = SizeAdmission(cfg.admit_max) if cfg.admit_max is not None else AdmitAll()
+        return Namespace(cfg, eviction, prefetch, admission, schedule)
+
+    # -- what happens to objects -------------------------------------------------
+
+    def on_insert(self, rec: ObjectRecord, tier: str) -> None:
+        self.get(rec.namespace).track(rec, tier)
+
+    def on_remove(self, rec: ObjectRecord, tier: str) -> None:
+        ns = self.get(rec.namespace)
+        if tier == "host":
+            ns.host_bytes -= rec.nbytes
+        ns.eviction.on_remove(rec.key, tier)
+
+    def on_access(self, rec: ObjectRecord) -> None:
+        self.get(rec.namespace).eviction.on_access(rec.key, rec.tier, time.monotonic())
+
+    def observe(self, namespace: str, key: str) -> list[str]:
+        """Feed the namespace's schedule with an access; the keys its prefetch policy wants up now."""
+        ns = self.get(namespace)
+        if ns.follows_schedule:
+            ns.schedule.observe(key)
+        return ns.prefetch.on_access(key, time.monotonic())
+
+    def admit(self, namespace: str, key: str, tier: str, nbytes: int) -> bool:
+        return self.get(namespace).admission.admit(key, tier, nbytes, time.monotonic())
+
+    # -- choices ---------------------------------------------------------------
+
+    def victims(self, tier: str, need_bytes: int) -> Iterator[str]:
+        """Candidate keys of ``tier``, each namespace in its own policy's order.
+
+        On host, the namespace holding the most host bytes gives up its victims first.
+        """
+        now = time.monotonic()
+        for ns in sorted(self._namespaces.values(), key=lambda n: -n.host_bytes):
+            if tier == "host" and ns.host_bytes <= 0:
+                break
+            yield from ns.eviction.victims(tier, need_bytes, now)
+
+    def declare_schedule(self, keys_by_namespace: dict[str, list[str]], *, cyclic: bool) -> None:
+        for name, keys in keys_by_namespace.items():
+            ns = self.get(name)
+            ns.eviction.declare_schedule(keys, cyclic=cyclic)
+            ns.prefetch.declare_schedule(keys, cyclic=cyclic)
+
+    def swap(self, records: Iterable[ObjectRecord]) -> None:
+        """Rebuild the namespaces whose policies changed in the config, re-telling them every object."""
+        changed = {}
+        for name, ns in self._namespaces.items():
+            new = self._config().namespace(name)
+            old = ns.config
+            if (new.eviction_policy, new.prefetch_policy, new.prefetch_depth, new.admit_max) == (
+                old.eviction_policy, old.prefetch_policy, old.prefetch_depth, old.admit_max
+            ):
+                ns.config = new
+            else:
+                changed[name] = self._build(new)
+        if not changed:
+            return
+        for rec in records:
+            fresh = changed.get(rec.namespace)
+            if fresh is not None:
+                for tier in TIERS:
+                    if getattr(rec, tier) is not None:
+                        fresh.track(rec, tier)
+        for name, fresh in changed.items():
+            self._namespaces[name] = fresh
+            log.info("namespace %r now uses eviction %s, prefetch %s", name, fresh.config.eviction_policy,
+                     fresh.config.prefetch_policy)
