@@ -35,8 +35,25 @@ def fio_gbs(directory: Any, rw: str, size: int) -> float | None:
     return float(job["read" if rw == "read" else "write"]["bw_bytes"]) / 1e9
 
 
-def start_redis(workdir: Any) -> tuple[Any, str] | None:
-    """A private redis-server on a loopback TCP port: (process, url), or None if redis is not installed."""
+def median_gbs(fn: Any, nbytes: int, reps: int) -> float:
+    """GB/s of ``fn`` moving ``nbytes``: the median of ``reps`` timed calls after one warm-up."""
+    import statistics
+    import time
+
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return nbytes / statistics.median(times) / 1e9
+
+
+def start_redis(workdir: Any, *, unix: bool = False) -> tuple[Any, str] | None:
+    """A private redis-server: (process, url), or None if redis is not installed.
+
+    ``unix=True`` serves on a Unix socket in ``workdir`` (``unix://`` URL), else on a loopback TCP port.
+    """
     import shutil
     import socket
     import subprocess
@@ -49,18 +66,24 @@ def start_redis(workdir: Any) -> tuple[Any, str] | None:
         return None
     if exe is None:
         return None
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(workdir)], stdout=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
+    if unix:
+        path = f"{workdir}/redis.sock"
+        listen = ["--port", "0", "--unixsocket", path, "--unixsocketperm", "700"]
+        url = f"unix://{path}"
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        listen = ["--port", str(port), "--bind", "127.0.0.1"]
+        url = f"redis://127.0.0.1:{port}/0"
+    proc = subprocess.Popen([exe, *listen, "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+                            stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     while True:  # redis has no readiness signal: PING until it answers
         try:
             if redis.Redis.from_url(url).ping():
                 return proc, url
-        except redis.ConnectionError:
+        except (redis.ConnectionError, FileNotFoundError):
             if time.monotonic() > deadline or proc.poll() is not None:
                 proc.kill()
                 return None

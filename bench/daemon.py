@@ -20,8 +20,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,7 +36,7 @@ import tierd
 from tierd.daemon.launch import spawn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import pyplot  # noqa: E402
+from _common import median_gbs, pyplot, start_redis  # noqa: E402
 
 console = Console(width=132)
 MIB = 1 << 20
@@ -69,7 +67,7 @@ def _tierd_worker(sock: str, n_ops: int, size: int, seed: int, q: Any) -> None:
 def _redis_worker(sock: str, n_ops: int, size: int, seed: int, q: Any) -> None:
     import redis
 
-    r = redis.Redis(unix_socket_path=sock)
+    r = redis.Redis.from_url(sock)
     _timed_pairs(r.set, r.get, n_ops, size, seed, q)
     r.close()
 
@@ -95,58 +93,23 @@ def _run_clients(target: Any, sock: str, clients: int, n_ops: int, size: int) ->
             "get_p99_us": pct(gets, 0.99), "ops_per_s": 2 * clients * n_ops / elapsed}
 
 
-def _start_redis(tmp: Path) -> tuple[subprocess.Popen[bytes], str] | None:
-    exe = shutil.which("redis-server")
-    try:
-        import redis
-    except ImportError:
-        console.print("[yellow]redis-py not installed (pip install 'tierd[redis]'): no redis column[/]")
-        return None
-    if exe is None:
-        console.print("[yellow]redis-server not installed (apt-get install redis-server): no redis column[/]")
-        return None
-    sock = str(tmp / "redis.sock")
-    proc = subprocess.Popen([exe, "--port", "0", "--unixsocket", sock, "--unixsocketperm", "700", "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp)], stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while True:  # redis has no readiness signal to wait on: poll PING with a deadline
-        try:
-            if redis.Redis(unix_socket_path=sock).ping():
-                return proc, sock
-        except (redis.ConnectionError, FileNotFoundError):
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                return None
-            time.sleep(0.05)
-
-
-def _bandwidth(fn: Any, nbytes: int, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return nbytes / statistics.median(times) / 1e9
-
-
 def _large(sock: str, redis_sock: str | None, size: int, reps: int) -> dict[str, Any]:
     src = torch.randint(0, 256, (size,), dtype=torch.uint8)
     out = torch.empty_like(src)
     a, b = src.numpy(), out.numpy()
-    res: dict[str, Any] = {"size": size, "memcpy_gbs": _bandwidth(lambda: np.copyto(b, a), size, reps)}
+    res: dict[str, Any] = {"size": size, "memcpy_gbs": median_gbs(lambda: np.copyto(b, a), size, reps)}
     with tierd.connect(sock) as store:
-        res["tierd_put_gbs"] = _bandwidth(lambda: store.put("bench/large", src), size, reps)
-        res["tierd_get_gbs"] = _bandwidth(lambda: store.get("bench/large", out=out), size, reps)
+        res["tierd_put_gbs"] = median_gbs(lambda: store.put("bench/large", src), size, reps)
+        res["tierd_get_gbs"] = median_gbs(lambda: store.get("bench/large", out=out), size, reps)
         assert torch.equal(out, src)
         store.delete("bench/large")
     if redis_sock:
         import redis
 
-        r = redis.Redis(unix_socket_path=redis_sock)
+        r = redis.Redis.from_url(redis_sock)
         raw = a.tobytes()
-        res["redis_set_gbs"] = _bandwidth(lambda: r.set("bench/large", raw), size, reps)
-        res["redis_get_gbs"] = _bandwidth(lambda: r.get("bench/large"), size, reps)
+        res["redis_set_gbs"] = median_gbs(lambda: r.set("bench/large", raw), size, reps)
+        res["redis_get_gbs"] = median_gbs(lambda: r.get("bench/large"), size, reps)
         r.delete("bench/large")
     return res
 
@@ -215,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TIERD_")}
         task = progress.add_task("daemon benchmark", total=6)
         daemon = spawn(tmp / "tierd.toml", env=env, log=subprocess.DEVNULL)
-        redis_proc = _start_redis(tmp)
+        redis_proc = start_redis(tmp, unix=True)
+        if redis_proc is None:
+            console.print("[yellow]no redis-server or redis-py: no redis column[/]")
         redis_sock = redis_proc[1] if redis_proc else None
         try:
             rows = []

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,7 @@ from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).parent))
 import traces  # noqa: E402
-from _common import fio_gbs, start_redis  # noqa: E402
+from _common import fio_gbs, median_gbs, start_redis  # noqa: E402
 
 import tierd  # noqa: E402
 from tierd.policies.simulator import OPT, simulate  # noqa: E402
@@ -38,16 +36,6 @@ from tierd.policies.simulator import OPT, simulate  # noqa: E402
 console = Console(width=132)
 MIB, GIB = 1 << 20, 1 << 30
 LAYERS, HEADS, DIM, BLOCK = 32, 8, 128, 256
-
-
-def _median_gbs(fn: Any, nbytes: int, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return nbytes / statistics.median(times) / 1e9
 
 
 def _tier_run(cfg: dict, tier: str, blocks: int, reps: int) -> tuple[float, float]:
@@ -65,14 +53,14 @@ def _tier_run(cfg: dict, tier: str, blocks: int, reps: int) -> tuple[float, floa
             for i, k in enumerate(keys):  # PrefixKVStore.put without its exists() checks
                 store.put(k, kv_tensor[:, :, i * BLOCK : (i + 1) * BLOCK], tier=tier)
 
-        put_gbs = _median_gbs(put, nbytes, reps)
+        put_gbs = median_gbs(put, nbytes, reps)
         assert kv.lookup(tokens) == blocks * BLOCK
         buffer = torch.empty_like(kv_tensor)  # a serving engine's preallocated KV memory
 
         def get() -> None:
             kv.get(tokens, out=buffer)
 
-        get_gbs = _median_gbs(get, nbytes, reps)
+        get_gbs = median_gbs(get, nbytes, reps)
         assert torch.equal(buffer, kv_tensor)
     return put_gbs, get_gbs
 
@@ -93,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp_s)
         a = np.random.randint(0, 255, nbytes, dtype=np.uint8)
         b = np.empty_like(a)
-        memcpy = _median_gbs(lambda: np.copyto(b, a), nbytes, 5)
+        memcpy = median_gbs(lambda: np.copyto(b, a), nbytes, 5)
         fio_w, fio_r = fio_gbs(tmp, "write", GIB), fio_gbs(tmp, "read", GIB)
         for f in tmp.glob("tierd-bench*"):
             f.unlink()

@@ -22,7 +22,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +40,7 @@ import tierd
 from tierd.codecs import get_codec
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import pyplot  # noqa: E402
+from _common import fio_gbs, pyplot  # noqa: E402
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 console = Console(width=132)
@@ -84,28 +83,14 @@ def bench_host(sizes: list[int], nvme_dir: Path, progress: Progress) -> list[dic
     return rows
 
 
-def _fio(directory: Path, rw: str, size: int) -> float | None:
-    if shutil.which("fio") is None:
-        return None
-    cmd = ["fio", "--name=tierd-bench", f"--directory={directory}", f"--rw={rw}", "--bs=4M", "--iodepth=16",
-           "--direct=1", "--ioengine=libaio", f"--size={size}", "--numjobs=1", "--output-format=json"]
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300)
-    except (subprocess.SubprocessError, OSError) as exc:
-        console.print(f"[yellow]fio {rw} failed: {exc}[/]")
-        return None
-    job = json.loads(res.stdout)["jobs"][0]
-    return job["read" if rw == "read" else "write"]["bw_bytes"] / 1e9
-
-
 def bench_nvme(sizes: list[int], nvme_dir: Path, progress: Progress) -> dict[str, Any]:
     task = progress.add_task("nvme tier + fio", total=len(sizes) + 2)
     fio_size = max(1 * GIB, max(sizes))
     fio_dir = nvme_dir / "fio"
     fio_dir.mkdir(exist_ok=True)
-    fio_write = _fio(fio_dir, "write", fio_size)
+    fio_write = fio_gbs(fio_dir, "write", fio_size)
     progress.advance(task)
-    fio_read = _fio(fio_dir, "read", fio_size)
+    fio_read = fio_gbs(fio_dir, "read", fio_size)
     shutil.rmtree(fio_dir, ignore_errors=True)
     progress.advance(task)
     rows = []
