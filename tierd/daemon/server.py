@@ -2,7 +2,7 @@
 
 Threads
     * the main thread waits for a signal (SIGTERM/SIGINT: drain and stop,
-      SIGHUP: reload namespaces and quotas);
+      SIGHUP: reload namespaces and quotas; see Note [signals] in serve);
     * one acceptor; one reader per connection, which decodes frames and
       runs quick requests itself (so a PutChunk is stored before the
       PutCommit behind it is read) and hands the rest to a worker pool (so
@@ -103,42 +103,59 @@ class Server:
         self._inflight = 0
         self._inflight_zero = threading.Condition(self._conns_lock)
         self._stop = threading.Event()
-        self._reload = threading.Event()
         self._draining = False
         self._threads: list[threading.Thread] = []
 
     # -- life cycle ------------------------------------------------------------
 
     def serve(self) -> int:
-        """Start, wait for a signal, drain, stop. Only call from the main thread."""
-        signal.signal(signal.SIGTERM, self._on_stop_signal)
-        signal.signal(signal.SIGINT, self._on_stop_signal)
-        signal.signal(signal.SIGHUP, self._on_reload_signal)
+        """Start, wait for a signal, drain, stop. Only call from the main thread.
+
+        Note [signals]
+            SIGTERM, SIGINT and SIGHUP are blocked before any thread starts (so
+            every thread inherits the mask) and taken synchronously with
+            sigwait here. A Python-level handler would run between bytecodes of
+            whatever the main thread is doing, and calling Event.set() from it
+            can deadlock on the event's own lock; sigwait has no such window.
+            The drain runs on its own thread so that a second SIGINT can still
+            force the exit.
+        """
+        sigs = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+        signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
         self.startup()
+        stopper: threading.Thread | None = None
         try:
             while True:
-                self._stop.wait()
-                if self._reload.is_set() and not self._draining:
-                    self._reload.clear()
-                    self._stop.clear()
-                    self.reload()
+                if stopper is None:
+                    signum = signal.sigwait(sigs)
+                else:
+                    info = signal.sigtimedwait(sigs, 0.2)
+                    if info is None:
+                        if not stopper.is_alive():
+                            break
+                        continue
+                    signum = info.si_signo
+                if signum == signal.SIGHUP:
+                    if stopper is None:
+                        self.reload()
                     continue
-                break
+                if stopper is not None:
+                    if signum == signal.SIGINT:
+                        log.warning("second SIGINT: exiting without draining")
+                        os._exit(1)
+                    continue
+                log.info("%s: draining", signal.Signals(signum).name)
+                self._draining = True
+                self._stop.set()
+                stopper = threading.Thread(target=self.shutdown, args=(self.config.daemon.drain_timeout_s,),
+                                           name="tierd-drain")
+                stopper.start()
         finally:
-            self.shutdown(self.config.daemon.drain_timeout_s)
+            if stopper is None:
+                self.shutdown(self.config.daemon.drain_timeout_s)
+            else:
+                stopper.join()
         return 0
-
-    def _on_reload_signal(self, _signum: int, _frame: Any) -> None:
-        self._reload.set()
-        self._stop.set()  # wakes the main thread, which reloads and waits again
-
-    def _on_stop_signal(self, signum: int, _frame: Any) -> None:
-        if self._draining and signum == signal.SIGINT:
-            log.warning("second SIGINT: exiting without draining")
-            os._exit(1)
-        log.info("%s: draining", signal.Signals(signum).name)
-        self._draining = True
-        self._stop.set()
 
     def startup(self) -> None:
         """Take the socket, open the engine, start serving, tell systemd READY=1."""
