@@ -70,6 +70,7 @@ def test_toml_file_and_env_overrides(tmp_path: Path) -> None:
         ({}, {"TIERD_TIERS_HOST": "1GiB"}, "names a section"),
         ({"tiers": {"host": {"high_watermark": 0.5, "low_watermark": 0.8}}}, {}, "watermarks"),
         ({"tiers": {"nvme": {"chunk_size": 1000}}}, {}, "tiers.nvme.chunk_size must be a multiple of 4 KiB"),
+        ({"tiers": {"host": {"numa_node": 0}}}, {}, "tiers.host.numa_node is not supported yet"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, raw: dict, env: dict, match: str) -> None:

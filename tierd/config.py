@@ -283,6 +283,11 @@ def _resolve_defaults(cfg: Config) -> Config:
             f"tiers.host.size is {format_size(host_size)} but this machine has "
             f"{format_size(ram)} of RAM; set it below that"
         )
+    if host.numa_node is not None:
+        # Binding the arena (mbind) comes with the NUMA / CXL work; accepting the key
+        # without acting on it would be a silent no-op.
+        raise ConfigError("tiers.host.numa_node is not supported yet; remove it (the arena follows the "
+                          "process's NUMA policy, e.g. numactl --membind=N tierd serve)")
     if not 0 < host.low_watermark <= host.high_watermark <= 1:
         raise ConfigError(
             "tiers.host watermarks must satisfy 0 < low_watermark <= high_watermark <= 1, "
