@@ -86,3 +86,17 @@ def test_missing_and_broken_files(tmp_path: Path) -> None:
     bad.write_text("[tiers.host\nsize=1")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+def test_hugepages_without_reserved_pages_is_a_config_error(tmp_path: Path) -> None:
+    import tierd
+
+    try:
+        reserved = int(Path("/proc/sys/vm/nr_hugepages").read_text())
+    except OSError:
+        reserved = -1
+    if reserved != 0:
+        pytest.skip("this machine has huge pages reserved (or does not say)")
+    cfg = {"tiers": {"host": {"size": "64MiB", "hugepages": True}, "nvme": {"path": str(tmp_path), "size": "64MiB"}}}
+    with pytest.raises(ConfigError, match="tiers.host.hugepages: .* reserve huge pages"):
+        tierd.open(cfg)

@@ -19,7 +19,7 @@ import torch
 
 from tierd._buffers import address_view
 from tierd.codecs import Codec
-from tierd.errors import OutOfSpace
+from tierd.errors import ConfigError, MediaError, OutOfSpace
 from tierd.tiers.alloc import ExtentAllocator
 from tierd.tiers.base import Tier, TierUsage
 
@@ -47,13 +47,21 @@ class HostTier(Tier):
         self._alloc = ExtentAllocator(capacity_bytes, block=block)
         size = max(self._alloc.capacity_bytes, block)
         flags = os.MFD_CLOEXEC | (_MFD_HUGETLB if hugepages else 0)
-        self.fd = os.memfd_create("tierd-host", flags)
+        try:
+            self.fd = os.memfd_create("tierd-host", flags)
+        except OSError as exc:
+            raise MediaError(f"cannot create the host arena: {exc.strerror}") from exc
         try:
             os.ftruncate(self.fd, size)
             self._map = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED)
-        except OSError:
+        except OSError as exc:
             os.close(self.fd)
-            raise
+            if hugepages:
+                raise ConfigError(
+                    f"tiers.host.hugepages: a {size >> 20} MiB huge-page arena could not be mapped "
+                    f"({exc.strerror}); reserve huge pages (sysctl vm.nr_hugepages=N) or set hugepages = false"
+                ) from exc
+            raise MediaError(f"cannot map a {size >> 20} MiB host arena: {exc.strerror}") from exc
         # One tensor over the whole arena: slices of it are views, and
         # Tensor.copy_ moves bytes with the GIL released and on several threads.
         self.arena = torch.frombuffer(self._map, dtype=torch.uint8)
