@@ -18,7 +18,7 @@ def test_parse_size(text: str | int, n: int) -> None:
     assert parse_size(text) == n
 
 
-@pytest.mark.parametrize("bad", ["8 gigs", "GiB", "-1", "1..2GiB", True])
+@pytest.mark.parametrize("bad", ["8 gigs", "GiB", "-1", "1..2GiB", True, [0], {"a": 1}, None])
 def test_parse_size_rejects(bad: object) -> None:
     with pytest.raises(ValueError):
         parse_size(bad)  # type: ignore[arg-type]

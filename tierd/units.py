@@ -29,6 +29,8 @@ def parse_size(value: int | float | str) -> int:
         if value < 0:
             raise ValueError(f"a size must be >= 0, got {value!r}")
         return int(value)
+    if not isinstance(value, str):
+        raise ValueError(f"a size must be a number of bytes or a string like '8GiB', got {type(value).__name__}")
     match = _SIZE_RE.match(value)
     if match is None:
         raise ValueError(f"a size must look like '8GiB', '512MiB' or '4096', got {value!r}")
