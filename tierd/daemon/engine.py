@@ -678,26 +678,39 @@ class Engine:
         for key in expired:
             self.delete(key)
 
+    def _copy_locked(self, rec: ObjectRecord, tier: str) -> Any:
+        """``rec``'s copy on ``tier``, attached or in its graveyard; None if it has none there.
+
+        A leased record may be overwritten, deleted or moved before its reader
+        looks: the copies taken from it wait in its graveyard until the last
+        lease ends, and they hold this very version's bytes.
+        """
+        loc = getattr(rec, tier)
+        if loc is None:
+            loc = next((old for t, old in reversed(rec.graveyard) if t == tier), None)
+        return loc
+
     def read_location(self, rec: ObjectRecord, *, promote: bool = True, evict: bool = False) -> HostLocation | None:
         """The host copy of leased ``rec`` to read from, promoting it when there is room.
 
-        None when the object is only on nvme (read it with :meth:`read_into`).
+        None when the object is only on a lower tier (read it with :meth:`read_into`).
         The location stays valid while the lease is held, even if the object
-        is demoted or deleted meanwhile (Note: ObjectRecord.graveyard).
+        is demoted, replaced or deleted meanwhile (see :meth:`_copy_locked`).
         """
         with self._lock:
-            host_loc = rec.host
-            if host_loc is not None or (rec.nvme is None and rec.remote is None):
+            host_loc = self._copy_locked(rec, "host")
+            on_nvme = self._copy_locked(rec, "nvme") is not None
+            if host_loc is not None or (not on_nvme and self._copy_locked(rec, "remote") is None):
                 self._counters["host"].hits += 1
                 self._counters["host"].bytes_out += rec.nbytes
                 return host_loc
             self._counters["host"].misses += 1
-            if rec.nvme is not None:
+            if on_nvme:
                 self._counters["nvme"].hits += 1
             else:
                 self._counters["nvme"].misses += 1
                 self._counters["remote"].hits += 1
-        if promote and rec.nbytes:
+        if promote and rec.nbytes and rec.live:
             loc = self._promote(rec, evict=evict)
             if loc is not None:
                 with self._lock:
@@ -720,10 +733,16 @@ class Engine:
         if isinstance(dest, memoryview):
             dest = _tensor_of(dest)
         with self._lock:
-            source = "nvme" if rec.nvme is not None else "remote" if rec.remote is not None else None
-            loc = getattr(rec, source) if source else None
-        if source is None:  # promoted by someone else meanwhile: read the new copy
-            return self.read_into(rec, dest, promote=False)
+            # Promoted meanwhile by someone else: the host copy; else the lower one.
+            for source in ("host", "nvme", "remote"):
+                loc = self._copy_locked(rec, source)
+                if loc is not None:
+                    break
+            else:
+                raise TierdError(f"internal error: leased object {rec.key!r} has no copy on any tier")
+        if source == "host":
+            self.host.copy_out(loc, dest)
+            return
         self._read_lower(source, loc, dest, rec)
         with self._lock:
             self._counters[source].bytes_out += rec.nbytes
