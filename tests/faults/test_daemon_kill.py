@@ -56,28 +56,23 @@ def test_kill_9_daemon_loses_no_acknowledged_durable_object(tmp_path: Path, seed
     acked: dict[str, int] = {}
     pending_del: set[str] = set()
     kill_after = rng.randrange(5, 120)  # a random point in the stream
-    seen = 0
+    def record(line: str) -> None:
+        word, key, *rest = line.split()
+        if word == "PUT":
+            acked[key] = int(rest[0])
+            pending_del.discard(key)
+        else:
+            acked.pop(key, None)
+            pending_del.add(key)
+
     try:
-        for line in client.stdout:
-            word, key, *rest = line.split()
-            if word == "PUT":
-                acked[key] = int(rest[0])
-                pending_del.discard(key)
-            else:
-                acked.pop(key, None)
-                pending_del.add(key)
-            seen += 1
+        for seen, line in enumerate(client.stdout, start=1):
+            record(line)
             if seen >= kill_after:
                 d.kill()  # kill -9, mid-stream
                 break
         for line in client.stdout:  # acknowledged just before the kill landed
-            word, key, *rest = line.split()
-            if word == "PUT":
-                acked[key] = int(rest[0])
-                pending_del.discard(key)
-            else:
-                acked.pop(key, None)
-                pending_del.add(key)
+            record(line)
         client.wait(timeout=60)
         d.start()
         with d.connect() as s:
