@@ -88,3 +88,22 @@ def start_redis(workdir: Any, *, unix: bool = False) -> tuple[Any, str] | None:
                 proc.kill()
                 return None
             time.sleep(0.05)
+
+
+def bench_args(doc: str | None, argv: list[str] | None, **extra: Any) -> tuple[Any, Any]:
+    """The options every benchmark takes (``--quick``, ``--out``) plus ``extra``; returns (args, out dir).
+
+    ``extra`` maps an option name to its ``add_argument`` keywords, e.g. ``device={"default": "cpu"}``.
+    """
+    import argparse
+    from pathlib import Path
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a smaller run, for a first look")
+    ap.add_argument("--out", default="bench/out", help="directory for the results")
+    for name, kwargs in extra.items():
+        ap.add_argument(f"--{name.replace('_', '-')}", **kwargs)
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return args, out

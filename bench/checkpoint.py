@@ -19,7 +19,6 @@ and checkpoint.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -34,6 +33,9 @@ import torch
 from rich.console import Console
 
 from tierd import checkpoint
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import bench_args  # noqa: E402
 
 console = Console(width=132)
 GIB = 1 << 30
@@ -67,13 +69,8 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="a 320 MiB state instead of >= 1 GiB")
-    ap.add_argument("--out", default="bench/out")
-    ap.add_argument("--dir", default=None, help="where checkpoints are written (default: a temp dir under ~/.cache)")
-    args = ap.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    args, out = bench_args(__doc__, argv, dir={
+        "default": None, "help": "where checkpoints are written (default: a temp dir under ~/.cache)"})
     sd = _state((320 << 20) if args.quick else (1200 << 20))
     nbytes = sum(t.numel() * t.element_size() for t in sd.values())
     base = Path(args.dir) if args.dir else Path.home() / ".cache"

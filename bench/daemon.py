@@ -16,7 +16,6 @@ Writes daemon.json, daemon.md and daemon.png into --out.
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing as mp
 import os
@@ -36,7 +35,7 @@ import tierd
 from tierd.daemon.launch import spawn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import median_gbs, pyplot, start_redis  # noqa: E402
+from _common import bench_args, median_gbs, pyplot, start_redis  # noqa: E402
 
 console = Console(width=132)
 MIB = 1 << 20
@@ -161,12 +160,7 @@ def _plot(res: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default="bench/out")
-    args = ap.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    args, out = bench_args(__doc__, argv)
     ops = 500 if args.quick else 3000
     small = 4096
     with tempfile.TemporaryDirectory(prefix="tierd-bd-", dir="/tmp") as tmp_s, Progress(console=console) as progress:

@@ -15,7 +15,6 @@ Writes kv.json and kv.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).parent))
 import traces  # noqa: E402
-from _common import fio_gbs, median_gbs, start_redis  # noqa: E402
+from _common import bench_args, fio_gbs, median_gbs, start_redis  # noqa: E402
 
 import tierd  # noqa: E402
 from tierd.policies.simulator import OPT, simulate  # noqa: E402
@@ -66,12 +65,7 @@ def _tier_run(cfg: dict, tier: str, blocks: int, reps: int) -> tuple[float, floa
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default="bench/out")
-    args = ap.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    args, out = bench_args(__doc__, argv)
     blocks, reps = (2, 2) if args.quick else (8, 3)
     nbytes = LAYERS * 2 * BLOCK * HEADS * DIM * 2 * blocks
     rows: list[dict[str, Any]] = []

@@ -11,7 +11,6 @@ declared by the caller. Writes policies.json, policies.md and policies.png.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from rich.progress import Progress
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import traces  # noqa: E402
-from _common import pyplot  # noqa: E402
+from _common import bench_args, pyplot  # noqa: E402
 
 from tierd.policies.simulator import OPT, simulate  # noqa: E402
 from tierd.units import format_size  # noqa: E402
@@ -43,12 +42,7 @@ RUNS = [("lru", "none"), ("s3fifo", "none"), ("gdsf", "none"), ("schedule", "non
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer steps and requests")
-    ap.add_argument("--out", default="bench/out")
-    args = ap.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    args, out = bench_args(__doc__, argv)
     results: dict[str, Any] = {}
     with Progress(console=console) as progress:
         task = progress.add_task("simulating", total=len(WORKLOADS) * (len(RUNS) + 1))

@@ -16,7 +16,6 @@ Writes tiers.json, tiers.md and tiers.png into --out.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -40,7 +39,7 @@ import tierd
 from tierd.codecs import get_codec
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import fio_gbs, pyplot  # noqa: E402
+from _common import bench_args, fio_gbs, pyplot  # noqa: E402
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 console = Console(width=132)
@@ -223,13 +222,8 @@ def _plot(res: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smaller objects, well under two minutes")
-    ap.add_argument("--out", default="bench/out", help="directory for tiers.json, tiers.md, tiers.png")
-    ap.add_argument("--nvme-dir", default=None, help="directory on the disk to measure (default: a temp dir in the cache)")
-    args = ap.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    args, out = bench_args(__doc__, argv, nvme_dir={
+        "default": None, "help": "directory on the disk to measure (default: a temp dir in the cache)"})
     host_sizes = [4 * KIB, 64 * KIB, MIB, 4 * MIB, 16 * MIB, 64 * MIB] + ([] if args.quick else [256 * MIB, GIB])
     nvme_sizes = [MIB, 4 * MIB, 16 * MIB, 64 * MIB] + ([] if args.quick else [256 * MIB, GIB])
     base = Path(args.nvme_dir) if args.nvme_dir else tierd.config.default_nvme_path().parent

@@ -19,7 +19,6 @@ and the bytes tierd stashed. Writes training.json and training.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -35,6 +34,9 @@ from rich.console import Console
 from torch.utils.checkpoint import checkpoint
 
 import tierd
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import bench_args  # noqa: E402
 
 console = Console(width=132)
 MIB = 1 << 20
@@ -92,14 +94,8 @@ def _measure(step: Callable[[], None], device: torch.device, steps: int) -> tupl
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default="bench/out")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args(argv)
+    args, out = bench_args(__doc__, argv, device={"default": "cuda" if torch.cuda.is_available() else "cpu"})
     device = torch.device(args.device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     if device.type == "cuda":
         shape = {"vocab": 50257, "d": 768, "layers": 12, "heads": 12}
         batch, seq, steps = (4, 512, 3) if args.quick else (8, 1024, 5)
