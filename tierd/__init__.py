@@ -16,6 +16,7 @@ from tierd.clients import checkpoint
 from tierd.clients.activations import offload_activations
 from tierd.clients.base import Store
 from tierd.clients.embedded import EmbeddedStore, open_store
+from tierd.clients.gpu import with_gpu_tier
 from tierd.clients.kv import PrefixKVStore
 from tierd.clients.optimizer import OffloadedOptimizer, offload_optimizer
 from tierd.clients.remote import RemoteStore
@@ -44,7 +45,7 @@ __all__ = [
 ]
 
 
-def open(config: str | os.PathLike[str] | Mapping[str, Any] | Config | None = None) -> EmbeddedStore:  # noqa: A001
+def open(config: str | os.PathLike[str] | Mapping[str, Any] | Config | None = None) -> Store:  # noqa: A001
     """Open the embedded store: the engine runs inside this process, no daemon needed.
 
     Args:
@@ -56,10 +57,12 @@ def open(config: str | os.PathLike[str] | Mapping[str, Any] | Config | None = No
         ConfigError: the configuration is invalid.
         TierdError: the nvme directory is owned by another open store.
     """
-    return open_store(config)
+    store = open_store(config)
+    gpu = store.config.tiers.gpu
+    return with_gpu_tier(store, gpu.budget, gpu.fraction)
 
 
-def connect(socket: str | os.PathLike[str] | None = None) -> RemoteStore:
+def connect(socket: str | os.PathLike[str] | None = None) -> Store:
     """Connect to a running ``tierd serve`` daemon; the same interface as :func:`open`.
 
     Args:
@@ -71,4 +74,5 @@ def connect(socket: str | os.PathLike[str] | None = None) -> RemoteStore:
         DaemonUnavailable: no daemon answers there.
         ProtocolError: the daemon speaks another protocol version.
     """
-    return RemoteStore(socket)
+    store = RemoteStore(socket)
+    return with_gpu_tier(store, store.gpu_budget, store.gpu_fraction)

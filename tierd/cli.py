@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from tierd.clients.remote import RemoteStore
 from tierd.config import load_config
 from tierd.errors import TierdError
 from tierd.units import format_size
@@ -134,9 +135,8 @@ def _status_tables(status: dict[str, Any]) -> list[Table]:
 
 
 def _status(args: argparse.Namespace, console: Console) -> int:
-    import tierd
 
-    with tierd.connect(args.socket) as store:
+    with RemoteStore(args.socket) as store:
         for table in _status_tables(store.status()):
             console.print(table)
     return 0
@@ -146,9 +146,8 @@ def _top(args: argparse.Namespace, console: Console) -> int:
     from rich.console import Group
     from rich.live import Live
 
-    import tierd
 
-    with tierd.connect(args.socket) as store, Live(console=console, auto_refresh=False) as live:
+    with RemoteStore(args.socket) as store, Live(console=console, auto_refresh=False) as live:
         try:
             for _ in range(args.iterations) if args.iterations else iter(int, 1):
                 live.update(Group(*_status_tables(store.status())), refresh=True)

@@ -78,6 +78,7 @@ class NvmeTierConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=
     slab_size: int = 1 * _GIB
     chunk_size: int = 4 * _MIB
     io_threads: int = 8
+    gds: Literal["auto", "off"] = "auto"  # kvikio file <-> GPU where it imports and CUDA is present
 
 
 class RemoteTierConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -96,10 +97,26 @@ class RemoteTierConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_onl
     prefix: str = "tierd"
 
 
+class GpuTierConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``[tiers.gpu]``: each client's device cache, and how clients pin the host arena.
+
+    The tier is off (``budget`` and ``fraction`` 0) unless configured, and
+    always off without CUDA. ``pin`` registers the mapped host arena with
+    cudaHostRegister, in pieces of ``pin_piece`` (Note [pinned arena] in
+    tiers/gpu.py); it costs nothing until a CUDA tensor is stored or fetched.
+    """
+
+    budget: int = 0  # bytes of device memory per process
+    fraction: float = 0.0  # or this fraction of the device's free memory when the store opens
+    pin: bool = True
+    pin_piece: int = 1 * _GIB
+
+
 class TiersConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     host: HostTierConfig = HostTierConfig()
     nvme: NvmeTierConfig = NvmeTierConfig()
     remote: RemoteTierConfig = RemoteTierConfig()
+    gpu: GpuTierConfig = GpuTierConfig()
 
 
 class DaemonConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -177,6 +194,8 @@ _SIZE_KEYS = {
     ("tiers", "nvme", "chunk_size"),
     ("tiers", "remote", "size"),
     ("tiers", "remote", "chunk_size"),
+    ("tiers", "gpu", "budget"),
+    ("tiers", "gpu", "pin_piece"),
     ("namespaces", "*", "quota"),
     ("namespaces", "*", "admit_max"),
     ("daemon", "", "uid_quota"),
@@ -319,14 +338,19 @@ def _resolve_defaults(cfg: Config) -> Config:
             raise ConfigError(f"namespace names must be non-empty and hold no '/', got {name!r}")
         if ns.prefetch_depth < 1:
             raise ConfigError(f"namespaces.{name}.prefetch_depth must be >= 1, got {ns.prefetch_depth}")
+    gpu = cfg.tiers.gpu
+    if gpu.budget < 0 or not 0 <= gpu.fraction < 1:
+        raise ConfigError(f"tiers.gpu: budget must be >= 0 and 0 <= fraction < 1, got {gpu.budget}, {gpu.fraction}")
+    if gpu.pin_piece < (2 << 20) or gpu.pin_piece % (2 << 20):
+        raise ConfigError(f"tiers.gpu.pin_piece must be a multiple of 2 MiB, got {gpu.pin_piece}")
     if cfg.daemon.lease_s <= 0:
         raise ConfigError(f"daemon.lease_s must be > 0 seconds, got {cfg.daemon.lease_s}")
     return msgspec.structs.replace(
         cfg,
-        tiers=TiersConfig(
+        tiers=msgspec.structs.replace(
+            cfg.tiers,
             host=msgspec.structs.replace(host, size=host_size),
             nvme=msgspec.structs.replace(nvme, path=str(path), size=nvme_size),
-            remote=cfg.tiers.remote,
         ),
     )
 

@@ -12,14 +12,17 @@ from tierd.clients.base import Store, prefetch_keys
 from tierd.clients.values import (
     Value,
     check_out,
+    device_target,
+    direct_source,
     encode_value,
+    fill_extent,
     new_value,
-    strided_source,
     tensor_meta,
     typed_view,
 )
 from tierd.config import Config, load_config
 from tierd.daemon.engine import Engine, validate_key
+from tierd.tiers.gpu import CopyEngine
 from tierd.types import ObjectInfo, Stats
 
 __all__ = ["EmbeddedStore", "open_store"]
@@ -31,6 +34,8 @@ class EmbeddedStore(Store):
     def __init__(self, engine: Engine) -> None:
         super().__init__()
         self._engine = engine
+        gpu = engine.config.tiers.gpu
+        self._copies = CopyEngine(engine.host.arena, pin=gpu.pin, piece=gpu.pin_piece)
 
     @property
     def config(self) -> Config:
@@ -45,27 +50,36 @@ class EmbeddedStore(Store):
         codec: str | None = None, pin: bool = False, ttl: float | None = None,
     ) -> None:
         opts: dict[str, Any] = {"tier": tier, "durable": durable, "codec": codec, "pin": pin, "ttl": ttl}
-        strided = strided_source(value)
-        if strided is not None:
-            # A slice of a larger tensor: copy it with its strides straight into the
-            # staging extent, instead of making it contiguous first and copying again.
-            meta = tensor_meta(strided)
-            pending = self._engine.prepare_put(validate_key(key), strided.numel() * strided.element_size(), meta,
+        direct = direct_source(value)
+        if direct is not None:
+            # A CUDA tensor or a slice of a larger one: copy it straight into the
+            # staging extent (one DMA, or one strided copy) instead of encoding
+            # it into a temporary first and copying again.
+            meta = tensor_meta(direct)
+            pending = self._engine.prepare_put(validate_key(key), direct.numel() * direct.element_size(), meta,
                                                **opts)
-            if pending.staging is not None:
-                try:
-                    typed_view(self._engine.host.view(pending.staging), meta).copy_(strided)
-                except BaseException:
-                    self._engine.abort_put(pending)
-                    raise
-                self._engine.finish_put(pending)
-                return
-            self._engine.abort_put(pending)
+            try:
+                if pending.staging is not None:
+                    fill_extent(self._copies, self._engine.host.view(pending.staging), direct, meta)
+                    src = None
+                elif direct.device.type == "cuda":
+                    src = direct.contiguous().reshape(-1).view(torch.uint8)  # nvme-bound: GDS or a host copy
+                else:
+                    src = encode_value(direct)[0]
+            except BaseException:
+                self._engine.abort_put(pending)
+                raise
+            self._engine.finish_put(pending, src)
+            return
         src, meta = encode_value(value)
         self._engine.put(validate_key(key), src, meta, **opts)
 
     def get(self, key: str, *, device: str | torch.device | None = None, out: torch.Tensor | None = None) -> Any:
         with self._engine.lease(validate_key(key)) as rec:
+            target = device_target(rec.meta, key, device, out)
+            if target is not None:
+                self._get_device(rec, target)
+                return target
             if out is not None:
                 flat = check_out(out, rec.meta, key)
                 if flat is not None:
@@ -83,6 +97,19 @@ class EmbeddedStore(Store):
             value, dest = new_value(rec.meta)
             self._engine.read_into(rec, dest)
         return finish_value(value, device)
+
+    def _get_device(self, rec: Any, target: torch.Tensor) -> None:
+        """Fill CUDA tensor ``target`` with leased ``rec``: one DMA from the arena, or nvme to device by GDS."""
+        gds = self._engine.nvme.gds and rec.nvme is not None
+        loc = self._engine.read_location(rec, promote=not gds)
+        if loc is not None:
+            self._copies.to_device(target, self._engine.host.view(loc))
+        elif gds and target.is_contiguous():
+            self._engine.read_into(rec, target.reshape(-1).view(torch.uint8), promote=False)
+        else:
+            tmp, tmp_flat = new_value(rec.meta)
+            self._engine.read_into(rec, tmp_flat)
+            self._copies.to_device(target, tmp_flat)
 
     def prefetch(self, keys: Iterable[str] | str, *, tier: str = "host") -> None:
         self._engine.prefetch(prefetch_keys(keys), tier)
@@ -110,6 +137,7 @@ class EmbeddedStore(Store):
 
     def close(self) -> None:
         super().close()
+        self._copies.close()  # unregister the arena before the engine unmaps it
         self._engine.close()
 
 
@@ -124,4 +152,4 @@ def finish_value(value: Any, device: str | torch.device | None) -> Any:
 
 def open_store(config: str | os.PathLike[str] | Mapping[str, Any] | Config | None = None) -> EmbeddedStore:
     """Open the embedded store (see ``tierd.open``)."""
-    return EmbeddedStore(Engine(load_config(config)))
+    return EmbeddedStore(Engine(load_config(config), in_process=True))

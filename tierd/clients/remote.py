@@ -28,9 +28,11 @@ from tierd.clients.embedded import finish_value
 from tierd.clients.values import (
     Value,
     check_out,
+    device_target,
+    direct_source,
     encode_value,
+    fill_extent,
     new_value,
-    strided_source,
     tensor_meta,
     typed_view,
 )
@@ -38,6 +40,7 @@ from tierd.config import default_socket_path
 from tierd.daemon import protocol as p
 from tierd.daemon.engine import validate_key
 from tierd.errors import DaemonUnavailable, ProtocolError, StoreClosed, TierdError
+from tierd.tiers.gpu import CopyEngine
 from tierd.types import ObjectInfo, Stats
 
 __all__ = ["RemoteStore", "connect"]
@@ -111,6 +114,8 @@ class RemoteStore(Store):
         finally:
             os.close(fds[0])
         self._arena = torch.frombuffer(self._map, dtype=torch.uint8)
+        self._copies = CopyEngine(self._arena, pin=reply.gpu_pin, piece=reply.gpu_pin_piece)
+        self.gpu_budget, self.gpu_fraction = reply.gpu_budget, reply.gpu_fraction  # for the gpu tier
         self.daemon_pid = reply.pid
         self.uid = reply.uid
         self._inline_max = reply.inline_max_bytes
@@ -217,10 +222,10 @@ class RemoteStore(Store):
             self._call(p.Put, key=key, nbytes=len(value), meta=meta, tier=tier, durable=durable, codec=codec,
                        pin=pin, ttl=ttl, data=value)
             return
-        strided = strided_source(value)
-        if strided is not None:
-            src, meta = None, tensor_meta(strided)  # copied with its strides straight into the arena
-            n = strided.numel() * strided.element_size()
+        direct = direct_source(value)
+        if direct is not None:
+            src, meta = None, tensor_meta(direct)  # copied straight into the arena (strided, or one DMA)
+            n = direct.numel() * direct.element_size()
         else:
             src, meta = encode_value(value)
             n = src.numel()
@@ -235,8 +240,8 @@ class RemoteStore(Store):
         ready, _ = self._call(p.Put, **opts)
         try:
             if ready.offset is not None and src is None:
-                assert strided is not None
-                typed_view(self._arena[ready.offset : ready.offset + n], meta).copy_(strided)
+                assert direct is not None
+                fill_extent(self._copies, self._arena[ready.offset : ready.offset + n], direct, meta)
             elif ready.offset is not None:
                 assert src is not None
                 self._arena[ready.offset : ready.offset + n].copy_(src)
@@ -255,6 +260,15 @@ class RemoteStore(Store):
     def get(self, key: str, *, device: str | torch.device | None = None, out: torch.Tensor | None = None) -> Any:
         ready, chunks = self._call(p.Get, key=validate_key(key))
         try:
+            target = device_target(ready.meta, key, device, out)
+            if target is not None:
+                if ready.offset is not None:  # one DMA from the pinned arena
+                    self._copies.to_device(target, self._arena[ready.offset : ready.offset + ready.meta.nbytes])
+                else:
+                    tmp, tmp_flat = new_value(ready.meta)
+                    _fill(tmp_flat, ready, chunks)
+                    self._copies.to_device(target, tmp_flat)
+                return target
             if out is not None:
                 flat = check_out(out, ready.meta, key)
                 if flat is None:  # strided out: one copy, from the arena or the frame
@@ -320,6 +334,7 @@ class RemoteStore(Store):
         except OSError:
             pass
         self._sock.close()
+        self._copies.close()  # unregister the arena before unmapping it
         del self._arena
         try:
             self._map.close()

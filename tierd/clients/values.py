@@ -10,9 +10,10 @@ import torch
 from tierd._buffers import tensor_bytes
 from tierd.daemon.index import ObjectMeta
 from tierd.errors import InvalidArgument
+from tierd.tiers.gpu import CopyEngine
 
 __all__ = ["Value", "encode_value", "new_value", "check_out", "dtype_from_name", "typed_view", "tensor_meta",
-           "strided_source"]
+           "direct_source", "device_target"]
 
 Value = torch.Tensor | bytes | bytearray | memoryview
 
@@ -87,11 +88,11 @@ def check_out(out: torch.Tensor, meta: ObjectMeta, key: str) -> torch.Tensor | N
         raise InvalidArgument(
             f"out= must have dtype {dtype} and {numel} elements for {key!r}, got {out.dtype} with {out.numel()}"
         )
-    if out.device.type != "cpu":
-        raise InvalidArgument(f"out= on {out.device} is not supported yet; pass a CPU tensor")
-    if out.is_contiguous():
+    if out.device.type not in ("cpu", "cuda"):
+        raise InvalidArgument(f"out= on {out.device} is not supported; pass a CPU or CUDA tensor")
+    if out.is_contiguous() and out.device.type == "cpu":
         return tensor_bytes(out)
-    if tuple(out.shape) != tuple(meta.shape):
+    if not out.is_contiguous() and tuple(out.shape) != tuple(meta.shape):
         raise InvalidArgument(f"a non-contiguous out= must have the object's shape {tuple(meta.shape)}, "
                               f"got {tuple(out.shape)}")
     return None
@@ -106,13 +107,42 @@ def tensor_meta(t: torch.Tensor) -> ObjectMeta:
     return ObjectMeta("tensor", str(t.dtype).removeprefix("torch."), tuple(t.shape), t.element_size())
 
 
-def strided_source(value: Any) -> torch.Tensor | None:
-    """``value`` if it is a large, non-contiguous CPU tensor a store can copy straight into its arena."""
-    if (isinstance(value, torch.Tensor) and value.layout == torch.strided and value.device.type == "cpu"
-            and not value.is_contiguous() and not value.is_quantized
+def direct_source(value: Any) -> torch.Tensor | None:
+    """``value`` if a store should copy it straight into an arena extent instead of encoding it first.
+
+    That is a CUDA tensor (one DMA into the pinned arena, no host temporary)
+    or a large, non-contiguous CPU tensor (copied with its strides, no
+    contiguous temporary); see :func:`fill_extent`.
+    """
+    if not isinstance(value, torch.Tensor) or value.layout != torch.strided or value.is_quantized:
+        return None
+    if value.device.type == "cuda":
+        return value.detach()
+    if (value.device.type == "cpu" and not value.is_contiguous()
             and value.numel() * value.element_size() >= STRIDED_MIN_BYTES):
         return value.detach()
     return None
+
+
+def fill_extent(copies: CopyEngine, extent: torch.Tensor, src: torch.Tensor, meta: ObjectMeta) -> None:
+    """Copy a :func:`direct_source` into ``extent`` (flat arena bytes)."""
+    if src.device.type == "cuda":
+        copies.to_host(extent, src)
+    else:
+        typed_view(extent, meta).copy_(src)
+
+
+def device_target(meta: ObjectMeta, key: str, device: str | torch.device | None,
+                  out: torch.Tensor | None) -> torch.Tensor | None:
+    """The CUDA tensor a get fills (a CUDA ``out=``, or a new tensor for ``device="cuda:N"``), else None."""
+    if out is not None:
+        if out.device.type != "cuda":
+            return None
+        check_out(out, meta, key)
+        return out
+    if device is None or meta.kind != "tensor" or torch.device(device).type != "cuda":
+        return None
+    return torch.empty(meta.shape, dtype=dtype_from_name(meta.dtype), device=device)
 
 
 STRIDED_MIN_BYTES = 64 << 10  # below this, a contiguous temporary costs less than the bookkeeping

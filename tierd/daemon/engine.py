@@ -128,7 +128,7 @@ class _Counters:
 class Engine:
     """Owns the tiers and the index. Thread-safe."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, in_process: bool = False) -> None:
         self.config = config
         host_cfg, nvme_cfg = config.tiers.host, config.tiers.nvme
         self.host = HostTier(host_cfg.size, hugepages=host_cfg.hugepages)
@@ -136,6 +136,7 @@ class Engine:
             self.nvme = NvmeTier(
                 nvme_cfg.path, nvme_cfg.size, slab_size=nvme_cfg.slab_size,
                 chunk_size=nvme_cfg.chunk_size, io_threads=nvme_cfg.io_threads, direct=nvme_cfg.direct,
+                gds=in_process and nvme_cfg.gds == "auto",
             )
         except BaseException:
             self.host.close()
@@ -388,6 +389,10 @@ class Engine:
         rec, staging = pending.rec, pending.staging
         nbytes = rec.nbytes
         keep_staging = False
+        if isinstance(src, torch.Tensor) and src.device.type != "cpu" and (
+                staging is not None or pending.top == "remote" or not self.nvme.gds or rec.codec != "none"
+                or (self.remote is not None and self.config.namespace(rec.namespace).write_through)):
+            src = src.cpu()  # only nvme writes straight from device memory (Note [GPUDirect Storage])
         try:
             if staging is not None:
                 if src is not None:
@@ -791,6 +796,11 @@ class Engine:
         return ext
 
     def _read_lower(self, tier: str, loc: Any, dest: torch.Tensor, rec: ObjectRecord) -> None:
+        if dest.device.type != "cpu" and not (tier == "nvme" and self.nvme.gds):
+            staged = torch.empty(dest.numel(), dtype=torch.uint8)  # only nvme reads into device memory
+            self._read_lower(tier, loc, staged, rec)
+            dest.copy_(staged)
+            return
         if tier == "nvme":
             self._timed_nvme_read(loc, dest, rec)
         else:

@@ -35,6 +35,13 @@ class ObjectMeta(msgspec.Struct, frozen=True, array_like=True):
     shape: tuple[int, ...]
     itemsize: int
 
+    @property
+    def nbytes(self) -> int:
+        n = self.itemsize
+        for dim in self.shape:
+            n *= dim
+        return n
+
 
 class DurableEntry(msgspec.Struct, frozen=True, array_like=True):
     """An LMDB value: a durable object's metadata and where its chunks are."""

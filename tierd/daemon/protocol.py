@@ -148,6 +148,10 @@ class Welcome(_Rep, frozen=True, kw_only=True):
     uid: int
     inline_max_bytes: int
     max_frame_bytes: int
+    gpu_pin: bool = True  # how clients pin the arena ([tiers.gpu] pin, pin_piece)
+    gpu_pin_piece: int = 1 << 30
+    gpu_budget: int = 0  # the clients' gpu tier ([tiers.gpu] budget, fraction)
+    gpu_fraction: float = 0.0
 
 
 class Ok(_Rep, frozen=True, kw_only=True):

@@ -441,10 +441,11 @@ class Server:
             conn.closed = True
             return
         assert self.engine is not None
-        d = self.config.daemon
+        d, gpu = self.config.daemon, self.config.tiers.gpu
         welcome = p.encode_frame(p.Welcome(
             id=req.id, version=p.PROTOCOL_VERSION, arena_bytes=self.engine.host.capacity_bytes, pid=os.getpid(),
             uid=conn.uid, inline_max_bytes=d.inline_max_bytes, max_frame_bytes=d.max_frame_bytes,
+            gpu_pin=gpu.pin, gpu_pin_piece=gpu.pin_piece, gpu_budget=gpu.budget, gpu_fraction=gpu.fraction,
         ))
         # The arena's memfd rides on the Welcome frame; only admitted clients get it.
         with conn.send_lock:

@@ -103,7 +103,7 @@ class HostTier(Tier):
         n = location.nbytes
         if isinstance(src, memoryview):
             self._view[location.offset : location.offset + n] = src
-        elif n < SMALL_COPY_BYTES:
+        elif n < SMALL_COPY_BYTES and src.device.type == "cpu":
             # Small: a memoryview copy costs ~1 µs; a torch op ~10 µs of dispatch.
             self._view[location.offset : location.offset + n] = address_view(src.data_ptr(), n)
         else:
@@ -114,7 +114,7 @@ class HostTier(Tier):
         n = location.nbytes
         if isinstance(dest, memoryview):
             dest[:] = self._view[location.offset : location.offset + n]
-        elif n < SMALL_COPY_BYTES:
+        elif n < SMALL_COPY_BYTES and dest.device.type == "cpu":
             address_view(dest.data_ptr(), n)[:] = self._view[location.offset : location.offset + n]
         else:
             dest.copy_(self.view(location))

@@ -23,6 +23,18 @@ Note [O_DIRECT alignment]
     caller's buffer (whose bytes past the end belong to someone else) go
     through a per-thread aligned bounce buffer.
 
+Note [GPUDirect Storage]
+    With ``gds`` on (kvikio imports and a CUDA device is present), chunks of
+    CUDA tensors are written and read file <-> device memory by kvikio: by
+    DMA where the GDS driver is loaded, through kvikio's own POSIX path
+    (compatibility mode) otherwise; either way no tierd host copy. Their
+    bytes never pass the CPU, so xxh3 cannot cover them: those chunks carry
+    a device checksum (``device_checksum`` in tiers/gpu.py, computed with torch
+    where the bytes are), marked by ``NvmeChunk.kind``. Raw chunks written
+    from host memory while ``gds`` is on get the device checksum too, so a
+    GPU can read them without the CPU; a POSIX read verifies either kind.
+    Compressed chunks stay on the POSIX path (decoding runs on the CPU).
+
 Note [durability]
     A durable write is acknowledged only after every slab it touched has been
     fdatasync'ed; the engine then commits the index entry in LMDB (which
@@ -48,9 +60,10 @@ import xxhash
 from tierd._buffers import address_view, aligned_buffer
 from tierd._io import pread_all, pwrite_all
 from tierd.codecs import ChunkMode, Codec, decode_chunk
-from tierd.errors import CorruptObject, MediaError, OutOfSpace, TierdError
+from tierd.errors import CorruptObject, InvalidArgument, MediaError, OutOfSpace, TierdError
 from tierd.tiers.alloc import ExtentAllocator
 from tierd.tiers.base import Tier, TierUsage
+from tierd.tiers.gpu import device_checksum, gds_status
 
 __all__ = ["NvmeTier", "NvmeLocation", "NvmeChunk"]
 
@@ -68,6 +81,11 @@ class NvmeChunk(msgspec.Struct, frozen=True, array_like=True):
     raw: int
     mode: int
     checksum: int
+    kind: int = 0  # CHECKSUM_XXH3 or CHECKSUM_DEVICE (Note [GPUDirect Storage])
+
+
+CHECKSUM_XXH3 = 0
+CHECKSUM_DEVICE = 1
 
 
 class NvmeLocation(msgspec.Struct, frozen=True, array_like=True):
@@ -118,6 +136,7 @@ class NvmeTier(Tier):
         chunk_size: int = 4 << 20,
         io_threads: int = 8,
         direct: bool = True,
+        gds: bool = False,
     ) -> None:
         self.path = Path(path)
         self.slab_dir = self.path / "slabs"
@@ -142,6 +161,12 @@ class NvmeTier(Tier):
             self.direct = self.direct_refused is None
             if not self.direct:
                 log.warning("%s: %s; using buffered I/O", self.path, self.direct_refused)
+
+        self.gds = False  # Note [GPUDirect Storage]
+        self.gds_reason = "off (tiers.nvme.gds)"
+        if gds:
+            self.gds, self.gds_reason = gds_status()
+        self._cufiles: dict[int, Any] = {}
 
         capacity = capacity_bytes // BLOCK * BLOCK
         slab_size = max(BLOCK, slab_size // BLOCK * BLOCK)
@@ -255,10 +280,15 @@ class NvmeTier(Tier):
         return TierUsage(self._capacity, used, largest, frag)
 
     def write(self, src: torch.Tensor, *, codec: Codec, itemsize: int, durable: bool) -> NvmeLocation:
+        """Store flat uint8 ``src`` (host memory; device memory too when :attr:`gds` is on)."""
         n = src.numel()
         starts = range(0, n, self.chunk_size)
+        on_device = src.device.type == "cuda"
+        if on_device and (not self.gds or codec.name != "none"):
+            raise InvalidArgument("nvme writes from device memory need gds on and codec none")
+        write_chunk = self._write_chunk_device if on_device else self._write_chunk
         futures = [
-            self._pool.submit(self._write_chunk, src[s : s + self.chunk_size], codec, itemsize)
+            self._pool.submit(write_chunk, src[s : s + self.chunk_size], codec, itemsize)
             for s in starts
         ]
         chunks, error = self._gather(futures)
@@ -288,9 +318,12 @@ class NvmeTier(Tier):
         data = address_view(src.data_ptr(), raw_len)
         mode, payload = codec.encode(data, itemsize)
         stored = len(payload)
-        checksum = xxhash.xxh3_64_intdigest(payload)
+        if self.gds and mode == ChunkMode.RAW:  # readable straight into a GPU (Note [GPUDirect Storage])
+            kind, checksum = CHECKSUM_DEVICE, device_checksum(src)
+        else:
+            kind, checksum = CHECKSUM_XXH3, xxhash.xxh3_64_intdigest(payload)
         slab, offset = self._alloc_extent(stored)
-        chunk = NvmeChunk(slab, offset, stored, raw_len, int(mode), checksum)
+        chunk = NvmeChunk(slab, offset, stored, raw_len, int(mode), checksum, kind)
         try:
             fd = self._fds[slab]
             if not self.direct:
@@ -307,11 +340,56 @@ class NvmeTier(Tier):
             raise _io_error(exc, "writing a chunk", self.path) from exc
         return chunk
 
+    def _cufile(self, slab: int) -> Any:
+        """kvikio's handle on slab ``slab`` (opened once; the slab exists: it holds the chunk)."""
+        with self._lock:
+            handle = self._cufiles.get(slab)
+            if handle is None:
+                import kvikio
+
+                handle = kvikio.CuFile(self._slab_path(slab), "r+")
+                self._cufiles[slab] = handle
+            return handle
+
+    def _write_chunk_device(self, src: torch.Tensor, codec: Codec, itemsize: int) -> NvmeChunk:
+        raw_len = src.numel()
+        slab, offset = self._alloc_extent(raw_len)
+        chunk = NvmeChunk(slab, offset, raw_len, raw_len, int(ChunkMode.RAW), device_checksum(src),
+                          CHECKSUM_DEVICE)
+        try:
+            written = self._cufile(slab).pwrite(src, raw_len, offset).get()
+            if written != raw_len:
+                raise OSError(errno.EIO, f"short GDS write ({written} of {raw_len} bytes)")
+        except OSError as exc:
+            self._free_chunks([chunk])
+            raise _io_error(exc, "writing a chunk from the GPU", self.path) from exc
+        return chunk
+
+    def _read_chunk_device(self, c: NvmeChunk, dest: torch.Tensor, itemsize: int) -> None:
+        if c.mode != ChunkMode.RAW or c.kind != CHECKSUM_DEVICE:  # POSIX into host memory, then one copy
+            staged = torch.empty(c.raw, dtype=torch.uint8, pin_memory=True)
+            self._read_chunk(c, staged, itemsize)
+            dest.copy_(staged)
+            return
+        try:
+            got = self._cufile(c.slab).pread(dest, c.raw, c.offset).get()
+        except OSError as exc:
+            raise _io_error(exc, "reading a chunk into the GPU", self.path) from exc
+        if got != c.raw:
+            raise MediaError(f"nvme tier {str(self.path)!r}: short GDS read ({got} of {c.raw} bytes)")
+        self._verify(c, device_checksum(dest))
+
     def read_into(self, location: NvmeLocation, dest: torch.Tensor, *, itemsize: int) -> None:
+        """Fill flat uint8 ``dest`` (host memory; device memory too when :attr:`gds` is on)."""
         futures: list[Future[None]] = []
         pos = 0
+        read_chunk = self._read_chunk
+        if dest.device.type == "cuda":
+            if not self.gds:
+                raise InvalidArgument("nvme reads into device memory need gds on")
+            read_chunk = self._read_chunk_device
         for c in location.chunks:
-            futures.append(self._pool.submit(self._read_chunk, c, dest[pos : pos + c.raw], itemsize))
+            futures.append(self._pool.submit(read_chunk, c, dest[pos : pos + c.raw], itemsize))
             pos += c.raw
         if pos != dest.numel():
             raise CorruptObject(f"stored chunks hold {pos} bytes, expected {dest.numel()}")
@@ -329,22 +407,30 @@ class NvmeTier(Tier):
                 # block through the bounce buffer (Note [O_DIRECT alignment]).
                 whole = c.raw if not self.direct else c.raw // BLOCK * BLOCK
                 pread_all(fd, out[:whole], c.offset)
-                hasher = xxhash.xxh3_64(out[:whole])
                 if whole < c.raw:
                     bounce = self._bounce()
                     pread_all(fd, bounce[:BLOCK], c.offset + whole)
                     out[whole:] = bounce[: c.raw - whole]
-                    hasher.update(out[whole:])
-                self._verify(c, hasher.intdigest())
+                self._verify(c, self._checksum(c, dest))
                 return
             bounce = self._bounce()
             span = _padded(c.stored) if self.direct else c.stored
             pread_all(fd, bounce[:span], c.offset)
             stored = bounce[: c.stored]
-            self._verify(c, xxhash.xxh3_64_intdigest(stored))
+            self._verify(c, self._checksum(c, stored))
             decode_chunk(c.mode, stored, out, itemsize)
         except OSError as exc:
             raise _io_error(exc, "reading a chunk", self.path) from exc
+
+    @staticmethod
+    def _checksum(c: NvmeChunk, stored: torch.Tensor | memoryview) -> int:
+        """The checksum of kind ``c.kind`` of chunk ``c``'s stored bytes as read."""
+        if c.kind == CHECKSUM_DEVICE:
+            data = stored if isinstance(stored, torch.Tensor) else torch.frombuffer(stored, dtype=torch.uint8)
+            return device_checksum(data)
+        if isinstance(stored, torch.Tensor):
+            stored = address_view(stored.data_ptr(), stored.numel())
+        return xxhash.xxh3_64_intdigest(stored)
 
     def _verify(self, c: NvmeChunk, checksum: int) -> None:
         if checksum != c.checksum:
@@ -369,6 +455,9 @@ class NvmeTier(Tier):
                 return
             self._closed = True
         self._pool.shutdown(wait=True)
+        for handle in self._cufiles.values():
+            handle.close()
+        self._cufiles.clear()
         for fd in self._fds.values():
             try:
                 os.fdatasync(fd)
