@@ -236,6 +236,27 @@ def test_gpu_round_trip(store: tierd.Store) -> None:
     opt.close()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_activations_leave_the_device(store: tierd.Store) -> None:
+    model = _model(layers=4).cuda()
+    tokens = _batch(0).cuda()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    loss = _loss(model, tokens)
+    plain = torch.cuda.memory_allocated() - base
+    loss.backward()
+    expected = _grads(model)
+    model.zero_grad()
+    del loss
+    with tierd.offload_activations(store, min_bytes=64 << 10) as ctx:
+        loss = _loss(model, tokens)
+    ctx.flush()
+    offloaded = torch.cuda.memory_allocated() - base
+    assert ctx.stashed_bytes > 0 and offloaded < 0.6 * plain, (offloaded, plain)
+    loss.backward()
+    assert _bitwise(_grads(model), expected)
+
+
 def test_bad_arguments(store: tierd.Store) -> None:
     with pytest.raises(tierd.InvalidArgument, match="min_bytes"):
         tierd.offload_activations(store, min_bytes=-1)

@@ -22,10 +22,17 @@ Note [stash lifetime]
     restored storage is cached while handles remain, so views unpacked
     separately alias one storage, as in the forward pass.
 
-GPU tensors go through the host arena (device-to-host on stash, back on
-unpack). The copies are synchronous here; overlapping them on a dedicated
-stream needs the arena registered for DMA (cudaHostRegister), which arrives
-with the GPU work.
+Note [GPU stashes]
+    A CUDA activation is stashed off the forward thread: ``pack`` records
+    the compute stream, keeps the tensor alive and hands the put to one
+    stash thread, which copies it into the pinned host arena on the store's
+    device-to-host stream after that stream waited for the compute stream
+    (Note [copy streams] in tiers/gpu.py). Only once the copy finished is
+    the device tensor dropped, so its memory goes back to the caching
+    allocator with no copy still reading it. Backward that comes before the
+    copy finished uses the device tensor itself. Unpack and prefetch fetch
+    with ``get(device=...)``: one host-to-device DMA on the store's other
+    stream, overlapping the compute of the layer backward is in.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ import logging
 import threading
 import uuid
 import weakref
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +67,8 @@ class _Stash:
     handles: int = 0
     loaded: torch.UntypedStorage | None = None
     pending: Future[Any] | None = None
+    stashing: Future[None] | None = None  # a GPU stash's put (Note [GPU stashes])
+    on_device: torch.Tensor | None = None  # kept until that put finished
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -93,6 +102,7 @@ class _Offloader:
         self._by_storage: dict[tuple[torch.device, int], tuple[weakref.ref[Any], _Stash]] = {}
         self._stashes: list[_Stash] = []
         self._lock = threading.Lock()
+        self._stasher: ThreadPoolExecutor | None = None  # Note [GPU stashes]
         self.stashed_bytes = 0  # bytes put into the store by this context (for stats and tests)
 
     # -- forward ---------------------------------------------------------------
@@ -117,10 +127,39 @@ class _Offloader:
                 self._by_storage[ident] = (weakref.ref(storage), stash)
                 known = None
         if known is None:
-            raw = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage)
-            self.store.put(stash.key, raw.detach(), tier=self.tier)
+            raw = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage).detach()
+            if raw.is_cuda:
+                self._stash_from_device(stash, raw)
+            else:
+                self.store.put(stash.key, raw, tier=self.tier)
             self.stashed_bytes += stash.nbytes
         return _Handle(self, stash, t)
+
+    def _stash_from_device(self, stash: _Stash, raw: torch.Tensor) -> None:
+        """Put ``raw`` from the stash thread, after the compute stream (Note [GPU stashes])."""
+        if self._stasher is None:
+            self._stasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tierd-stash")
+        stream = torch.cuda.current_stream(raw.device)
+        stash.on_device = raw
+
+        def put() -> None:
+            with torch.cuda.stream(stream):  # the store's copy stream waits for this one
+                self.store.put(stash.key, raw, tier=self.tier)
+
+        def done(fut: Future[None]) -> None:
+            if fut.exception() is not None:  # kept on the device: nothing lost, nothing freed
+                log.warning("could not stash %s (%s); it stays on the device", stash.key, fut.exception())
+                return
+            with stash.lock:
+                stash.on_device = None
+
+        stash.stashing = self._stasher.submit(put)
+        stash.stashing.add_done_callback(done)
+
+    def flush(self) -> None:
+        """Wait until every GPU stash so far has left the device (Note [GPU stashes])."""
+        if self._stasher is not None:
+            self._stasher.submit(lambda: None).result()  # one worker: everything before it is done
 
     # -- backward --------------------------------------------------------------
 
@@ -138,8 +177,11 @@ class _Offloader:
         with stash.lock:
             if stash.loaded is not None:
                 return stash.loaded
+            if stash.on_device is not None:  # its stash is not finished: the tensor itself
+                stash.loaded = stash.on_device.untyped_storage()
+                return stash.loaded
             pending = stash.pending
-        raw = pending.result() if pending is not None else self.store.get(stash.key)
+        raw = pending.result() if pending is not None else self._fetch(stash)
         if raw.device != stash.device:
             raw = raw.to(stash.device)
         storage = raw.untyped_storage()
@@ -156,9 +198,15 @@ class _Offloader:
         for i in range(index - 1, max(index - 1 - self.prefetch_depth, -1), -1):
             stash = self._stashes[i]
             with stash.lock:
-                if stash.loaded is not None or stash.pending is not None or stash.handles == 0:
+                if (stash.loaded is not None or stash.pending is not None or stash.handles == 0
+                        or stash.on_device is not None):
                     continue
-                stash.pending = self.store.get_async(stash.key)
+                stash.pending = self.store.get_async(stash.key, device=stash.device)
+
+    def _fetch(self, stash: _Stash) -> torch.Tensor:
+        if stash.stashing is not None:
+            stash.stashing.result()  # the key exists once its put finished
+        return self.store.get(stash.key, device=stash.device)
 
     def drop(self, stash: _Stash) -> None:
         """A handle died; the last one deletes the stash (Note [stash lifetime])."""
@@ -170,6 +218,12 @@ class _Offloader:
             pending, stash.pending = stash.pending, None
         if pending is not None:
             pending.cancel()
+        if stash.stashing is not None and not stash.stashing.done():
+            stash.stashing.add_done_callback(lambda _f: self._delete(stash))  # after its put, not before
+        else:
+            self._delete(stash)
+
+    def _delete(self, stash: _Stash) -> None:
         try:
             self.store.delete(stash.key)
         except TierdError as exc:  # a closed store or a gone daemon: nothing left to free here
@@ -203,6 +257,10 @@ class offload_activations(torch.autograd.graph.saved_tensors_hooks):  # noqa: N8
     def __enter__(self) -> offload_activations:  # type: ignore[override]  # the base returns None
         super().__enter__()
         return self
+
+    def flush(self) -> None:
+        """Wait until the copies of GPU activations stashed so far finished (their device memory is free)."""
+        self.offloader.flush()
 
     @property
     def stashed_bytes(self) -> int:

@@ -74,7 +74,8 @@ class OffloadedOptimizer:
         where = self._offloaded.get(p)
         if not where or p in self._pending:
             return
-        self._pending[p] = {name: self.store.get_async(key) for name, (key, _) in where.items()}
+        # Straight to the state's device: on a GPU, one DMA on the store's copy stream.
+        self._pending[p] = {name: self.store.get_async(key, device=device) for name, (key, device) in where.items()}
 
     def _fetch(self) -> None:
         state = self.optimizer.state
@@ -82,7 +83,7 @@ class OffloadedOptimizer:
             pending = self._pending.pop(p, {})
             for name, (key, device) in where.items():
                 fut = pending.get(name)
-                value = fut.result() if fut is not None else self.store.get(key)
+                value = fut.result() if fut is not None else self.store.get(key, device=device)
                 state[p][name] = value.to(device) if value.device != device else value
             del self._offloaded[p]
 
