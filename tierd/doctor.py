@@ -69,24 +69,61 @@ def _numa_checks() -> list[Check]:
     return out
 
 
-def _gpu_checks() -> list[Check]:
+def _gpu_checks(cfg: Config) -> list[Check]:
     try:
         import torch
-
-        if torch.cuda.is_available():
-            gpu = Check("GPU", "ok", f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}")
-        else:
-            gpu = Check("GPU", "off", f"torch {torch.__version__} sees no CUDA device: the gpu tier stays off")
     except Exception as exc:  # noqa: BLE001 - doctor reports, never crashes
-        gpu = Check("GPU", "fail", f"importing torch failed: {exc}", "reinstall torch")
-    try:
-        import kvikio  # type: ignore[import-not-found]  # noqa: F401
+        return [Check("GPU", "fail", f"importing torch failed: {exc}", "reinstall torch")]
+    from tierd.tiers.gpu import gds_status
 
-        gds = Check("kvikio", "ok", "importable: GPUDirect Storage path available when a GPU is present")
-    except Exception as exc:  # noqa: BLE001
-        gds = Check("kvikio", "off", f"not importable ({type(exc).__name__}): nvme<->GPU goes through host memory",
-                    "pip install 'tierd[gds]' on a machine with a CUDA driver")
-    return [gpu, gds]
+    gpu_cfg = cfg.tiers.gpu
+    if not torch.cuda.is_available():
+        return [
+            Check("GPU", "off", f"torch {torch.__version__} sees no CUDA device: the gpu tier and pinning stay off"),
+            Check("GDS", "off", gds_status()[1]),
+        ]
+    free, total = torch.cuda.mem_get_info()
+    out = [Check("GPU", "ok", f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}, "
+                              f"{format_size(free)} of {format_size(total)} free")]
+    if gpu_cfg.budget or gpu_cfg.fraction:
+        budget = gpu_cfg.budget or int(free * gpu_cfg.fraction)
+        out.append(Check("gpu tier", "ok", f"{format_size(budget)} per process"))
+    else:
+        out.append(Check("gpu tier", "off", "no budget configured", "set tiers.gpu.budget or tiers.gpu.fraction"))
+    out.append(_pin_check(cfg))
+    usable, why = gds_status()
+    nvfs = Path("/proc/driver/nvidia-fs").exists()
+    if usable and not nvfs:
+        why += "; the nvidia-fs kernel module is not loaded"
+    out.append(Check("GDS", "ok" if usable else "off", why,
+                     "" if usable and nvfs else "install the GDS driver (nvidia-fs) and pip install 'tierd[gds]'"))
+    return out
+
+
+def _pin_check(cfg: Config) -> Check:
+    """Register a small buffer the way clients register the arena (Note [pinned arena] in tiers/gpu.py)."""
+    import mmap
+
+    import torch
+
+    from tierd.tiers.gpu import PinnedArena, memlock_allowance
+
+    if not cfg.tiers.gpu.pin:
+        return Check("pinned arena", "off", "tiers.gpu.pin = false: GPU copies go through the driver's staging buffer")
+    buf = mmap.mmap(-1, 2 << 20)
+    probe = PinnedArena(torch.frombuffer(buf, dtype=torch.uint8).data_ptr(), 2 << 20, piece=2 << 20)
+    ok = probe.pinned_bytes == 2 << 20
+    probe.close()
+    allowance = memlock_allowance()
+    arena = cfg.tiers.host.size
+    if not ok:
+        return Check("pinned arena", "fail", probe.problem or "cudaHostRegister failed",
+                     "check the driver; or set tiers.gpu.pin = false")
+    if allowance is not None and allowance < arena:
+        return Check("pinned arena", "warn", f"ulimit -l lets clients pin {format_size(allowance)} of the "
+                     f"{format_size(arena)} arena", "raise memlock (LimitMEMLOCK=infinity, ulimit -l unlimited)")
+    return Check("pinned arena", "ok", f"cudaHostRegister works; the {format_size(arena)} arena is pinned in "
+                 f"{format_size(cfg.tiers.gpu.pin_piece)} pieces by each client")
 
 
 def _aio_check() -> Check:
@@ -108,6 +145,6 @@ def run_checks(cfg: Config) -> list[Check]:
     checks += _nvme_checks(cfg)
     checks.append(_memlock_check())
     checks += _numa_checks()
-    checks += _gpu_checks()
+    checks += _gpu_checks(cfg)
     checks.append(_aio_check())
     return checks
