@@ -19,7 +19,7 @@ def _run(args: list[str], home: Path) -> subprocess.CompletedProcess[str]:
 def test_doctor_reports_a_table(tmp_path: Path) -> None:
     res = _run(["doctor"], tmp_path)
     assert res.returncode == 0, res.stderr
-    for check in ("host tier", "O_DIRECT", "nvme space", "ulimit -l", "GPU", "kvikio"):
+    for check in ("host tier", "O_DIRECT", "nvme space", "ulimit -l", "GPU", "GDS"):
         assert check in res.stdout
 
 
