@@ -184,6 +184,8 @@ class _Offloader:
         raw = pending.result() if pending is not None else self._fetch(stash)
         if raw.device != stash.device:
             raw = raw.to(stash.device)
+        if raw.is_cuda:  # fetched on another thread's stream: tell the allocator who uses it now
+            raw.record_stream(torch.cuda.current_stream(raw.device))
         storage = raw.untyped_storage()
         with stash.lock:
             if stash.handles == 0:  # dropped while loading: nothing to cache

@@ -59,13 +59,13 @@ class EmbeddedStore(Store):
             pending = self._engine.prepare_put(validate_key(key), direct.numel() * direct.element_size(), meta,
                                                **opts)
             try:
-                if pending.staging is not None:
+                if pending.staging is not None and not self._file_to_device(direct, pending):
                     fill_extent(self._copies, self._engine.host.view(pending.staging), direct, meta)
                     src = None
-                elif direct.device.type == "cuda":
-                    src = direct.contiguous().reshape(-1).view(torch.uint8)  # nvme-bound: GDS or a host copy
                 else:
-                    src = encode_value(direct)[0]
+                    self._engine.abort_put(pending)  # no staging: nvme-bound (GDS), or no room
+                    src = (direct.contiguous().reshape(-1).view(torch.uint8) if direct.device.type == "cuda"
+                           else encode_value(direct)[0])
             except BaseException:
                 self._engine.abort_put(pending)
                 raise
@@ -73,6 +73,11 @@ class EmbeddedStore(Store):
             return
         src, meta = encode_value(value)
         self._engine.put(validate_key(key), src, meta, **opts)
+
+    def _file_to_device(self, value: torch.Tensor, pending: Any) -> bool:
+        """Whether ``value`` goes to nvme straight from device memory (GPUDirect Storage), not via the arena."""
+        return (value.device.type == "cuda" and self._engine.nvme.gds and pending.top == "nvme"
+                and pending.rec.codec == "none")
 
     def get(self, key: str, *, device: str | torch.device | None = None, out: torch.Tensor | None = None) -> Any:
         with self._engine.lease(validate_key(key)) as rec:

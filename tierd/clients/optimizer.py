@@ -84,7 +84,11 @@ class OffloadedOptimizer:
             for name, (key, device) in where.items():
                 fut = pending.get(name)
                 value = fut.result() if fut is not None else self.store.get(key, device=device)
-                state[p][name] = value.to(device) if value.device != device else value
+                if value.device != device:
+                    value = value.to(device)
+                if value.is_cuda:  # fetched on another thread's stream: the allocator must know its user
+                    value.record_stream(torch.cuda.current_stream(value.device))
+                state[p][name] = value
             del self._offloaded[p]
 
     def _offload(self) -> None:

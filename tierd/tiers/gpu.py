@@ -164,7 +164,26 @@ def _cuda_register(ptr: int, n: int) -> str | None:
     code = int(getattr(err, "value", err))
     if code == 0:
         return None
+    _clear_last_error()
     return f"{cudart.cudaGetErrorString(err)} (cudaError {code})"
+
+
+def _clear_last_error() -> None:
+    """Reset the CUDA runtime's last error after a refused registration.
+
+    Otherwise torch's next kernel-launch check (``cudaGetLastError``) would
+    report our refusal as its own failure. torch binds no
+    ``cudaGetLastError``, so it is called in the libcudart torch loaded.
+    """
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libcudart" in line}
+        for path in paths:
+            ctypes.CDLL(path).cudaGetLastError()
+    except OSError as exc:
+        log.debug("could not clear the CUDA error state: %s", exc)
 
 
 def _cuda_unregister(ptr: int) -> None:
