@@ -47,6 +47,8 @@ class GpuTierStore(Store):
         self.gpu = tier
 
     def __getattr__(self, name: str) -> Any:  # config, engine, status, ... of the store below
+        if name == "below":  # not set yet (or being torn down): no recursion
+            raise AttributeError(name)
         return getattr(self.below, name)
 
     def _evict(self, key: str, value: torch.Tensor, dirty: bool) -> None:
