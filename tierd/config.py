@@ -12,6 +12,7 @@ Environment overrides name the key path in upper case joined by ``_``:
 
 from __future__ import annotations
 
+import logging
 import os
 import tomllib
 from collections.abc import Mapping
@@ -27,6 +28,7 @@ from tierd.units import format_size, parse_size
 __all__ = [
     "Config",
     "HostTierConfig",
+    "CxlTierConfig",
     "NvmeTierConfig",
     "RemoteTierConfig",
     "TiersConfig",
@@ -39,7 +41,9 @@ __all__ = [
 ]
 
 CodecName = Literal["none", "zstd", "bytegroup"]
-TierName = Literal["host", "nvme", "remote"]
+TierName = Literal["host", "cxl", "nvme", "remote"]
+
+log = logging.getLogger("tierd.config")
 
 # Environment variables that belong to the CLI rather than to the config.
 _ENV_NOT_CONFIG = frozenset({"TIERD_SOCKET", "TIERD_CONFIG", "TIERD_LOG_LEVEL"})
@@ -63,6 +67,32 @@ class HostTierConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=
     numa_node: int | None = None
     high_watermark: float = 0.90
     low_watermark: float = 0.75
+
+
+class CxlTierConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``[tiers.cxl]``: an arena between host and nvme; off while ``size`` is 0.
+
+    ``node`` (one NUMA node or a list) or ``devdax`` (a ``/dev/daxX.Y`` path)
+    says where its memory is. With neither, the machine's CPU-less nodes are
+    used, if it has any; otherwise the tier stays off.
+    """
+
+    node: int | list[int] | None = None
+    devdax: str = ""
+    size: int = 0
+    high_watermark: float = 0.90
+    low_watermark: float = 0.75
+
+    @property
+    def nodes(self) -> tuple[int, ...]:
+        """``node`` as a tuple (empty when unset)."""
+        if self.node is None:
+            return ()
+        return (self.node,) if isinstance(self.node, int) else tuple(self.node)
+
+    @property
+    def enabled(self) -> bool:
+        return self.size > 0 and bool(self.nodes or self.devdax)
 
 
 class NvmeTierConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -114,6 +144,7 @@ class GpuTierConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=T
 
 class TiersConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     host: HostTierConfig = HostTierConfig()
+    cxl: CxlTierConfig = CxlTierConfig()
     nvme: NvmeTierConfig = NvmeTierConfig()
     remote: RemoteTierConfig = RemoteTierConfig()
     gpu: GpuTierConfig = GpuTierConfig()
@@ -189,6 +220,7 @@ _DEFAULT_NAMESPACE = NamespaceConfig()
 # Keys whose values are sizes ("8GiB"), by path below the root.
 _SIZE_KEYS = {
     ("tiers", "host", "size"),
+    ("tiers", "cxl", "size"),
     ("tiers", "nvme", "size"),
     ("tiers", "nvme", "slab_size"),
     ("tiers", "nvme", "chunk_size"),
@@ -277,6 +309,16 @@ def _parse_sizes(raw: dict[str, Any]) -> None:
                     raise ConfigError(f"{path}: {exc}") from None
 
 
+def _parse_node_lists(raw: dict[str, Any]) -> None:
+    """``TIERD_TIERS_CXL_NODE=2,3`` arrives as the string ``"2,3"``: make it the list it means."""
+    cxl = raw.get("tiers", {}).get("cxl") if isinstance(raw.get("tiers"), dict) else None
+    if isinstance(cxl, dict) and isinstance(cxl.get("node"), str) and "," in cxl["node"]:
+        try:
+            cxl["node"] = [int(part) for part in cxl["node"].split(",")]
+        except ValueError:
+            raise ConfigError(f"tiers.cxl.node: expected node numbers like 2 or 2,3, got {cxl['node']!r}") from None
+
+
 def _convert_error(exc: msgspec.ValidationError, prefix: str = "") -> ConfigError:
     # msgspec says "Object contains unknown field `x` - at `$.tiers.host`";
     # users think in TOML key paths.
@@ -293,6 +335,68 @@ def _convert_error(exc: msgspec.ValidationError, prefix: str = "") -> ConfigErro
     return ConfigError(f"{where or 'config'}: {text[0].lower()}{text[1:]}")
 
 
+def _resolve_numa(cfg: Config, host_size: int) -> Config:
+    """Check ``[tiers.host] numa_node`` and ``[tiers.cxl]`` against this machine's nodes and devices.
+
+    The cxl tier ends up off (``size = 0``) or with its ``node`` or ``devdax`` set.
+    """
+    from tierd.tiers.cxl import cpuless_nodes, dax_device
+    from tierd.tiers.numa import numa_nodes
+
+    machine = numa_nodes()
+    known = ", ".join(map(str, machine)) or "none (no NUMA information in /sys)"
+    numa_node = cfg.tiers.host.numa_node
+    if numa_node is not None:
+        if numa_node not in machine:
+            raise ConfigError(f"tiers.host.numa_node: NUMA node {numa_node} does not exist here (nodes: {known})")
+        if host_size > machine[numa_node].mem_total_bytes:
+            raise ConfigError(f"tiers.host.size is {format_size(host_size)} but NUMA node {numa_node} has "
+                              f"{format_size(machine[numa_node].mem_total_bytes)}; set it below that")
+    cxl = cfg.tiers.cxl
+    if cxl.size < 0:
+        raise ConfigError(f"tiers.cxl.size must be >= 0 (0: tier off), got {cxl.size}")
+    if not 0 < cxl.low_watermark <= cxl.high_watermark <= 1:
+        raise ConfigError("tiers.cxl watermarks must satisfy 0 < low_watermark <= high_watermark <= 1, "
+                          f"got low={cxl.low_watermark} high={cxl.high_watermark}")
+    if cxl.nodes and cxl.devdax:
+        raise ConfigError("tiers.cxl: set node or devdax, not both")
+    if cxl.size == 0:
+        cxl = msgspec.structs.replace(cxl, node=None, devdax="")
+    elif cxl.devdax:
+        try:
+            device = dax_device(Path(cxl.devdax).expanduser())
+        except FileNotFoundError:
+            raise ConfigError(f"tiers.cxl.devdax: {cxl.devdax!r} does not exist; "
+                              "list devdax devices with `daxctl list` or `tierd doctor`") from None
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"tiers.cxl.devdax: {exc}") from None
+        if cxl.size > device.size_bytes:
+            raise ConfigError(f"tiers.cxl.size is {format_size(cxl.size)} but {device.path} holds "
+                              f"{format_size(device.size_bytes)}; set it below that")
+        cxl = msgspec.structs.replace(cxl, devdax=device.path)
+    else:
+        nodes = tuple(sorted(set(cxl.nodes)))
+        if not nodes:
+            nodes = tuple(n.id for n in cpuless_nodes())
+            if not nodes:
+                log.info("tiers.cxl.size is set but this machine has no CPU-less NUMA node and no node or "
+                         "devdax is named: the cxl tier is off")
+                cxl = msgspec.structs.replace(cxl, size=0)
+        for node in nodes:
+            if node not in machine:
+                raise ConfigError(f"tiers.cxl.node: NUMA node {node} does not exist here (nodes: {known})")
+            if not machine[node].cpuless:
+                log.warning("tiers.cxl.node: NUMA node %d is not CPU-less (it has CPUs); the cxl tier will "
+                            "use it anyway", node)
+        total = sum(machine[n].mem_total_bytes for n in nodes)
+        if nodes and cxl.size > total:
+            raise ConfigError(f"tiers.cxl.size is {format_size(cxl.size)} but NUMA node(s) "
+                              f"{', '.join(map(str, nodes))} hold {format_size(total)}; set it below that")
+        if nodes:
+            cxl = msgspec.structs.replace(cxl, node=list(nodes))
+    return msgspec.structs.replace(cfg, tiers=msgspec.structs.replace(cfg.tiers, cxl=cxl))
+
+
 def _resolve_defaults(cfg: Config) -> Config:
     host = cfg.tiers.host
     ram = psutil.virtual_memory().total
@@ -302,11 +406,7 @@ def _resolve_defaults(cfg: Config) -> Config:
             f"tiers.host.size is {format_size(host_size)} but this machine has "
             f"{format_size(ram)} of RAM; set it below that"
         )
-    if host.numa_node is not None:
-        # Binding the arena (mbind) comes with the NUMA / CXL work; accepting the key
-        # without acting on it would be a silent no-op.
-        raise ConfigError("tiers.host.numa_node is not supported yet; remove it (the arena follows the "
-                          "process's NUMA policy, e.g. numactl --membind=N tierd serve)")
+    cfg = _resolve_numa(cfg, host_size)
     if not 0 < host.low_watermark <= host.high_watermark <= 1:
         raise ConfigError(
             "tiers.host watermarks must satisfy 0 < low_watermark <= high_watermark <= 1, "
@@ -336,6 +436,9 @@ def _resolve_defaults(cfg: Config) -> Config:
     for name, ns in cfg.namespaces.items():
         if not name or "/" in name:
             raise ConfigError(f"namespace names must be non-empty and hold no '/', got {name!r}")
+        if ns.tier == "cxl" and not cfg.tiers.cxl.enabled:
+            raise ConfigError(f"namespaces.{name}.tier is 'cxl' but the cxl tier is off; "
+                              "configure [tiers.cxl] (node or devdax, and size) or choose another tier")
         if ns.prefetch_depth < 1:
             raise ConfigError(f"namespaces.{name}.prefetch_depth must be >= 1, got {ns.prefetch_depth}")
     gpu = cfg.tiers.gpu
@@ -391,6 +494,7 @@ def load_config(
         if var.startswith("TIERD_") and var not in _ENV_NOT_CONFIG:
             _set_path(raw, _env_path(var), value)
     _parse_sizes(raw)
+    _parse_node_lists(raw)
     # Namespaces are converted one by one so an error can name the namespace
     # (msgspec reports dict keys as "[...]").
     tables = raw.pop("namespaces", {})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import os
 import resource
 from dataclasses import dataclass
@@ -11,6 +10,8 @@ from pathlib import Path
 import psutil
 
 from tierd.config import Config
+from tierd.tiers.cxl import cpuless_nodes, dax_devices
+from tierd.tiers.numa import numa_nodes
 from tierd.tiers.nvme import probe_direct
 from tierd.units import format_size
 
@@ -55,18 +56,44 @@ def _memlock_check() -> Check:
                  "raise memlock (LimitMEMLOCK=infinity in the unit, or /etc/security/limits.conf)")
 
 
-def _numa_checks() -> list[Check]:
-    nodes = sorted(glob.glob("/sys/devices/system/node/node[0-9]*"))
+def _numa_checks(cfg: Config) -> list[Check]:
+    nodes = numa_nodes()
     if not nodes:
-        return [Check("NUMA", "off", "no NUMA information in /sys")]
-    cpuless = [Path(n).name for n in nodes if not Path(n, "cpulist").read_text().strip()]
-    out = [Check("NUMA", "ok", f"{len(nodes)} node(s)")]
-    dax = sorted(glob.glob("/dev/dax*"))
-    if cpuless or dax:
-        out.append(Check("CXL", "ok", f"CPU-less nodes: {cpuless or 'none'}; devdax: {dax or 'none'}"))
+        return [Check("NUMA", "off", "no NUMA information in /sys: the cxl tier and numa_node binding are unavailable")]
+    out = [Check(f"NUMA node {n.id}", "ok",
+                 f"{format_size(n.mem_total_bytes)} ({format_size(n.mem_free_bytes)} free), "
+                 + (f"CPUs {_cpu_ranges(n.cpus)}" if n.cpus else "CPU-less (CXL or other memory-only node)"))
+           for n in nodes.values()]
+    cpuless = [n.id for n in cpuless_nodes()]
+    dax = dax_devices()
+    out.append(Check("CXL memory", "ok" if cpuless or dax else "off",
+                     f"CPU-less nodes: {', '.join(map(str, cpuless)) or 'none'}; devdax: "
+                     + (", ".join(f"{d.path} ({format_size(d.size_bytes)})" for d in dax) or "none")))
+    cxl = cfg.tiers.cxl
+    if cxl.enabled:
+        where = cxl.devdax or f"NUMA node(s) {', '.join(map(str, cxl.nodes))}"
+        plain = [n for n in cxl.nodes if n in nodes and not nodes[n].cpuless]
+        out.append(Check("cxl tier", "warn" if plain else "ok", f"on: {format_size(cxl.size)} on {where}"
+                         + (f"; node(s) {', '.join(map(str, plain))} have CPUs (not CXL memory)" if plain else ""),
+                         "point tiers.cxl.node at a CPU-less node" if plain else ""))
     else:
-        out.append(Check("CXL", "off", "no CPU-less NUMA node and no /dev/dax device: the cxl tier stays off"))
+        fix = "set [tiers.cxl] size (and node or devdax) to use it" if cpuless or dax else ""
+        out.append(Check("cxl tier", "off", "off (tiers.cxl.size is 0, or no CXL memory was found)", fix))
+    host_node = cfg.tiers.host.numa_node
+    out.append(Check("host arena NUMA", "ok", "bound to node " + str(host_node) if host_node is not None
+                     else "not bound (follows the process's policy; set tiers.host.numa_node to bind it)"))
     return out
+
+
+def _cpu_ranges(cpus: tuple[int, ...]) -> str:
+    """``(0, 1, 2, 5)`` -> ``"0-2,5"``, as sysfs writes cpulists."""
+    runs: list[list[int]] = []
+    for cpu in cpus:
+        if runs and cpu == runs[-1][1] + 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(f"{a}-{b}" if a != b else str(a) for a, b in runs)
 
 
 def _gpu_checks(cfg: Config) -> list[Check]:
@@ -144,7 +171,7 @@ def run_checks(cfg: Config) -> list[Check]:
                     "" if host <= ram.available else "lower tiers.host.size: the arena would swap")]
     checks += _nvme_checks(cfg)
     checks.append(_memlock_check())
-    checks += _numa_checks()
+    checks += _numa_checks(cfg)
     checks += _gpu_checks(cfg)
     checks.append(_aio_check())
     return checks

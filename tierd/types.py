@@ -15,7 +15,7 @@ class ObjectInfo(msgspec.Struct, frozen=True, kw_only=True):
 
     Attributes:
         key: ``namespace/name``.
-        tier: the fastest tier holding the object (``"host"`` or ``"nvme"``).
+        tier: the fastest tier holding the object (``"host"``, ``"cxl"``, ``"nvme"`` or ``"remote"``).
         nbytes: size of the value's bytes (``numel * itemsize`` for tensors).
         stored_nbytes: bytes of its nvme copy after the codec, if it has one; else ``nbytes``.
         dtype: torch dtype name (``"bfloat16"``), or ``"bytes"`` for raw bytes.

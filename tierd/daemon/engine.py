@@ -16,12 +16,14 @@ Locking
 
 Movement
     A put lands in the highest allowed tier with room; when the host tier has
-    no free extent, least-recently-used objects are demoted to nvme first.
-    A background thread demotes from host whenever its use passes the high
-    watermark, until it is under the low one. A get from nvme promotes the
-    object into host when there is room (``prefetch`` does it ahead of time).
-    Demotion never drops an object: if nvme is full the victim stays where it
-    is and the put that needed room gets :class:`OutOfSpace`.
+    no free extent, least-recently-used objects are demoted one tier down
+    first: host -> cxl (when configured) -> nvme (-> remote).
+    A background thread demotes from host (and cxl) whenever its use passes
+    the high watermark, until it is under the low one. A get from cxl or nvme
+    promotes the object into host when there is room (``prefetch`` does it
+    ahead of time). Demotion never drops an object: if nvme is full the
+    victim stays where it is and the put that needed room gets
+    :class:`OutOfSpace`.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ from tierd.errors import (
 )
 from tierd.policies import CostModel
 from tierd.tiers.base import Tier
-from tierd.tiers.host import HostLocation, HostTier
+from tierd.tiers.cxl import CxlTier
+from tierd.tiers.host import ArenaTier, HostLocation, HostTier
 from tierd.tiers.nvme import NvmeTier
 from tierd.tiers.remote import RemoteLocation, RemoteTier
 from tierd.types import ObjectInfo, Stats, TierStats
@@ -130,18 +133,26 @@ class Engine:
 
     def __init__(self, config: Config, *, in_process: bool = False) -> None:
         self.config = config
-        host_cfg, nvme_cfg = config.tiers.host, config.tiers.nvme
-        self.host = HostTier(host_cfg.size, hugepages=host_cfg.hugepages)
+        host_cfg, cxl_cfg, nvme_cfg = config.tiers.host, config.tiers.cxl, config.tiers.nvme
+        self.host = HostTier(host_cfg.size, hugepages=host_cfg.hugepages, numa_node=host_cfg.numa_node)
+        # The cxl tier is the engine's own (clients never map it): objects on it
+        # are read by promoting them into host, or copied out by read_into.
+        self.cxl: CxlTier | None = None
         try:
+            if cxl_cfg.enabled:
+                self.cxl = CxlTier(cxl_cfg.size, nodes=cxl_cfg.nodes, devdax=cxl_cfg.devdax)
             self.nvme = NvmeTier(
                 nvme_cfg.path, nvme_cfg.size, slab_size=nvme_cfg.slab_size,
                 chunk_size=nvme_cfg.chunk_size, io_threads=nvme_cfg.io_threads, direct=nvme_cfg.direct,
                 gds=in_process and nvme_cfg.gds == "auto",
             )
         except BaseException:
-            self.host.close()
+            self._close_arenas()
             raise
-        self.tiers: dict[str, Tier] = {"host": self.host, "nvme": self.nvme}
+        self.tiers: dict[str, Tier] = {"host": self.host}
+        if self.cxl is not None:
+            self.tiers["cxl"] = self.cxl
+        self.tiers["nvme"] = self.nvme
         self.remote: RemoteTier | None = None
         remote_cfg = config.tiers.remote
         if remote_cfg.url:
@@ -163,18 +174,28 @@ class Engine:
         self._closed = False
         self._high = int(host_cfg.high_watermark * self.host.capacity_bytes)
         self._low = int(host_cfg.low_watermark * self.host.capacity_bytes)
+        # (arena, high, low): the tiers the background mover keeps under their watermarks.
+        self._watermarks: list[tuple[ArenaTier, int, int]] = [(self.host, self._high, self._low)]
+        if self.cxl is not None:
+            self._watermarks.append((self.cxl, int(cxl_cfg.high_watermark * self.cxl.capacity_bytes),
+                                     int(cxl_cfg.low_watermark * self.cxl.capacity_bytes)))
         try:
             self._durable = DurableIndex(Path(nvme_cfg.path) / "index.lmdb")
             self._load_durable()
         except BaseException:
             self.nvme.close()
-            self.host.close()
+            self._close_arenas()
             raise
         self._wake = threading.Event()
         self._prefetching: set[Future[None]] = set()
         self._prefetch_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tierd-prefetch")
         self._mover = threading.Thread(target=self._mover_loop, name="tierd-demote", daemon=True)
         self._mover.start()
+
+    def _close_arenas(self) -> None:
+        if self.cxl is not None:
+            self.cxl.close()
+        self.host.close()
 
     # -- index bookkeeping (callers hold _lock) --------------------------------
 
@@ -345,7 +366,7 @@ class Engine:
             with self._lock:
                 admitted = self._policies.admit(ns, key, "host", nbytes)
             if not admitted:
-                top = "nvme"
+                top = "cxl" if self.cxl is not None else "nvme"  # one tier down
         rec = ObjectRecord(
             key=key, namespace=ns, meta=meta, nbytes=nbytes, codec=codec_name, durable=durable,
             pinned=pin, expires_at=None if ttl is None else time.time() + ttl, owner=owner,
@@ -408,19 +429,18 @@ class Engine:
                 assert data_r is not None
                 rec.remote = self.remote.write(data_r, codec=get_codec(rec.codec), itemsize=rec.meta.itemsize,
                                                durable=False)
-            elif rec.durable or (nbytes and (staging is None or pending.top == "nvme")):
-                data: torch.Tensor
-                if staging is not None:
-                    # The staging extent is page-aligned: O_DIRECT writes go
-                    # straight from it (Note [O_DIRECT alignment] in tiers/nvme.py).
-                    data = self.host.view(staging)
-                elif isinstance(src, memoryview):
-                    data = _tensor_of(src)  # the nvme path works on tensors
-                else:
-                    data = src if src is not None else torch.empty(0, dtype=torch.uint8)
-                # Note [durability] in tiers/nvme.py: chunks fsync'ed here, then
-                # the LMDB entry committed in _commit, then acknowledged.
-                rec.nvme = self._write_nvme(data, rec, durable=rec.durable)
+            else:
+                stays_host = staging is not None and pending.top == "host"
+                if nbytes and not stays_host and pending.top in ("host", "cxl") and self.cxl is not None:
+                    # Host had no room, or cxl was asked for. A durable object
+                    # (whose home is nvme) is cached here only if asked to, or
+                    # if there is room without demoting anything.
+                    rec.cxl = self._write_cxl(self.host.view(staging) if staging is not None else src,
+                                              nbytes, evict=pending.top == "cxl" or not rec.durable)
+                if rec.durable or (nbytes and not stays_host and rec.cxl is None):
+                    # Note [durability] in tiers/nvme.py: chunks fsync'ed here, then
+                    # the LMDB entry committed in _commit, then acknowledged.
+                    rec.nvme = self._write_nvme(self._put_source(staging, src), rec, durable=rec.durable)
             if (self.remote is not None and nbytes and rec.remote is None
                     and self.config.namespace(rec.namespace).write_through):
                 remote_src = self.host.view(staging) if staging is not None else (
@@ -442,6 +462,9 @@ class Engine:
             if rec.remote is not None and self.remote is not None:
                 self.remote.free(rec.remote)
                 rec.remote = None
+            if rec.cxl is not None and self.cxl is not None:
+                self.cxl.free(rec.cxl)
+                rec.cxl = None
             rec.host = None
             if staging is not None:
                 self.host.free(staging)
@@ -456,8 +479,18 @@ class Engine:
             for name in TIERS:
                 if getattr(rec, name) is not None:
                     self._counters[name].bytes_in += nbytes
-        if self.host_used_bytes() > self._high:
+        if self._over_high_watermark():
             self._wake.set()
+
+    def _put_source(self, staging: HostLocation | None, src: torch.Tensor | memoryview | None) -> torch.Tensor:
+        """A put's bytes as a flat uint8 tensor: the staging extent, or ``src``."""
+        if staging is not None:
+            # The staging extent is page-aligned: O_DIRECT writes go
+            # straight from it (Note [O_DIRECT alignment] in tiers/nvme.py).
+            return self.host.view(staging)
+        if isinstance(src, memoryview):
+            return _tensor_of(src)  # the nvme path works on tensors
+        return src if src is not None else torch.empty(0, dtype=torch.uint8)
 
     def abort_put(self, pending: PendingPut) -> None:
         """Give back a prepared put's staging extent (the client went away, or failed)."""
@@ -499,29 +532,47 @@ class Engine:
 
     def _alloc_host(self, nbytes: int, *, evict: bool = True) -> HostLocation | None:
         """A host extent for ``nbytes``, demoting LRU objects to make room; None if impossible."""
-        if nbytes > self.host.capacity_bytes:
+        return self._alloc_arena(self.host, nbytes, evict=evict)
+
+    def _alloc_arena(self, arena: ArenaTier, nbytes: int, *, evict: bool = True) -> HostLocation | None:
+        """An extent of ``arena`` (host or cxl) for ``nbytes``, demoting its least valuable
+        objects one tier down to make room; None if impossible."""
+        if nbytes > arena.capacity_bytes:
             return None
         while True:
-            loc = self.host.alloc(nbytes)
+            loc = arena.alloc(nbytes)
             if loc is not None or not evict:
                 return loc
             with self._lock:
-                victim = self._pick_victim_locked()
-            if victim is None or not self._demote(victim):
+                victim = self._pick_victim_locked(tier=arena.name)
+            if victim is None or not self._demote(victim, arena.name):
                 return None
+
+    def _write_cxl(self, src: torch.Tensor | memoryview | None, nbytes: int, *, evict: bool) -> HostLocation | None:
+        """Copy ``nbytes`` of ``src`` into a new cxl extent; None when the cxl tier has no room."""
+        assert self.cxl is not None and src is not None  # callers check both
+        loc = self._alloc_arena(self.cxl, nbytes, evict=evict)
+        if loc is not None:
+            self.cxl.copy_in(loc, src)
+            if self._over_high_watermark():
+                self._wake.set()
+        return loc
+
+    def _over_high_watermark(self) -> bool:
+        return any(arena.used_bytes > high for arena, high, _ in self._watermarks)
 
     def _pick_victim_locked(self, need_bytes: int = 0, tier: str = "host") -> ObjectRecord | None:
         """The least valuable object of ``tier`` that may leave, leased for its demotion.
 
         The order comes from the namespaces' policies; here, what may not move
         is skipped. On nvme, durable objects never leave (their nvme copy is the
-        durable one).
+        durable one), nor do objects with a copy above.
         """
         for key in self._policies.victims(tier, need_bytes):
             rec = self._index.get(key)
             if rec is None or rec.pinned or rec.moving or getattr(rec, tier) is None:
                 continue
-            if tier == "nvme" and (rec.durable or rec.host is not None):
+            if tier == "nvme" and (rec.durable or rec.host is not None or rec.cxl is not None):
                 continue
             rec.moving = True
             rec.readers += 1  # the demotion reads this copy: keep it alive
@@ -629,13 +680,26 @@ class Engine:
         with self._lock:
             self._policies.declare_schedule(by_ns, cyclic=cyclic)
 
-    def _demote(self, rec: ObjectRecord) -> bool:
-        """Move ``rec`` (picked and leased by _pick_victim_locked) from host to nvme."""
-        new_loc = None
+    def _demote(self, rec: ObjectRecord, source: str = "host", dest: str | None = None) -> bool:
+        """Move ``rec`` (picked and leased by _pick_victim_locked) from ``source`` (host or cxl)
+        one tier down: host -> cxl (when configured) -> nvme. ``dest`` forces cxl or nvme.
+
+        A copy that a lower tier holds already (a durable object's nvme copy, a
+        remote one) is not written again: the ``source`` copy is just dropped.
+        """
+        arena = self.host if source == "host" else self.cxl
+        assert arena is not None
+        new_tier, new_loc = "nvme", None
         try:
-            host_loc = rec.host
-            if host_loc is not None and rec.nvme is None and rec.remote is None:
-                new_loc = self._write_nvme(self.host.view(host_loc), rec, durable=False)
+            loc = getattr(rec, source)
+            if loc is not None:
+                below = rec.nvme is not None or rec.remote is not None
+                if source == "host" and self.cxl is not None and (dest == "cxl" or (dest is None and not below)):
+                    new_tier, new_loc = "cxl", self._write_cxl(arena.view(loc), rec.nbytes, evict=True)
+                    if new_loc is None and dest == "cxl":
+                        raise OutOfSpace(f"cxl tier has no room for {rec.key!r} ({rec.nbytes} bytes)")
+                if new_loc is None and not below:
+                    new_tier, new_loc = "nvme", self._write_nvme(arena.view(loc), rec, durable=False)
         except TierdError as exc:
             log.debug("cannot demote %r: %s", rec.key, exc)
             with self._lock:
@@ -644,18 +708,17 @@ class Engine:
             return False
         with self._lock:
             rec.moving = False
-            if rec.live and rec.host is not None:
+            if rec.live and getattr(rec, source) is not None:
                 if new_loc is not None:
-                    self._set_location(rec, "nvme", new_loc)
+                    self._set_location(rec, new_tier, new_loc)
                     new_loc = None
-                    self._counters["host"].bytes_out += rec.nbytes
-                    self._counters["nvme"].bytes_in += rec.nbytes
-                    self._counters["nvme"].demoted += rec.nbytes
-                # else: a durable object's nvme copy is already there: dropping
-                # the cached host copy costs no I/O.
-                self._take_location(rec, "host")
+                    self._counters[source].bytes_out += rec.nbytes
+                    self._counters[new_tier].bytes_in += rec.nbytes
+                    self._counters[new_tier].demoted += rec.nbytes
+                # else: the copy below is already there: dropping this one costs no I/O.
+                self._take_location(rec, source)
         if new_loc is not None:  # replaced or deleted while we copied
-            self.nvme.free(new_loc)
+            self.tiers[new_tier].free(new_loc)
         self.release(rec)
         return True
 
@@ -667,11 +730,13 @@ class Engine:
                 return
             try:
                 self._expire()
-                if self.host_used_bytes() > self._high:
-                    while self.host_used_bytes() > self._low and not self._closed:
+                for arena, high, low in self._watermarks:
+                    if arena.used_bytes <= high:
+                        continue
+                    while arena.used_bytes > low and not self._closed:
                         with self._lock:
-                            victim = self._pick_victim_locked()
-                        if victim is None or not self._demote(victim):
+                            victim = self._pick_victim_locked(tier=arena.name)
+                        if victim is None or not self._demote(victim, arena.name):
                             break
             except Exception:  # the mover must survive anything one object does
                 log.exception("background demotion failed")
@@ -704,17 +769,17 @@ class Engine:
         """
         with self._lock:
             host_loc = self._copy_locked(rec, "host")
-            on_nvme = self._copy_locked(rec, "nvme") is not None
-            if host_loc is not None or (not on_nvme and self._copy_locked(rec, "remote") is None):
+            lower = next((t for t in self.tiers if t != "host" and self._copy_locked(rec, t) is not None), None)
+            if host_loc is not None or lower is None:
                 self._counters["host"].hits += 1
                 self._counters["host"].bytes_out += rec.nbytes
                 return host_loc
-            self._counters["host"].misses += 1
-            if on_nvme:
-                self._counters["nvme"].hits += 1
-            else:
-                self._counters["nvme"].misses += 1
-                self._counters["remote"].hits += 1
+            # A miss on every tier above the one that has it.
+            for tier in self.tiers:
+                if tier == lower:
+                    self._counters[tier].hits += 1
+                    break
+                self._counters[tier].misses += 1
         if promote and rec.nbytes and rec.live:
             loc = self._promote(rec, evict=evict)
             if loc is not None:
@@ -739,7 +804,7 @@ class Engine:
             dest = _tensor_of(dest)
         with self._lock:
             # Promoted meanwhile by someone else: the host copy; else the lower one.
-            for source in ("host", "nvme", "remote"):
+            for source in TIERS:
                 loc = self._copy_locked(rec, source)
                 if loc is not None:
                     break
@@ -762,37 +827,44 @@ class Engine:
         elif rec.nbytes <= (64 << 10):
             self._cost.latency_s = 0.8 * self._cost.latency_s + 0.2 * elapsed
 
-    def _promote(self, rec: ObjectRecord, *, evict: bool) -> HostLocation | None:
-        """Bring leased ``rec`` up into host; its host location, or None if no room."""
-        source = "nvme" if rec.nvme is not None else "remote" if rec.remote is not None else None
-        if source is None or rec.host is not None:
-            return rec.host
-        loc = getattr(rec, source)
-        ext = self._alloc_host(rec.nbytes, evict=evict)
+    def _promote(self, rec: ObjectRecord, *, evict: bool, into: str = "host") -> HostLocation | None:
+        """Bring leased ``rec`` up into ``into`` (host, or cxl); its location there, or None if no room."""
+        arena = self.host if into == "host" else self.cxl
+        assert arena is not None
+        with self._lock:
+            if getattr(rec, into) is not None:
+                return getattr(rec, into)  # type: ignore[no-any-return]
+            below = TIERS[TIERS.index(into) + 1:]
+            source = next((t for t in below if getattr(rec, t) is not None), None)
+            if source is None:
+                return None
+            loc = getattr(rec, source)  # our lease keeps it readable (graveyard) whatever happens to rec
+        ext = self._alloc_arena(arena, rec.nbytes, evict=evict)
         if ext is None:
             self._wake.set()  # make room for next time
             return None
         try:
             # Aligned extent: O_DIRECT reads land in it with no bounce copy.
-            self._read_lower(source, loc, self.host.view(ext), rec)
+            self._read_lower(source, loc, arena.view(ext), rec)
         except BaseException:
-            self.host.free(ext)
+            arena.free(ext)
             raise
         with self._lock:
             self._counters[source].bytes_out += rec.nbytes
-            if not rec.live or rec.host is not None:
+            if not rec.live or getattr(rec, into) is not None:
                 # Replaced, deleted or promoted meanwhile: our copy is still a
                 # correct image of this version; hand it to the reader and
                 # let the lease free it.
-                rec.graveyard.append(("host", ext))
+                rec.graveyard.append((into, ext))
                 return ext
-            self._set_location(rec, "host", ext)
-            self._counters["host"].bytes_in += rec.nbytes
-            self._counters["host"].promoted += rec.nbytes
-            # A volatile nvme copy moves up. A durable one stays (it is the
-            # durable copy), and so does a remote one (other stores may share it).
-            if source == "nvme" and not rec.durable:
-                self._take_location(rec, "nvme")
+            self._set_location(rec, into, ext)
+            self._counters[into].bytes_in += rec.nbytes
+            self._counters[into].promoted += rec.nbytes
+            # A volatile copy moves up (a cxl one always: cxl is a cache for a
+            # durable object). A durable nvme copy stays (it is the durable
+            # copy), and so does a remote one (other stores may share it).
+            if source == "cxl" or (source == "nvme" and not rec.durable):
+                self._take_location(rec, source)
         return ext
 
     def _read_lower(self, tier: str, loc: Any, dest: torch.Tensor, rec: ObjectRecord) -> None:
@@ -801,7 +873,10 @@ class Engine:
             self._read_lower(tier, loc, staged, rec)
             dest.copy_(staged)
             return
-        if tier == "nvme":
+        if tier == "cxl":
+            assert self.cxl is not None
+            self.cxl.copy_out(loc, dest)
+        elif tier == "nvme":
             self._timed_nvme_read(loc, dest, rec)
         else:
             assert self.remote is not None
@@ -816,19 +891,27 @@ class Engine:
         if tier not in self.tiers:
             raise InvalidArgument(f"unknown tier {tier!r}; choose one of {list(self.tiers)}")
         with self.lease(key) as rec:
-            if tier == "host":
-                if rec.nbytes and self._promote(rec, evict=True) is None:
-                    raise OutOfSpace(f"host tier has no room for {key!r} ({rec.nbytes} bytes)")
+            if tier in ("host", "cxl"):
+                if rec.nbytes and tier == "cxl" and rec.host is not None:
+                    self._demote_leased(rec, "host", "cxl")
+                elif rec.nbytes and self._promote(rec, evict=True, into=tier) is None:
+                    raise OutOfSpace(f"{tier} tier has no room for {key!r} ({rec.nbytes} bytes)")
                 return
-            with self._lock:
-                if rec.host is None or rec.nbytes == 0:
-                    return
-                if rec.moving:
-                    raise TierdError(f"{key!r} is being moved already; try again")
-                rec.moving = True
-                rec.readers += 1
-            if not self._demote(rec):
-                raise OutOfSpace(f"nvme tier has no room for {key!r} ({rec.nbytes} bytes)")
+            for source in ("host", "cxl"):
+                if getattr(rec, source) is not None and rec.nbytes:
+                    self._demote_leased(rec, source, "nvme")
+
+    def _demote_leased(self, rec: ObjectRecord, source: str, dest: str) -> None:
+        """``move``'s demotion of leased ``rec`` from ``source`` to ``dest``; OutOfSpace if no room there."""
+        with self._lock:
+            if getattr(rec, source) is None:
+                return
+            if rec.moving:
+                raise TierdError(f"{rec.key!r} is being moved already; try again")
+            rec.moving = True
+            rec.readers += 1
+        if not self._demote(rec, source, dest):
+            raise OutOfSpace(f"{dest} tier has no room for {rec.key!r} ({rec.nbytes} bytes)")
 
     def prefetch(self, keys: Iterable[str], tier: str = "host") -> None:
         """Start bringing ``keys`` up to ``tier`` in the background; never raises for a key."""
@@ -899,7 +982,8 @@ class Engine:
                 rec = self._index.get(key)
             if rec is None:
                 return False
-        if rec.host is not None or rec.nvme is not None or rec.remote is None or self.remote is None:
+        if (rec.host is not None or rec.cxl is not None or rec.nvme is not None or rec.remote is None
+                or self.remote is None):
             return True
         try:
             if self.remote.present(rec.remote):
@@ -995,7 +1079,7 @@ class Engine:
         self._prefetch_pool.shutdown(wait=True, cancel_futures=True)
         self.nvme.close()
         self._durable.close()
-        self.host.close()
+        self._close_arenas()
         if self.remote is not None:
             self.remote.close()
         if self._trace is not None:

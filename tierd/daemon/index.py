@@ -59,8 +59,9 @@ class DurableEntry(msgspec.Struct, frozen=True, array_like=True):
 class ObjectRecord:
     """The engine's in-memory state of one object (guarded by the engine lock).
 
-    ``host`` and ``nvme`` say where copies are: a volatile object has exactly
-    one; a durable object always has ``nvme`` and may be cached on ``host``.
+    ``host``, ``cxl``, ``nvme`` and ``remote`` say where copies are: a volatile
+    object has one (or a remote write-through copy besides); a durable object
+    always has ``nvme`` and may be cached on ``host`` or ``cxl``.
     ``readers`` counts leases: while it is non-zero, locations taken away
     from the record wait in ``graveyard`` instead of being freed (a lease
     never blocks a delete, and a reader never sees its bytes reused).
@@ -76,6 +77,7 @@ class ObjectRecord:
     expires_at: float | None
     owner: int | None = None  # uid of the daemon client that put it; None: embedded or shared
     host: HostLocation | None = None
+    cxl: HostLocation | None = None  # an extent of the cxl arena (same shape as a host one)
     nvme: NvmeLocation | None = None
     remote: Any = None  # RemoteLocation: a demoted object, a write-through copy, or one adopted from the remote index
     readers: int = 0
@@ -88,6 +90,8 @@ class ObjectRecord:
         """The fastest tier holding a copy."""
         if self.host is not None:
             return "host"
+        if self.cxl is not None:
+            return "cxl"
         if self.nvme is not None:
             return "nvme"
         return "remote" if self.remote is not None else "host"

@@ -32,7 +32,7 @@ __all__ = ["Namespace", "NamespacePolicies", "TIERS"]
 
 log = logging.getLogger("tierd.daemon.namespaces")
 
-TIERS = ("host", "nvme", "remote")  # fastest first; remote only when configured
+TIERS = ("host", "cxl", "nvme", "remote")  # fastest first; cxl and remote only when configured
 
 
 def _monotonic_deadline(expires_at: float | None) -> float | None:
