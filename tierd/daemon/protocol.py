@@ -8,15 +8,18 @@ order.
 
 Session:
     client -> Hello(version)          daemon -> Welcome (+ the host arena's
-                                      memfd, as SCM_RIGHTS ancillary data)
+                                      memfd, as SCM_RIGHTS ancillary data, for
+                                      a trusted uid only: ``arena`` says which)
 Put, large object:
     Put(no data) -> PutReady(put_id, offset): the client copies the bytes
     into its mapping of the arena at ``offset`` (or, if ``offset`` is None,
-    sends PutChunk frames), then PutCommit(put_id) -> Ok.
+    sends PutChunk frames, in order, covering every byte), then
+    PutCommit(put_id) -> Ok. A client without the arena always gets None.
 Put, small object: Put(data=...) -> Ok.
 Get: Get -> GetReady with the bytes inline, or an arena ``offset`` under a
     lease that the client ends with Release (no reply) after copying, or
-    ``chunks`` > 0: that many Chunk frames with the bytes follow.
+    ``chunks`` > 0: that many Chunk frames with the bytes follow (always, for
+    a client without the arena, when the object is too large to go inline).
 
 New fields get defaults so that an older client and a newer daemon still
 talk; the handshake carries :data:`PROTOCOL_VERSION` and a daemon refuses a
@@ -148,6 +151,7 @@ class Welcome(_Rep, frozen=True, kw_only=True):
     uid: int
     inline_max_bytes: int
     max_frame_bytes: int
+    arena: bool = True  # False: no memfd came with this frame; bytes travel in frames
 
 
 class Ok(_Rep, frozen=True, kw_only=True):

@@ -19,6 +19,18 @@ Identity
     SO_PEERCRED gives the peer's uid. Keys of a namespace not marked
     ``shared`` are scoped to the uid: two uids may both use ``acts/x`` and
     never see each other's objects.
+
+Note [arena trust]
+    The host arena is one memfd holding every uid's host-tier objects, and
+    whoever maps it can read all of them: scoping keys would not help. So
+    the memfd goes only to trusted uids (the daemon's own, root, and
+    ``daemon.trusted_uids``), which read and write large objects in place.
+    Every other client gets a Welcome without it (``arena=False``) and moves
+    bytes through the socket: its puts arrive as PutChunk frames, written
+    straight into the staging extent, and its gets leave as Chunk frames.
+    Such a client never learns an arena offset, and a streamed put must
+    cover every byte (chunks in order, counted) before it commits, so no
+    stale arena bytes of another uid can ever be read back through it.
 """
 
 from __future__ import annotations
@@ -29,12 +41,14 @@ import logging
 import os
 import signal
 import socket
+import stat
 import struct
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -46,7 +60,7 @@ from tierd.daemon.engine import Engine, PendingPut, namespace_of, validate_key
 from tierd.daemon.index import ObjectRecord
 from tierd.daemon.metrics import Metrics
 from tierd.daemon.systemd import notify, watchdog_interval_s
-from tierd.errors import InvalidArgument, ProtocolError, TierdError
+from tierd.errors import InvalidArgument, OutOfSpace, ProtocolError, TierdError
 
 __all__ = ["Server", "run"]
 
@@ -59,15 +73,27 @@ _QUICK = (p.Release, p.PutChunk, p.PutAbort, p.Exists, p.Info, p.Keys, p.GetStat
 
 
 @dataclass(eq=False)
+class _StreamedPut:
+    """A prepared put whose bytes come in PutChunk frames (Note [arena trust])."""
+
+    pending: PendingPut
+    buffer: torch.Tensor | None  # where chunks land: the staging extent, or daemon memory; None: the client
+    # writes into the arena itself (trusted)
+    received: int = 0
+    error: str | None = None
+
+
+@dataclass(eq=False)
 class _Conn:
     sock: socket.socket
     uid: int
     pid: int
     reader: p.FrameReader
     inflight: threading.Semaphore
+    trusted: bool = False  # holds the arena memfd (Note [arena trust])
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     state_lock: threading.Lock = field(default_factory=threading.Lock)
-    puts: dict[int, tuple[PendingPut, torch.Tensor | None]] = field(default_factory=dict)
+    puts: dict[int, _StreamedPut] = field(default_factory=dict)
     leases: dict[int, tuple[ObjectRecord, float]] = field(default_factory=dict)
     ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     welcomed: bool = False
@@ -189,6 +215,8 @@ class Server:
         path = self.socket_path
         if not path.parent.exists():
             path.parent.mkdir(parents=True, mode=0o700)
+            os.chmod(path.parent, 0o700)  # mkdir's mode went through the umask
+        _check_socket_dir(path.parent)
         # One daemon per socket: the flock is the arbiter; the socket file alone
         # cannot tell a live daemon from one that crashed.
         fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -391,8 +419,8 @@ class Server:
             conn.leases.clear()
         # A dead client's uncommitted allocations and leases go back at once.
         assert self.engine is not None
-        for pending, _ in puts:
-            self.engine.abort_put(pending)
+        for put in puts:
+            self.engine.abort_put(put.pending)
         for rec, _ in leases:
             self.engine.release(rec)
         try:
@@ -442,14 +470,24 @@ class Server:
             return
         assert self.engine is not None
         d = self.config.daemon
+        conn.trusted = self._trusted(conn.uid)
         welcome = p.encode_frame(p.Welcome(
             id=req.id, version=p.PROTOCOL_VERSION, arena_bytes=self.engine.host.capacity_bytes, pid=os.getpid(),
             uid=conn.uid, inline_max_bytes=d.inline_max_bytes, max_frame_bytes=d.max_frame_bytes,
+            arena=conn.trusted,
         ))
-        # The arena's memfd rides on the Welcome frame; only admitted clients get it.
+        # The arena's memfd rides on the Welcome frame: only admitted clients
+        # of a trusted uid get it (Note [arena trust]).
         with conn.send_lock:
-            socket.send_fds(conn.sock, [welcome], [self.engine.host.fd])
+            if conn.trusted:
+                socket.send_fds(conn.sock, [welcome], [self.engine.host.fd])
+            else:
+                conn.sock.sendall(welcome)
         conn.welcomed = True
+
+    def _trusted(self, uid: int) -> bool:
+        """Whether ``uid`` may map the whole host arena (Note [arena trust])."""
+        return uid in (0, os.geteuid()) or uid in self.config.daemon.trusted_uids
 
     def _scope(self, conn: _Conn, key: str) -> str:
         return self._scope_key(key, conn.uid)
@@ -474,6 +512,9 @@ class Server:
             numel *= dim
         if req.nbytes < 0 or req.nbytes != numel * req.meta.itemsize:
             raise InvalidArgument(f"nbytes {req.nbytes} does not match shape {req.meta.shape} x {req.meta.itemsize}")
+        capacity = sum(t.capacity_bytes for t in self.engine.tiers.values())
+        if req.nbytes > capacity:  # before any buffer is sized by it
+            raise OutOfSpace(f"an object of {req.nbytes} bytes is larger than all tiers together ({capacity} bytes)")
         opts: dict[str, Any] = {"tier": req.tier, "durable": req.durable, "codec": req.codec, "pin": req.pin, "ttl": req.ttl,
                 "owner": conn.uid}
         if req.data is not None:
@@ -482,47 +523,59 @@ class Server:
             self.engine.put(key, memoryview(req.data), req.meta, **opts)
             return p.Ok(id=req.id)
         pending = self.engine.prepare_put(key, req.nbytes, req.meta, stage=True, **opts)
-        buffer = None if pending.staging is not None or not req.nbytes else torch.empty(req.nbytes, dtype=torch.uint8)
+        buffer: torch.Tensor | None = None
+        if pending.staging is not None:
+            # Untrusted: the chunks go straight into the staging extent.
+            buffer = None if conn.trusted else self.engine.host.view(pending.staging)
+        elif req.nbytes:
+            buffer = torch.empty(req.nbytes, dtype=torch.uint8)
         put_id = next(conn.ids)
         with conn.state_lock:
             if conn.closed:
                 self.engine.abort_put(pending)
                 return None
-            conn.puts[put_id] = (pending, buffer)
-        offset = pending.staging.offset if pending.staging is not None else None
+            conn.puts[put_id] = _StreamedPut(pending, buffer)
+        offset = pending.staging.offset if pending.staging is not None and buffer is None else None
         return p.PutReady(id=req.id, put_id=put_id, offset=offset)
 
     def _put_chunk(self, conn: _Conn, req: p.PutChunk) -> None:
         with conn.state_lock:
-            entry = conn.puts.get(req.put_id)
-        if entry is None or entry[1] is None:
+            put = conn.puts.get(req.put_id)
+        if put is None or put.buffer is None or put.error is not None:
             return None  # reported at commit
-        buffer = entry[1]
         end = req.offset + len(req.data)
-        if req.offset < 0 or end > buffer.numel():
-            with conn.state_lock:
-                conn.puts.pop(req.put_id, None)
-            assert self.engine is not None
-            self.engine.abort_put(entry[0])
+        # In order and within bounds: then "received == nbytes" at commit means
+        # every byte came from the client (Note [arena trust]).
+        if req.offset != put.received or end > put.buffer.numel():
+            put.error = (f"chunk at offset {req.offset} of {len(req.data)} bytes does not follow the "
+                         f"{put.received} bytes received (object of {put.buffer.numel()} bytes)")
             return None
-        buffer[req.offset : end] = _bytes_tensor(req.data)
+        put.buffer[req.offset : end] = _bytes_tensor(req.data)
+        put.received = end
         return None
 
     def _put_commit(self, conn: _Conn, req: p.PutCommit) -> Any:
         with conn.state_lock:
-            entry = conn.puts.pop(req.put_id, None)
-        if entry is None:
+            put = conn.puts.pop(req.put_id, None)
+        if put is None:
             raise ProtocolError(f"no prepared put {req.put_id} on this connection (aborted or committed)")
         assert self.engine is not None
-        self.engine.finish_put(entry[0], entry[1])
+        if put.buffer is not None and put.error is None and put.received != put.buffer.numel():
+            put.error = f"only {put.received} of {put.buffer.numel()} bytes were sent before the commit"
+        if put.error is not None:
+            self.engine.abort_put(put.pending)
+            raise InvalidArgument(f"put of {_user_key(put.pending.rec.key)!r} refused: {put.error}")
+        # Bytes written into the staging extent are already in place.
+        src = put.buffer if put.pending.staging is None else None
+        self.engine.finish_put(put.pending, src)
         return p.Ok(id=req.id)
 
     def _put_abort(self, conn: _Conn, req: p.PutAbort) -> Any:
         with conn.state_lock:
-            entry = conn.puts.pop(req.put_id, None)
-        if entry is not None:
+            put = conn.puts.pop(req.put_id, None)
+        if put is not None:
             assert self.engine is not None
-            self.engine.abort_put(entry[0])
+            self.engine.abort_put(put.pending)
         return p.Ok(id=req.id)
 
     def _get(self, conn: _Conn, req: p.Get) -> Any:
@@ -536,8 +589,10 @@ class Server:
                 buf = bytearray(n)
                 engine.read_into(rec, memoryview(buf))
                 return p.GetReady(id=req.id, meta=rec.meta, data=bytes(buf))
-            loc = engine.read_location(rec, promote=True, evict=True)
-            if loc is not None:
+            # A client without the arena still promotes (for the next reader),
+            # but never makes room for it by demoting others.
+            loc = engine.read_location(rec, promote=True, evict=conn.trusted)
+            if loc is not None and conn.trusted:
                 lease_id = next(conn.ids)
                 with conn.state_lock:
                     if conn.closed:
@@ -545,9 +600,12 @@ class Server:
                     conn.leases[lease_id] = (rec, time.monotonic())
                     keep = True
                 return p.GetReady(id=req.id, meta=rec.meta, offset=loc.offset, lease_id=lease_id)
-            # Larger than the arena can take now: stream it in frames.
-            data = torch.empty(n, dtype=torch.uint8)
-            engine.read_into(rec, data, promote=False)
+            if loc is not None:
+                data = engine.host.view(loc)  # valid while our lease on rec lasts (until finally)
+            else:  # larger than the arena can take now
+                data = torch.empty(n, dtype=torch.uint8)
+                engine.read_into(rec, data, promote=False)
+            # Stream it in frames.
             step = max(1, self.config.daemon.max_frame_bytes // 2)
             chunks = -(-n // step)
             conn.send(p.GetReady(id=req.id, meta=rec.meta, chunks=chunks))
@@ -627,6 +685,30 @@ class Server:
         p.GetStats: _stats, p.Move: _move, p.Prefetch: _prefetch, p.Status: _status,
         p.DeclareSchedule: _declare_schedule,
     }
+
+
+def _check_socket_dir(directory: Path) -> None:
+    """Refuse a socket directory that someone else could use to replace our socket.
+
+    The socket itself is 0660; the directory decides who reaches it: 0700
+    (the daemon's uid) or 0750 (a group of clients, systemd's
+    RuntimeDirectoryMode). One another uid owns, or that others may write
+    into without the sticky bit, would let them swap in their own socket.
+    """
+    st = directory.stat()
+    euid = os.geteuid()
+    if st.st_uid not in (euid, 0):
+        raise TierdError(
+            f"socket directory {str(directory)!r} is owned by uid {st.st_uid}, not by this daemon's uid {euid} "
+            "or root; another user could replace the socket: remove the directory or choose another daemon.socket"
+        )
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022 and not mode & stat.S_ISVTX:
+        who = "others" if mode & 0o002 else "group"
+        raise TierdError(
+            f"socket directory {str(directory)!r} is writable by {who} (mode {mode:04o}), so they could replace "
+            "the socket; chmod it to 0700, or 0750 to let a group of clients connect"
+        )
 
 
 def _user_key(engine_key: str) -> str:
