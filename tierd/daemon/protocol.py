@@ -185,9 +185,12 @@ Reply = Welcome | Ok | Fail | PutReady | GetReady | Chunk
 _encoder = msgspec.msgpack.Encoder()
 
 
-def encode_frame(msg: msgspec.Struct) -> bytes:
-    body = _encoder.encode(msg)
-    return HEADER.pack(len(body)) + body
+def encode_frame(msg: msgspec.Struct) -> bytearray:
+    """The frame of ``msg``: encoded once, in place after its length (no copy for the prefix)."""
+    frame = bytearray(HEADER.size)
+    _encoder.encode_into(msg, frame, HEADER.size)
+    HEADER.pack_into(frame, 0, len(frame) - HEADER.size)
+    return frame
 
 
 class FrameReader:
@@ -215,12 +218,32 @@ class FrameReader:
                 raise ConnectionError(f"connection closed inside a frame ({len(self._buf)} of {n} bytes)")
             self._buf += chunk
 
-    def read(self) -> bytes:
+    def read(self) -> bytes | bytearray:
+        """The body of the next frame (bytes-like, for a msgspec decoder)."""
         self._fill(HEADER.size, at_boundary=True)
         (size,) = HEADER.unpack_from(self._buf)
         if size > self.max_frame_bytes:
             raise ProtocolError(f"frame of {size} bytes is over the limit of {self.max_frame_bytes}")
-        self._fill(HEADER.size + size, at_boundary=False)
-        body = bytes(self._buf[HEADER.size : HEADER.size + size])
-        del self._buf[: HEADER.size + size]
-        return body
+        have = len(self._buf) - HEADER.size
+        if have >= size or size < (1 << 16):
+            self._fill(HEADER.size + size, at_boundary=False)
+            with memoryview(self._buf) as view:
+                body = bytes(view[HEADER.size : HEADER.size + size])
+            del self._buf[: HEADER.size + size]
+            return body
+        # A large frame (streamed object bytes): received straight into its
+        # body, with no growing buffer to copy it out of (Note [heap growth]
+        # in tierd/daemon/server.py).
+        large = bytearray(size)
+        with memoryview(self._buf) as view:
+            large[:have] = view[HEADER.size :]
+        self._buf.clear()
+        with memoryview(large) as dest:
+            pos = have
+            while pos < size:
+                n = self.sock.recv_into(dest[pos:])
+                if not n:
+                    raise ConnectionError(f"connection closed inside a frame ({HEADER.size + pos} of "
+                                          f"{HEADER.size + size} bytes)")
+                pos += n
+        return large

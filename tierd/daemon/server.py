@@ -35,6 +35,7 @@ Note [arena trust]
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import itertools
 import logging
@@ -43,17 +44,19 @@ import signal
 import socket
 import stat
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import torch
 
+from tierd._buffers import address_view
 from tierd.config import Config, default_socket_path, load_config
 from tierd.daemon import protocol as p
 from tierd.daemon.engine import Engine, PendingPut, namespace_of, validate_key
@@ -455,6 +458,7 @@ class Server:
                     self.engine.release(rec)
             if interval and self._healthy():
                 notify("WATCHDOG=1")
+            _trim_heap()
 
     def _healthy(self) -> bool:
         return all(t.is_alive() for t in self._threads) and self.engine is not None and self.engine.healthy()
@@ -550,7 +554,8 @@ class Server:
             put.error = (f"chunk at offset {req.offset} of {len(req.data)} bytes does not follow the "
                          f"{put.received} bytes received (object of {put.buffer.numel()} bytes)")
             return None
-        put.buffer[req.offset : end] = _bytes_tensor(req.data)
+        if req.data:  # straight from the frame into place: no tensor, no extra copy
+            address_view(put.buffer.data_ptr() + req.offset, len(req.data))[:] = req.data
         put.received = end
         return None
 
@@ -609,9 +614,10 @@ class Server:
             step = max(1, self.config.daemon.max_frame_bytes // 2)
             chunks = -(-n // step)
             conn.send(p.GetReady(id=req.id, meta=rec.meta, chunks=chunks))
-            view = data.numpy()
+            view = address_view(data.data_ptr(), n)  # data (and our lease) outlive the loop
             for i in range(chunks):
-                conn.send(p.Chunk(id=req.id, data=view[i * step : (i + 1) * step].tobytes()))
+                # A memoryview is encoded as msgpack bin like bytes, without copying it first.
+                conn.send(p.Chunk(id=req.id, data=cast(bytes, view[i * step : (i + 1) * step])))
             return None
         finally:
             if not keep:
@@ -687,6 +693,24 @@ class Server:
     }
 
 
+_LIBC = ctypes.CDLL(None) if sys.platform == "linux" else None
+_MALLOC_TRIM = getattr(_LIBC, "malloc_trim", None)  # glibc only
+
+
+def _trim_heap() -> None:
+    """Give memory freed by the worker threads back to the system (Note [heap growth])."""
+    # Note [heap growth]
+    #     Frames of streamed objects are megabytes each, allocated and freed by
+    #     many threads. glibc keeps such freed blocks in per-thread arenas (its
+    #     mmap threshold rises past them after the first frees), so a daemon
+    #     serving streamed clients grew by hundreds of MiB within a minute in
+    #     tests/faults/test_soak.py without holding more data. A fixed mmap
+    #     threshold stops that but halves the throughput (fresh pages on every
+    #     frame); trimming once a tick keeps both.
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 def _check_socket_dir(directory: Path) -> None:
     """Refuse a socket directory that someone else could use to replace our socket.
 
@@ -715,17 +739,7 @@ def _user_key(engine_key: str) -> str:
     return engine_key.partition(_SCOPE)[0]
 
 
-def _bytes_tensor(data: bytes | bytearray) -> torch.Tensor:
-    if not data:
-        return torch.empty(0, dtype=torch.uint8)
-    if isinstance(data, bytes):
-        # torch.frombuffer warns on read-only buffers; a copy into a bytearray
-        # costs less than silencing the warning (and frames are at most a few MiB).
-        data = bytearray(data)
-    return torch.frombuffer(data, dtype=torch.uint8)
-
-
-def _peek_id(body: bytes) -> int:
+def _peek_id(body: bytes | bytearray) -> int:
     """The ``id`` of a frame that failed to decode as a request, if it has one."""
     try:
         obj = msgspec.msgpack.decode(body)
