@@ -135,6 +135,8 @@ try:
 except tierd.NotFound:
     pass
 s.prefetch(["root/big"])
+st = s.status()
+print("status", sorted(st["namespaces"]), sorted({c["uid"] for c in st["clients"]}))
 
 # Stale arena bytes: root freed a 4 MiB object full of the marker. A put that sends
 # fewer bytes than it announced must never commit (else its get would return them).
@@ -184,6 +186,7 @@ def test_untrusted_uid_gets_no_arena_and_still_round_trips(daemon: Daemon) -> No
         assert child.returncode == 0, out + err
         assert "raw fds 0" in out and "has_arena False" in out and "round trips ok" in out
         assert "found 0 exists False keys [] delete False" in out
+        assert f"status [] [{NOBODY}]" in out  # no other uid's namespaces or processes
         assert out.count("offset None") == 2  # an untrusted client never learns an arena offset
         assert "refused: put of 'priv/stale' refused: only 0 of 4194304 bytes were sent" in out
         assert "only 1048576 of 4194304" in out and "does not follow the 0 bytes received" in out

@@ -55,7 +55,7 @@ def _check_all(s: tierd.RemoteStore, objects: dict[str, torch.Tensor]) -> None:
         assert torch.equal(s.get(key), t), key
 
 
-def test_nvme_directory_goes_read_only_under_a_running_daemon(writable_mount: Path) -> None:
+def test_nvme_directory_goes_read_only_under_a_running_daemon(writable_mount: Path, fault_report: Any) -> None:
     nvme = writable_mount / "nvme"
     d = Daemon(nvme, host="8MiB", nvme="48MiB").start()
     try:
@@ -93,11 +93,12 @@ def test_nvme_directory_goes_read_only_under_a_running_daemon(writable_mount: Pa
         d.start()
         with d.connect() as s:
             _check_all(s, durable)  # every acknowledged durable object survived the fault and a restart
+        fault_report("media faults", faults=1, acked_objects_checked=len(durable | volatile | small), lost=0)
     finally:
         d.close()
 
 
-def test_nvme_directory_removed_under_a_running_daemon(nvme_dir: Path) -> None:
+def test_nvme_directory_removed_under_a_running_daemon(nvme_dir: Path, fault_report: Any) -> None:
     d = Daemon(nvme_dir, host="8MiB", nvme="64MiB").start()
     try:
         kept = {}
@@ -125,11 +126,12 @@ def test_nvme_directory_removed_under_a_running_daemon(nvme_dir: Path) -> None:
         with d.connect() as s:
             s.put("d/again", _value(3, 50_000), durable=True)
             assert torch.equal(s.get("d/again"), _value(3, 50_000))
+        fault_report("media faults", faults=1, acked_objects_checked=len(kept), lost=0)
     finally:
         d.close()
 
 
-def test_redis_killed_under_a_running_daemon(nvme_dir: Path, redis_server: Any) -> None:
+def test_redis_killed_under_a_running_daemon(nvme_dir: Path, redis_server: Any, fault_report: Any) -> None:
     d = Daemon(nvme_dir, host="8MiB", nvme="64MiB",
                tiers={"remote": {"url": redis_server.url, "timeout_s": 1.0}},
                namespaces={"wt": {"write_through": True}}).start()
@@ -151,5 +153,6 @@ def test_redis_killed_under_a_running_daemon(nvme_dir: Path, redis_server: Any) 
                               ("h/y", 7, 1000)):
                 assert torch.equal(s.get(key), _value(i, n)), key
             assert d.proc is not None and d.proc.poll() is None
+        fault_report("media faults", faults=1, acked_objects_checked=5, lost=0)
     finally:
         d.close()

@@ -676,12 +676,14 @@ class Server:
 
     def _status(self, conn: _Conn, req: p.Status) -> Any:
         assert self.engine is not None
+        # Another uid's processes and namespaces are none of an untrusted client's business.
         with self._conns_lock:
             clients = [{"pid": c.pid, "uid": c.uid, "since": c.since, "requests": c.requests,
-                        "leases": len(c.leases), "puts": len(c.puts)} for c in self._conns]
+                        "leases": len(c.leases), "puts": len(c.puts)} for c in self._conns
+                       if conn.trusted or c.uid == conn.uid]
         return p.Ok(id=req.id, value={
             "pid": os.getpid(), "socket": str(self.socket_path), "stats": self.engine.stats(),
-            "namespaces": self.engine.namespace_usage(), "clients": clients,
+            "namespaces": self.engine.namespace_usage() if conn.trusted else {}, "clients": clients,
             "metrics_port": self.metrics.port if self.metrics else None, "inflight": self._inflight,
         })
 
