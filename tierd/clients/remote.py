@@ -64,7 +64,12 @@ class _Call:
 
 
 class RemoteStore(Store):
-    """The :class:`Store` of a running daemon; see :func:`connect`."""
+    """The :class:`Store` of a running daemon; see :func:`connect`.
+
+    ``has_arena`` says whether the daemon trusted this uid with its host
+    arena (zero-copy) or large objects stream through the socket; ``uid``
+    is this connection's uid as the daemon saw it (SO_PEERCRED).
+    """
 
     def __init__(self, socket_path: str | os.PathLike[str] | None = None, *, client: str = "") -> None:
         super().__init__()
