@@ -280,6 +280,7 @@ def test_no_fd_before_or_without_an_accepted_hello(daemon: Daemon) -> None:
         assert fds == [] and "upgrade the older side" in _replies(data)[0].message  # type: ignore[union-attr]
     with _raw(daemon) as sock:  # garbage instead of a Hello
         sock.sendall(p.HEADER.pack(3) + b"\xc1\xc1\xc1" + p.encode_frame(p.Hello(id=1, version=p.PROTOCOL_VERSION)))
+        sock.shutdown(socket.SHUT_WR)  # then the daemon ends the connection: no waiting for silence
         data, fds = _recv_all(sock)
         replies = _replies(data)
         # The malformed frame is answered; the Hello behind it is then accepted, and only it brings the fd.
