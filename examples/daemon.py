@@ -5,7 +5,10 @@
 Starts a private ``tierd serve`` (a 128 MiB host tier, nvme in a temporary
 directory, its own socket), then a producer process stashes a tensor and a
 consumer process, a different process, fetches it: the bytes go through
-the daemon's shared-memory arena, not the socket. Runs on a CPU-only machine.
+the daemon's shared-memory arena, not the socket, because both run as the
+daemon's own uid (a uid the daemon does not trust with its arena gets the
+same API, with the bytes streamed through the socket; see README
+"Reliability and security"). Runs on a CPU-only machine.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ def producer(sock: str) -> None:
         store.put("kv/shared-prefix", weights)
         store.put("ckpt/step-100", weights[:8].clone(), durable=True)
         print(f"producer {os.getpid()}: put {weights.numel() * 4 >> 20} MiB, on {store.info('kv/shared-prefix').tier}")
+        print(f"producer maps the daemon's arena (zero-copy): {store.has_arena}")
 
 
 def consumer(sock: str) -> None:

@@ -6,7 +6,9 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -73,3 +75,23 @@ class Daemon:
         if self.proc is not None and self.proc.poll() is None:
             self.kill()
         shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def client_process(code: str, *, uid: int | None = None, stdin: bool = False) -> subprocess.Popen[str]:
+    """A client process running ``code`` (with sys, os, torch and tierd imported), text pipes.
+
+    ``uid``: the process becomes that uid (and gid) after its imports, before
+    ``code`` runs, so SO_PEERCRED reports it; Python cannot start as another
+    uid here (/root is 0700), and it need not: identity is what the socket sees.
+    """
+    head = f"import sys, os, torch, tierd\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+    if uid is not None:
+        head += f"os.setgid({uid}); os.setuid({uid})\n"
+    return subprocess.Popen([sys.executable, "-c", head + textwrap.dedent(code)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.PIPE if stdin else None, text=True)
+
+
+def open_to_all(daemon: Daemon) -> None:
+    """Test only: let any uid reach the socket (the daemon makes it 0660 in a 0700 directory)."""
+    os.chmod(daemon.run_dir, 0o755)
+    os.chmod(daemon.socket, 0o666)

@@ -127,7 +127,7 @@ class StoreTests:
         assert not store.exists("k/2") and store.exists("k/3")
         assert "k/2" not in store.keys()
 
-    @pytest.mark.parametrize("key", ["", "a\x00b", "x" * 1025, 42])
+    @pytest.mark.parametrize("key", ["", "a\x00b", "x" * 1025, 42, "../etc/passwd", "/abs/x", "ns/../x", "ns/.", "é" * 513])
     def test_bad_keys(self, store: tierd.Store, key: object) -> None:
         with pytest.raises(tierd.InvalidArgument):
             store.put(key, torch.zeros(1))  # type: ignore[arg-type]

@@ -253,3 +253,32 @@ def test_barrier_timeout_raises_instead_of_hanging(tmp_path: Path) -> None:
     procs[1].wait(timeout=30)
     assert "RAISED True" in out0, err0[-2000:]
     assert checkpoint.latest(tmp_path) is None  # nothing was committed
+
+
+def test_flipped_byte_in_a_compressed_shard_is_corrupt_object(tmp_path: Path) -> None:
+    sd = {"w": (torch.randn(256, 1024, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)}
+    checkpoint.save(sd, tmp_path / "z", codec="zstd")
+    shard = next((tmp_path / "z").glob("*.tierd"))
+    data = bytearray(shard.read_bytes())
+    # A single flipped bit of an entropy-coded stream may decode to the very same
+    # bytes (then nothing is wrong to report); a byte every 10 KiB surely does not.
+    for pos in range(5000, len(data), 10_000):
+        data[pos] ^= 0x10
+    shard.write_bytes(bytes(data))
+    with pytest.raises(tierd.CorruptObject, match=r"tensor 'w' in shard shard-00000.tierd"):
+        checkpoint.load(tmp_path / "z")
+
+
+@pytest.mark.parametrize("bad", ["../outside.safetensors", "/etc/passwd", "sub/x", "..", "a\x00b"])
+def test_manifest_naming_a_shard_outside_its_directory_is_refused(tmp_path: Path, bad: str) -> None:
+    checkpoint.save({"w": torch.ones(10)}, tmp_path / "c", step=1)
+    manifest = tmp_path / "c" / checkpoint.MANIFEST
+    doc = json.loads(manifest.read_text())
+    (name,) = doc["shards"]
+    doc["shards"][bad] = doc["shards"].pop(name)
+    for entry in doc["tensors"].values():
+        entry["shard"] = bad
+    manifest.write_text(json.dumps(doc))
+    with pytest.raises(tierd.CorruptObject, match="outside its directory"):
+        checkpoint.load(tmp_path / "c")
+    assert checkpoint.latest(tmp_path) is None  # not a complete checkpoint either

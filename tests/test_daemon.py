@@ -8,7 +8,6 @@ import socket
 import struct
 import subprocess
 import sys
-import textwrap
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,13 +15,11 @@ from pathlib import Path
 import msgspec
 import pytest
 import torch
-from daemon import Daemon
+from daemon import Daemon, client_process, open_to_all
 from store_suite import wait_until
 
 import tierd
 from tierd.daemon import protocol as p
-
-TESTS = str(Path(__file__).parent)
 
 
 @pytest.fixture
@@ -32,11 +29,7 @@ def daemon(nvme_dir: Path) -> Iterator[Daemon]:
     d.close()
 
 
-def _client(code: str, *, stdin: bool = False) -> subprocess.Popen[str]:
-    """A client process running ``code`` (with tierd and torch imported)."""
-    script = f"import sys, os, torch, tierd\nsys.path.insert(0, {TESTS!r})\n" + textwrap.dedent(code)
-    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.PIPE if stdin else None, text=True)
+_client = client_process
 
 
 def _raw(daemon: Daemon) -> socket.socket:
@@ -245,16 +238,12 @@ def test_two_clients_share_objects_in_one_uid(daemon: Daemon) -> None:
 def test_other_uid_is_isolated_unless_namespace_shared(nvme_dir: Path) -> None:
     d = Daemon(nvme_dir, namespaces={"pub": {"shared": True}}).start()
     try:
-        os.chmod(d.run_dir, 0o755)
-        os.chmod(d.socket, 0o666)  # test only: let uid 65534 reach the socket
+        open_to_all(d)
         with d.connect() as mine:
             mine.put("priv/x", torch.ones(10))
             mine.put("pub/x", torch.full((10,), 7.0))
-            # Imports happen as root; then the process becomes uid 65534 before connecting,
-            # so SO_PEERCRED reports 65534.
             other = _client(
                 f"""
-                os.setgid(65534); os.setuid(65534)
                 s = tierd.connect({str(d.socket)!r})
                 print("uid", s.uid)
                 print("keys", s.keys())
@@ -266,7 +255,8 @@ def test_other_uid_is_isolated_unless_namespace_shared(nvme_dir: Path) -> None:
                 print("delete", s.delete("priv/x"))
                 s.put("priv/x", torch.zeros(3))   # its own priv/x, a different object
                 print("own", s.get("priv/x").tolist())
-                """
+                """,
+                uid=65534,
             )
             out, err = other.communicate(timeout=120)
             assert other.returncode == 0, err

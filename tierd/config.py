@@ -155,6 +155,12 @@ class DaemonConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
 
     ``socket`` defaults to ``$XDG_RUNTIME_DIR/tierd.sock``, else
     ``/run/tierd/tierd.sock`` as root, else ``/tmp/tierd-UID/tierd.sock``.
+
+    ``trusted_uids`` lists the uids, besides the daemon's own and root, that
+    are handed the host arena's memfd at the handshake (zero-copy puts and
+    gets). A client holding the arena can read every object in the host
+    tier, whatever its namespace or owner; every other uid moves its bytes
+    through the socket and sees only its own objects and shared namespaces.
     """
 
     socket: str = ""
@@ -166,6 +172,7 @@ class DaemonConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     max_connections_per_uid: int = 256
     inline_max_bytes: int = 64 * 1024  # objects this small travel in the frame
     drain_timeout_s: float = 30.0
+    trusted_uids: list[int] = []  # besides the daemon's uid and root; see the docstring
 
 
 class NamespaceConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -434,13 +441,17 @@ def _resolve_defaults(cfg: Config) -> Config:
     if nvme.io_threads < 1:
         raise ConfigError(f"tiers.nvme.io_threads must be >= 1, got {nvme.io_threads}")
     for name, ns in cfg.namespaces.items():
-        if not name or "/" in name:
-            raise ConfigError(f"namespace names must be non-empty and hold no '/', got {name!r}")
+        if not name or "/" in name or "\x00" in name or name in (".", ".."):
+            raise ConfigError(f"namespace names must be non-empty and hold no '/' or NUL, and not be '.' or '..', "
+                              f"got {name!r}")
         if ns.tier == "cxl" and not cfg.tiers.cxl.enabled:
             raise ConfigError(f"namespaces.{name}.tier is 'cxl' but the cxl tier is off; "
                               "configure [tiers.cxl] (node or devdax, and size) or choose another tier")
         if ns.prefetch_depth < 1:
             raise ConfigError(f"namespaces.{name}.prefetch_depth must be >= 1, got {ns.prefetch_depth}")
+    for uid in cfg.daemon.trusted_uids:
+        if not 0 <= uid < 1 << 32:
+            raise ConfigError(f"daemon.trusted_uids must hold uids (0 to 2**32-1), got {uid}")
     gpu = cfg.tiers.gpu
     if gpu.budget < 0 or not 0 <= gpu.fraction < 1:
         raise ConfigError(f"tiers.gpu: budget must be >= 0 and 0 <= fraction < 1, got {gpu.budget}, {gpu.fraction}")
@@ -495,6 +506,10 @@ def load_config(
             _set_path(raw, _env_path(var), value)
     _parse_sizes(raw)
     _parse_node_lists(raw)
+    daemon = raw.get("daemon")
+    if isinstance(daemon, dict) and isinstance(daemon.get("trusted_uids"), str):
+        # From the environment: TIERD_DAEMON_TRUSTED_UIDS=1000,1001
+        daemon["trusted_uids"] = [u.strip() for u in daemon["trusted_uids"].split(",") if u.strip()]
     # Namespaces are converted one by one so an error can name the namespace
     # (msgspec reports dict keys as "[...]").
     tables = raw.pop("namespaces", {})

@@ -200,6 +200,14 @@ def _read_manifest(path: Path) -> Manifest:
         raise CorruptObject(f"{path / MANIFEST} does not parse: {exc}") from None
     if manifest.format != FORMAT or manifest.version > VERSION:
         raise CorruptObject(f"{path / MANIFEST} is format {manifest.format!r} v{manifest.version}, not ours")
+    # Shard names come from the file: each must name a file in this very
+    # directory, never a path out of it.
+    for name in manifest.shards:
+        if not name or name in (".", "..") or "/" in name or "\x00" in name:
+            raise CorruptObject(f"{path / MANIFEST} names a shard {name!r} outside its directory")
+    for key, entry in manifest.tensors.items():
+        if entry.shard not in manifest.shards:
+            raise CorruptObject(f"{path / MANIFEST}: tensor {key!r} lies in shard {entry.shard!r}, which it does not list")
     return manifest
 
 
@@ -496,11 +504,14 @@ def _stage_in_store(store: Any, nbytes: int, release: list[Any]) -> torch.Tensor
         release.append(lambda: store.engine.abort_put(pending))
         return store.engine.host.view(pending.staging)
     if isinstance(store, RemoteStore):
+        arena = store._arena  # noqa: SLF001 - same package
+        if arena is None:
+            return None  # a uid the daemon does not trust with its arena stages in its own memory
         ready, _ = store._call(p.Put, key=key, nbytes=nbytes, meta=meta)  # noqa: SLF001 - same package
         release.append(lambda: store._send(p.PutAbort(id=0, put_id=ready.put_id)))  # noqa: SLF001
         if ready.offset is None:
             return None
-        return store._arena[ready.offset : ready.offset + nbytes]  # noqa: SLF001
+        return arena[ready.offset : ready.offset + nbytes]
     raise InvalidArgument(f"store must come from tierd.open() or tierd.connect(), got {type(store).__name__}")
 
 

@@ -1,8 +1,12 @@
 """``tierd.connect()``: a :class:`Store` served by a ``tierd serve`` daemon.
 
-The daemon hands over its host arena (a memfd) at the handshake; this
-client maps it and copies large tensors in and out of it itself, so their
-bytes never cross the socket. Small objects travel inline in the frames.
+The daemon hands over its host arena (a memfd) at the handshake to clients
+of a uid it trusts with every object in it (its own uid, root, and
+``daemon.trusted_uids``); such a client maps it and copies large tensors in
+and out of it itself, so their bytes never cross the socket. Any other
+client gets no arena and streams large objects through the socket in
+frames; the Store interface is the same either way. Small objects travel
+inline in the frames for everyone.
 
 Calls from many threads share one connection with many requests in
 flight; replies are matched to calls by request id (see ``_wait``).
@@ -63,7 +67,12 @@ class _Call:
 
 
 class RemoteStore(Store):
-    """The :class:`Store` of a running daemon; see :func:`connect`."""
+    """The :class:`Store` of a running daemon; see :func:`connect`.
+
+    ``has_arena`` says whether the daemon trusted this uid with its host
+    arena (zero-copy) or large objects stream through the socket; ``uid``
+    is this connection's uid as the daemon saw it (SO_PEERCRED).
+    """
 
     def __init__(self, socket_path: str | os.PathLike[str] | None = None, *, client: str = "") -> None:
         super().__init__()
@@ -96,9 +105,16 @@ class RemoteStore(Store):
 
     def _handshake(self, client: str) -> None:
         sock = self._sock
-        sock.sendall(p.encode_frame(p.Hello(id=0, version=p.PROTOCOL_VERSION, client=client)))
+        try:
+            sock.sendall(p.encode_frame(p.Hello(id=0, version=p.PROTOCOL_VERSION, client=client)))
+        except OSError:
+            pass  # refused at accept (a limit) and closed: the reason waits to be read below
         # The memfd arrives as ancillary data on the Welcome frame's first bytes.
-        data, fds, _flags, _addr = socket.recv_fds(sock, 1 << 16, 1)
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(sock, 1 << 16, 1)
+        except OSError as exc:
+            raise DaemonUnavailable(f"the daemon on {self.socket_path} dropped the connection at the handshake: "
+                                    f"{exc.strerror}") from exc
         if not data:
             raise DaemonUnavailable(f"the daemon on {self.socket_path} closed the connection at the handshake")
         self._reader.feed(data)
@@ -107,17 +123,23 @@ class RemoteStore(Store):
             for fd in fds:
                 os.close(fd)
             raise _ERRORS.get(reply.kind, TierdError)(reply.message)
-        if not isinstance(reply, p.Welcome) or len(fds) != 1:
-            raise ProtocolError("the daemon's handshake carried no arena")
-        try:
-            self._map = mmap.mmap(fds[0], reply.arena_bytes, flags=mmap.MAP_SHARED)
-        finally:
-            os.close(fds[0])
-        self._arena = torch.frombuffer(self._map, dtype=torch.uint8)
+        if not isinstance(reply, p.Welcome) or len(fds) != (1 if reply.arena else 0):
+            for fd in fds:
+                os.close(fd)
+            raise ProtocolError("the daemon's handshake carried no arena although it announced one")
+        self._map: mmap.mmap | None = None
+        self._arena: torch.Tensor | None = None  # None: every large object streams through the socket
+        if reply.arena:
+            try:
+                self._map = mmap.mmap(fds[0], reply.arena_bytes, flags=mmap.MAP_SHARED)
+            finally:
+                os.close(fds[0])
+            self._arena = torch.frombuffer(self._map, dtype=torch.uint8)
         self._copies = CopyEngine(self._arena, pin=reply.gpu_pin, piece=reply.gpu_pin_piece)
         self.gpu_budget, self.gpu_fraction = reply.gpu_budget, reply.gpu_fraction  # for the gpu tier
         self.daemon_pid = reply.pid
         self.uid = reply.uid
+        self.has_arena = reply.arena
         self._inline_max = reply.inline_max_bytes
         self._chunk_bytes = max(1, reply.max_frame_bytes // 2)
         self._reader.max_frame_bytes = reply.max_frame_bytes + (1 << 20)
@@ -238,13 +260,16 @@ class RemoteStore(Store):
             self._call(p.Put, data=src.numpy().tobytes(), **opts)
             return
         ready, _ = self._call(p.Put, **opts)
+        arena = self._arena
         try:
+            if ready.offset is not None and arena is None:
+                raise ProtocolError("the daemon named an arena offset to a client it gave no arena")
             if ready.offset is not None and src is None:
-                assert direct is not None
-                fill_extent(self._copies, self._arena[ready.offset : ready.offset + n], direct, meta)
+                assert direct is not None and arena is not None
+                fill_extent(self._copies, arena[ready.offset : ready.offset + n], direct, meta)
             elif ready.offset is not None:
-                assert src is not None
-                self._arena[ready.offset : ready.offset + n].copy_(src)
+                assert src is not None and arena is not None
+                arena[ready.offset : ready.offset + n].copy_(src)
             else:  # no room to stage in the arena: the bytes go through the socket
                 if src is None:
                     src, _ = encode_value(value)
@@ -259,11 +284,14 @@ class RemoteStore(Store):
 
     def get(self, key: str, *, device: str | torch.device | None = None, out: torch.Tensor | None = None) -> Any:
         ready, chunks = self._call(p.Get, key=validate_key(key))
+        arena = self._arena
         try:
+            if ready.offset is not None and arena is None:
+                raise ProtocolError("the daemon named an arena offset to a client it gave no arena")
             target = device_target(ready.meta, key, device, out)
             if target is not None:
-                if ready.offset is not None:  # one DMA from the pinned arena
-                    self._copies.to_device(target, self._arena[ready.offset : ready.offset + ready.meta.nbytes])
+                if ready.offset is not None and arena is not None:  # one DMA from the pinned arena
+                    self._copies.to_device(target, arena[ready.offset : ready.offset + ready.meta.nbytes])
                 else:
                     tmp, tmp_flat = new_value(ready.meta)
                     _fill(tmp_flat, ready, chunks)
@@ -273,8 +301,9 @@ class RemoteStore(Store):
                 flat = check_out(out, ready.meta, key)
                 if flat is None:  # strided out: one copy, from the arena or the frame
                     if ready.offset is not None:
-                        out.copy_(typed_view(self._arena[ready.offset : ready.offset + out.numel()
-                                                         * out.element_size()], ready.meta))
+                        assert arena is not None
+                        out.copy_(typed_view(arena[ready.offset : ready.offset + out.numel()
+                                                   * out.element_size()], ready.meta))
                     else:
                         tmp, tmp_flat = new_value(ready.meta)
                         _fill(tmp_flat, ready, chunks)
@@ -284,7 +313,8 @@ class RemoteStore(Store):
             else:
                 value, dest = new_value(ready.meta)
             if ready.offset is not None:
-                dest.copy_(self._arena[ready.offset : ready.offset + dest.numel()])
+                assert arena is not None
+                dest.copy_(arena[ready.offset : ready.offset + dest.numel()])
             elif ready.data is not None and out is None and ready.meta.kind == "bytes":
                 return ready.data
             else:
@@ -335,11 +365,12 @@ class RemoteStore(Store):
             pass
         self._sock.close()
         self._copies.close()  # unregister the arena before unmapping it
-        del self._arena
-        try:
-            self._map.close()
-        except BufferError:
-            pass  # a tensor still aliases the mapping; it goes with the last one
+        self._arena = None
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:
+                pass  # a tensor still aliases the mapping; it goes with the last one
 
 
 def _fill(dest: torch.Tensor, ready: p.GetReady, chunks: list[bytes]) -> None:

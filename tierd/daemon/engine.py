@@ -82,6 +82,10 @@ def validate_key(key: object) -> str:
         raise InvalidArgument(f"keys must be 1 to {MAX_KEY_BYTES} bytes of UTF-8, got {size}")
     if "\x00" in key:
         raise InvalidArgument(f"keys must not contain NUL, got {key!r}")
+    # Keys never name files today, but a key that reads as a path (a tier on
+    # files, a trace, a tool) must not climb out of its directory.
+    if key.startswith("/") or any(part in (".", "..") for part in key.split("/")):
+        raise InvalidArgument(f"keys must not be absolute or hold '.' or '..' parts, got {key!r}")
     return key
 
 

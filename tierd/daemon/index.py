@@ -109,6 +109,7 @@ class DurableIndex:
     """LMDB table ``key -> DurableEntry``; every write commits with fsync."""
 
     def __init__(self, path: str | os.PathLike[str], *, map_size: int = 8 << 30) -> None:
+        self.path = os.fspath(path)
         try:
             self._env = lmdb.open(
                 os.fspath(path), map_size=map_size, subdir=True, sync=True, metasync=True,
@@ -140,7 +141,7 @@ class DurableIndex:
             self._env.set_mapsize(self._env.info()["map_size"] * 2)
             self._write(puts, deletes)
         except lmdb.Error as exc:
-            raise MediaError(f"durable index write failed: {exc}") from exc
+            raise MediaError(f"durable index {self.path!r}: write failed: {exc}") from exc
 
     def put(self, key: str, entry: DurableEntry) -> None:
         self._write({key: entry}, [])

@@ -8,15 +8,18 @@ order.
 
 Session:
     client -> Hello(version)          daemon -> Welcome (+ the host arena's
-                                      memfd, as SCM_RIGHTS ancillary data)
+                                      memfd, as SCM_RIGHTS ancillary data, for
+                                      a trusted uid only: ``arena`` says which)
 Put, large object:
     Put(no data) -> PutReady(put_id, offset): the client copies the bytes
     into its mapping of the arena at ``offset`` (or, if ``offset`` is None,
-    sends PutChunk frames), then PutCommit(put_id) -> Ok.
+    sends PutChunk frames, in order, covering every byte), then
+    PutCommit(put_id) -> Ok. A client without the arena always gets None.
 Put, small object: Put(data=...) -> Ok.
 Get: Get -> GetReady with the bytes inline, or an arena ``offset`` under a
     lease that the client ends with Release (no reply) after copying, or
-    ``chunks`` > 0: that many Chunk frames with the bytes follow.
+    ``chunks`` > 0: that many Chunk frames with the bytes follow (always, for
+    a client without the arena, when the object is too large to go inline).
 
 New fields get defaults so that an older client and a newer daemon still
 talk; the handshake carries :data:`PROTOCOL_VERSION` and a daemon refuses a
@@ -148,6 +151,7 @@ class Welcome(_Rep, frozen=True, kw_only=True):
     uid: int
     inline_max_bytes: int
     max_frame_bytes: int
+    arena: bool = True  # False: no memfd came with this frame; bytes travel in frames
     gpu_pin: bool = True  # how clients pin the arena ([tiers.gpu] pin, pin_piece)
     gpu_pin_piece: int = 1 << 30
     gpu_budget: int = 0  # the clients' gpu tier ([tiers.gpu] budget, fraction)
@@ -185,9 +189,12 @@ Reply = Welcome | Ok | Fail | PutReady | GetReady | Chunk
 _encoder = msgspec.msgpack.Encoder()
 
 
-def encode_frame(msg: msgspec.Struct) -> bytes:
-    body = _encoder.encode(msg)
-    return HEADER.pack(len(body)) + body
+def encode_frame(msg: msgspec.Struct) -> bytearray:
+    """The frame of ``msg``: encoded once, in place after its length (no copy for the prefix)."""
+    frame = bytearray(HEADER.size)
+    _encoder.encode_into(msg, frame, HEADER.size)
+    HEADER.pack_into(frame, 0, len(frame) - HEADER.size)
+    return frame
 
 
 class FrameReader:
@@ -215,12 +222,32 @@ class FrameReader:
                 raise ConnectionError(f"connection closed inside a frame ({len(self._buf)} of {n} bytes)")
             self._buf += chunk
 
-    def read(self) -> bytes:
+    def read(self) -> bytes | bytearray:
+        """The body of the next frame (bytes-like, for a msgspec decoder)."""
         self._fill(HEADER.size, at_boundary=True)
         (size,) = HEADER.unpack_from(self._buf)
         if size > self.max_frame_bytes:
             raise ProtocolError(f"frame of {size} bytes is over the limit of {self.max_frame_bytes}")
-        self._fill(HEADER.size + size, at_boundary=False)
-        body = bytes(self._buf[HEADER.size : HEADER.size + size])
-        del self._buf[: HEADER.size + size]
-        return body
+        have = len(self._buf) - HEADER.size
+        if have >= size or size < (1 << 16):
+            self._fill(HEADER.size + size, at_boundary=False)
+            with memoryview(self._buf) as view:
+                body = bytes(view[HEADER.size : HEADER.size + size])
+            del self._buf[: HEADER.size + size]
+            return body
+        # A large frame (streamed object bytes): received straight into its
+        # body, with no growing buffer to copy it out of (Note [heap growth]
+        # in tierd/daemon/server.py).
+        large = bytearray(size)
+        with memoryview(self._buf) as view:
+            large[:have] = view[HEADER.size :]
+        self._buf.clear()
+        with memoryview(large) as dest:
+            pos = have
+            while pos < size:
+                n = self.sock.recv_into(dest[pos:])
+                if not n:
+                    raise ConnectionError(f"connection closed inside a frame ({HEADER.size + pos} of "
+                                          f"{HEADER.size + size} bytes)")
+                pos += n
+        return large

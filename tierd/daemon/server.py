@@ -19,34 +19,51 @@ Identity
     SO_PEERCRED gives the peer's uid. Keys of a namespace not marked
     ``shared`` are scoped to the uid: two uids may both use ``acts/x`` and
     never see each other's objects.
+
+Note [arena trust]
+    The host arena is one memfd holding every uid's host-tier objects, and
+    whoever maps it can read all of them: scoping keys would not help. So
+    the memfd goes only to trusted uids (the daemon's own, root, and
+    ``daemon.trusted_uids``), which read and write large objects in place.
+    Every other client gets a Welcome without it (``arena=False``) and moves
+    bytes through the socket: its puts arrive as PutChunk frames, written
+    straight into the staging extent, and its gets leave as Chunk frames.
+    Such a client never learns an arena offset, and a streamed put must
+    cover every byte (chunks in order, counted) before it commits, so no
+    stale arena bytes of another uid can ever be read back through it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import itertools
 import logging
 import os
 import signal
 import socket
+import stat
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import msgspec
 import torch
 
+from tierd._buffers import address_view
 from tierd.config import Config, default_socket_path, load_config
 from tierd.daemon import protocol as p
 from tierd.daemon.engine import Engine, PendingPut, namespace_of, validate_key
 from tierd.daemon.index import ObjectRecord
 from tierd.daemon.metrics import Metrics
 from tierd.daemon.systemd import notify, watchdog_interval_s
-from tierd.errors import InvalidArgument, ProtocolError, TierdError
+from tierd.errors import InvalidArgument, OutOfSpace, ProtocolError, TierdError
 
 __all__ = ["Server", "run"]
 
@@ -59,15 +76,27 @@ _QUICK = (p.Release, p.PutChunk, p.PutAbort, p.Exists, p.Info, p.Keys, p.GetStat
 
 
 @dataclass(eq=False)
+class _StreamedPut:
+    """A prepared put whose bytes come in PutChunk frames (Note [arena trust])."""
+
+    pending: PendingPut
+    buffer: torch.Tensor | None  # where chunks land: the staging extent, or daemon memory; None: the client
+    # writes into the arena itself (trusted)
+    received: int = 0
+    error: str | None = None
+
+
+@dataclass(eq=False)
 class _Conn:
     sock: socket.socket
     uid: int
     pid: int
     reader: p.FrameReader
     inflight: threading.Semaphore
+    trusted: bool = False  # holds the arena memfd (Note [arena trust])
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     state_lock: threading.Lock = field(default_factory=threading.Lock)
-    puts: dict[int, tuple[PendingPut, torch.Tensor | None]] = field(default_factory=dict)
+    puts: dict[int, _StreamedPut] = field(default_factory=dict)
     leases: dict[int, tuple[ObjectRecord, float]] = field(default_factory=dict)
     ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     welcomed: bool = False
@@ -189,6 +218,8 @@ class Server:
         path = self.socket_path
         if not path.parent.exists():
             path.parent.mkdir(parents=True, mode=0o700)
+            os.chmod(path.parent, 0o700)  # mkdir's mode went through the umask
+        _check_socket_dir(path.parent)
         # One daemon per socket: the flock is the arbiter; the socket file alone
         # cannot tell a live daemon from one that crashed.
         fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -391,8 +422,8 @@ class Server:
             conn.leases.clear()
         # A dead client's uncommitted allocations and leases go back at once.
         assert self.engine is not None
-        for pending, _ in puts:
-            self.engine.abort_put(pending)
+        for put in puts:
+            self.engine.abort_put(put.pending)
         for rec, _ in leases:
             self.engine.release(rec)
         try:
@@ -427,6 +458,7 @@ class Server:
                     self.engine.release(rec)
             if interval and self._healthy():
                 notify("WATCHDOG=1")
+            _trim_heap()
 
     def _healthy(self) -> bool:
         return all(t.is_alive() for t in self._threads) and self.engine is not None and self.engine.healthy()
@@ -442,15 +474,25 @@ class Server:
             return
         assert self.engine is not None
         d, gpu = self.config.daemon, self.config.tiers.gpu
+        conn.trusted = self._trusted(conn.uid)
         welcome = p.encode_frame(p.Welcome(
             id=req.id, version=p.PROTOCOL_VERSION, arena_bytes=self.engine.host.capacity_bytes, pid=os.getpid(),
             uid=conn.uid, inline_max_bytes=d.inline_max_bytes, max_frame_bytes=d.max_frame_bytes,
-            gpu_pin=gpu.pin, gpu_pin_piece=gpu.pin_piece, gpu_budget=gpu.budget, gpu_fraction=gpu.fraction,
+            arena=conn.trusted, gpu_pin=gpu.pin, gpu_pin_piece=gpu.pin_piece, gpu_budget=gpu.budget,
+            gpu_fraction=gpu.fraction,
         ))
-        # The arena's memfd rides on the Welcome frame; only admitted clients get it.
+        # The arena's memfd rides on the Welcome frame: only admitted clients
+        # of a trusted uid get it (Note [arena trust]).
         with conn.send_lock:
-            socket.send_fds(conn.sock, [welcome], [self.engine.host.fd])
+            if conn.trusted:
+                socket.send_fds(conn.sock, [welcome], [self.engine.host.fd])
+            else:
+                conn.sock.sendall(welcome)
         conn.welcomed = True
+
+    def _trusted(self, uid: int) -> bool:
+        """Whether ``uid`` may map the whole host arena (Note [arena trust])."""
+        return uid in (0, os.geteuid()) or uid in self.config.daemon.trusted_uids
 
     def _scope(self, conn: _Conn, key: str) -> str:
         return self._scope_key(key, conn.uid)
@@ -475,6 +517,9 @@ class Server:
             numel *= dim
         if req.nbytes < 0 or req.nbytes != numel * req.meta.itemsize:
             raise InvalidArgument(f"nbytes {req.nbytes} does not match shape {req.meta.shape} x {req.meta.itemsize}")
+        capacity = sum(t.capacity_bytes for t in self.engine.tiers.values())
+        if req.nbytes > capacity:  # before any buffer is sized by it
+            raise OutOfSpace(f"an object of {req.nbytes} bytes is larger than all tiers together ({capacity} bytes)")
         opts: dict[str, Any] = {"tier": req.tier, "durable": req.durable, "codec": req.codec, "pin": req.pin, "ttl": req.ttl,
                 "owner": conn.uid}
         if req.data is not None:
@@ -483,47 +528,60 @@ class Server:
             self.engine.put(key, memoryview(req.data), req.meta, **opts)
             return p.Ok(id=req.id)
         pending = self.engine.prepare_put(key, req.nbytes, req.meta, stage=True, **opts)
-        buffer = None if pending.staging is not None or not req.nbytes else torch.empty(req.nbytes, dtype=torch.uint8)
+        buffer: torch.Tensor | None = None
+        if pending.staging is not None:
+            # Untrusted: the chunks go straight into the staging extent.
+            buffer = None if conn.trusted else self.engine.host.view(pending.staging)
+        elif req.nbytes:
+            buffer = torch.empty(req.nbytes, dtype=torch.uint8)
         put_id = next(conn.ids)
         with conn.state_lock:
             if conn.closed:
                 self.engine.abort_put(pending)
                 return None
-            conn.puts[put_id] = (pending, buffer)
-        offset = pending.staging.offset if pending.staging is not None else None
+            conn.puts[put_id] = _StreamedPut(pending, buffer)
+        offset = pending.staging.offset if pending.staging is not None and buffer is None else None
         return p.PutReady(id=req.id, put_id=put_id, offset=offset)
 
     def _put_chunk(self, conn: _Conn, req: p.PutChunk) -> None:
         with conn.state_lock:
-            entry = conn.puts.get(req.put_id)
-        if entry is None or entry[1] is None:
+            put = conn.puts.get(req.put_id)
+        if put is None or put.buffer is None or put.error is not None:
             return None  # reported at commit
-        buffer = entry[1]
         end = req.offset + len(req.data)
-        if req.offset < 0 or end > buffer.numel():
-            with conn.state_lock:
-                conn.puts.pop(req.put_id, None)
-            assert self.engine is not None
-            self.engine.abort_put(entry[0])
+        # In order and within bounds: then "received == nbytes" at commit means
+        # every byte came from the client (Note [arena trust]).
+        if req.offset != put.received or end > put.buffer.numel():
+            put.error = (f"chunk at offset {req.offset} of {len(req.data)} bytes does not follow the "
+                         f"{put.received} bytes received (object of {put.buffer.numel()} bytes)")
             return None
-        buffer[req.offset : end] = _bytes_tensor(req.data)
+        if req.data:  # straight from the frame into place: no tensor, no extra copy
+            address_view(put.buffer.data_ptr() + req.offset, len(req.data))[:] = req.data
+        put.received = end
         return None
 
     def _put_commit(self, conn: _Conn, req: p.PutCommit) -> Any:
         with conn.state_lock:
-            entry = conn.puts.pop(req.put_id, None)
-        if entry is None:
+            put = conn.puts.pop(req.put_id, None)
+        if put is None:
             raise ProtocolError(f"no prepared put {req.put_id} on this connection (aborted or committed)")
         assert self.engine is not None
-        self.engine.finish_put(entry[0], entry[1])
+        if put.buffer is not None and put.error is None and put.received != put.buffer.numel():
+            put.error = f"only {put.received} of {put.buffer.numel()} bytes were sent before the commit"
+        if put.error is not None:
+            self.engine.abort_put(put.pending)
+            raise InvalidArgument(f"put of {_user_key(put.pending.rec.key)!r} refused: {put.error}")
+        # Bytes written into the staging extent are already in place.
+        src = put.buffer if put.pending.staging is None else None
+        self.engine.finish_put(put.pending, src)
         return p.Ok(id=req.id)
 
     def _put_abort(self, conn: _Conn, req: p.PutAbort) -> Any:
         with conn.state_lock:
-            entry = conn.puts.pop(req.put_id, None)
-        if entry is not None:
+            put = conn.puts.pop(req.put_id, None)
+        if put is not None:
             assert self.engine is not None
-            self.engine.abort_put(entry[0])
+            self.engine.abort_put(put.pending)
         return p.Ok(id=req.id)
 
     def _get(self, conn: _Conn, req: p.Get) -> Any:
@@ -537,8 +595,10 @@ class Server:
                 buf = bytearray(n)
                 engine.read_into(rec, memoryview(buf))
                 return p.GetReady(id=req.id, meta=rec.meta, data=bytes(buf))
-            loc = engine.read_location(rec, promote=True, evict=True)
-            if loc is not None:
+            # A client without the arena still promotes (for the next reader),
+            # but never makes room for it by demoting others.
+            loc = engine.read_location(rec, promote=True, evict=conn.trusted)
+            if loc is not None and conn.trusted:
                 lease_id = next(conn.ids)
                 with conn.state_lock:
                     if conn.closed:
@@ -546,15 +606,19 @@ class Server:
                     conn.leases[lease_id] = (rec, time.monotonic())
                     keep = True
                 return p.GetReady(id=req.id, meta=rec.meta, offset=loc.offset, lease_id=lease_id)
-            # Larger than the arena can take now: stream it in frames.
-            data = torch.empty(n, dtype=torch.uint8)
-            engine.read_into(rec, data, promote=False)
+            if loc is not None:
+                data = engine.host.view(loc)  # valid while our lease on rec lasts (until finally)
+            else:  # larger than the arena can take now
+                data = torch.empty(n, dtype=torch.uint8)
+                engine.read_into(rec, data, promote=False)
+            # Stream it in frames.
             step = max(1, self.config.daemon.max_frame_bytes // 2)
             chunks = -(-n // step)
             conn.send(p.GetReady(id=req.id, meta=rec.meta, chunks=chunks))
-            view = data.numpy()
+            view = address_view(data.data_ptr(), n)  # data (and our lease) outlive the loop
             for i in range(chunks):
-                conn.send(p.Chunk(id=req.id, data=view[i * step : (i + 1) * step].tobytes()))
+                # A memoryview is encoded as msgpack bin like bytes, without copying it first.
+                conn.send(p.Chunk(id=req.id, data=cast(bytes, view[i * step : (i + 1) * step])))
             return None
         finally:
             if not keep:
@@ -613,12 +677,14 @@ class Server:
 
     def _status(self, conn: _Conn, req: p.Status) -> Any:
         assert self.engine is not None
+        # Another uid's processes and namespaces are none of an untrusted client's business.
         with self._conns_lock:
             clients = [{"pid": c.pid, "uid": c.uid, "since": c.since, "requests": c.requests,
-                        "leases": len(c.leases), "puts": len(c.puts)} for c in self._conns]
+                        "leases": len(c.leases), "puts": len(c.puts)} for c in self._conns
+                       if conn.trusted or c.uid == conn.uid]
         return p.Ok(id=req.id, value={
             "pid": os.getpid(), "socket": str(self.socket_path), "stats": self.engine.stats(),
-            "namespaces": self.engine.namespace_usage(), "clients": clients,
+            "namespaces": self.engine.namespace_usage() if conn.trusted else {}, "clients": clients,
             "metrics_port": self.metrics.port if self.metrics else None, "inflight": self._inflight,
         })
 
@@ -630,21 +696,53 @@ class Server:
     }
 
 
+_LIBC = ctypes.CDLL(None) if sys.platform == "linux" else None
+_MALLOC_TRIM = getattr(_LIBC, "malloc_trim", None)  # glibc only
+
+
+def _trim_heap() -> None:
+    """Give memory freed by the worker threads back to the system (Note [heap growth])."""
+    # Note [heap growth]
+    #     Frames of streamed objects are megabytes each, allocated and freed by
+    #     many threads. glibc keeps such freed blocks in per-thread arenas (its
+    #     mmap threshold rises past them after the first frees), so a daemon
+    #     serving streamed clients grew by hundreds of MiB within a minute in
+    #     tests/faults/test_soak.py without holding more data. A fixed mmap
+    #     threshold stops that but halves the throughput (fresh pages on every
+    #     frame); trimming once a tick keeps both.
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def _check_socket_dir(directory: Path) -> None:
+    """Refuse a socket directory that someone else could use to replace our socket.
+
+    The socket itself is 0660; the directory decides who reaches it: 0700
+    (the daemon's uid) or 0750 (a group of clients, systemd's
+    RuntimeDirectoryMode). One another uid owns, or that others may write
+    into without the sticky bit, would let them swap in their own socket.
+    """
+    st = directory.stat()
+    euid = os.geteuid()
+    if st.st_uid not in (euid, 0):
+        raise TierdError(
+            f"socket directory {str(directory)!r} is owned by uid {st.st_uid}, not by this daemon's uid {euid} "
+            "or root; another user could replace the socket: remove the directory or choose another daemon.socket"
+        )
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022 and not mode & stat.S_ISVTX:
+        who = "others" if mode & 0o002 else "group"
+        raise TierdError(
+            f"socket directory {str(directory)!r} is writable by {who} (mode {mode:04o}), so they could replace "
+            "the socket; chmod it to 0700, or 0750 to let a group of clients connect"
+        )
+
+
 def _user_key(engine_key: str) -> str:
     return engine_key.partition(_SCOPE)[0]
 
 
-def _bytes_tensor(data: bytes | bytearray) -> torch.Tensor:
-    if not data:
-        return torch.empty(0, dtype=torch.uint8)
-    if isinstance(data, bytes):
-        # torch.frombuffer warns on read-only buffers; a copy into a bytearray
-        # costs less than silencing the warning (and frames are at most a few MiB).
-        data = bytearray(data)
-    return torch.frombuffer(data, dtype=torch.uint8)
-
-
-def _peek_id(body: bytes) -> int:
+def _peek_id(body: bytes | bytearray) -> int:
     """The ``id`` of a frame that failed to decode as a request, if it has one."""
     try:
         obj = msgspec.msgpack.decode(body)

@@ -40,6 +40,17 @@ Note [durability]
     fdatasync'ed; the engine then commits the index entry in LMDB (which
     fsyncs too). Extents written but never committed are not in the index
     and are therefore free again when the tier is reopened.
+
+Note [medium faults]
+    The directory can go read-only (a filesystem remounted ro after errors,
+    a read-only bind mount) or be removed while the daemon runs. Writes
+    through slab files opened earlier may still "succeed" then: into files
+    that no longer have a name, lost at the next start. So every write
+    first asks statvfs whether the directory is still there and writable,
+    and checks after writing that the slabs it touched are still linked;
+    otherwise it fails with a MediaError naming the path and stores
+    nothing. Reads go on: what was acknowledged stays readable through the
+    open files while the daemon runs, and the host tier keeps serving.
 """
 
 from __future__ import annotations
@@ -279,8 +290,33 @@ class NvmeTier(Tier):
         largest = max(largest_each, default=0)
         return TierUsage(self._capacity, used, largest, frag)
 
+    def _check_writable(self) -> None:
+        """Refuse to write into a directory that is read-only or gone (Note [medium faults])."""
+        try:
+            flags = os.statvfs(self.slab_dir).f_flag
+        except OSError as exc:
+            raise MediaError(
+                f"nvme tier {str(self.path)!r}: its slab directory is gone ({exc.strerror}); objects stored "
+                "before stay readable until the daemon stops; restore the directory and restart the daemon"
+            ) from exc
+        if flags & os.ST_RDONLY:
+            raise MediaError(
+                f"nvme tier {str(self.path)!r} is on a read-only filesystem now; nothing more can be stored "
+                "there (objects already there stay readable); remount it read-write"
+            )
+
+    def _check_linked(self, chunks: list[NvmeChunk]) -> None:
+        for slab in sorted({c.slab for c in chunks}):
+            if os.fstat(self._fds[slab]).st_nlink == 0:
+                raise MediaError(
+                    f"nvme tier {str(self.path)!r}: slab file {self._slab_path(slab).name} was removed while in "
+                    "use; objects stored before stay readable until the daemon stops; restore the directory "
+                    "and restart the daemon"
+                )
+
     def write(self, src: torch.Tensor, *, codec: Codec, itemsize: int, durable: bool) -> NvmeLocation:
         """Store flat uint8 ``src`` (host memory; device memory too when :attr:`gds` is on)."""
+        self._check_writable()
         n = src.numel()
         starts = range(0, n, self.chunk_size)
         on_device = src.device.type == "cuda"
@@ -292,10 +328,14 @@ class NvmeTier(Tier):
             for s in starts
         ]
         chunks, error = self._gather(futures)
-        if error is None and durable:
+        if error is None:
             try:
-                for slab in sorted({c.slab for c in chunks}):
-                    os.fdatasync(self._fds[slab])  # Note [durability]
+                self._check_linked(chunks)
+                if durable:
+                    for slab in sorted({c.slab for c in chunks}):
+                        os.fdatasync(self._fds[slab])  # Note [durability]
+            except MediaError as exc:  # an OSError too: first
+                error = exc
             except OSError as exc:
                 error = _io_error(exc, "fdatasync", self.path)
         if error is not None:
