@@ -193,14 +193,17 @@ class BenchContext:
 
 
 def row(measure: str, ours: str, *, limit: str = "", peer: str = "", vs_limit: str = "", vs_peer: str = "",
-        issue: int | None = None, target: str = "", status: str = "", note: str = "") -> dict[str, Any]:
+        issue: int | None = None, target: str = "", ratio: str = "", status: str = "", note: str = "",
+        ) -> dict[str, Any]:
     """One line of a suite's summary table.
 
+    ``ratio`` is the figure the target is about (default: ``vs_limit``, else ``vs_peer``);
     ``status`` is ``met``, ``missed``, ``not run: WHY`` or ``""`` (a figure without a target);
     ``note`` says what limits a missed target.
     """
     return {"measure": measure, "tierd": ours, "limit": limit, "peer": peer, "vs_limit": vs_limit,
-            "vs_peer": vs_peer, "issue": issue, "target": target, "status": status, "note": note}
+            "vs_peer": vs_peer, "issue": issue, "target": target, "ratio": ratio or vs_limit or vs_peer,
+            "status": status, "note": note}
 
 
 def verdict(ok: bool | None) -> str:

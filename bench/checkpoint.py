@@ -181,6 +181,7 @@ def headline(res: dict[str, Any], limits: dict[str, Any]) -> list[dict[str, Any]
                 peer=f"torch.save {ref:.2f} s (no fsync)" + (f"; DCP async_save {dcp['durable_s']:.2f} s" if dcp else ""),
                 vs_limit=f"{ours['durable_s'] / res['disk_bound_s']:.2f}" if res["disk_bound_s"] else "",
                 vs_peer=f"{ours['durable_s'] / ref:.2f}", issue=6, target="<= torch.save's wall time",
+                ratio=f"{ours['durable_s'] / ref:.2f} x torch.save",
                 status=verdict(ours["durable_s"] <= ref),
                 note="" if ours["durable_s"] <= ref else "fsync and the disk's write bandwidth")]
     st = by.get("safetensors save_file (+ fsync)")

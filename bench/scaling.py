@@ -52,13 +52,11 @@ from bench.daemon import _redis_worker, _run_clients, _tierd_worker  # noqa: E40
 VALUE = b"v" * 64  # a small object: the index entry is what is measured, not the bytes
 
 
-def _by_size(ctx: BenchContext, sizes: list[int]) -> list[dict[str, Any]]:
+def _by_size(ctx: BenchContext, sock: str, sizes: list[int]) -> list[dict[str, Any]]:
     task = ctx.progress.add_task("scaling: object size through the daemon", total=len(sizes))
-    host = max(GIB, 3 * max(sizes) + 64 * MIB)
     rows = []
     budget_s = 0.1 if ctx.smoke else 0.25 if ctx.quick else 0.5
-    with tempfile.TemporaryDirectory(prefix="tierd-bs-", dir="/tmp") as tmp, \
-            private_daemon(Path(tmp), host_size=f"{host // MIB}MiB") as sock, tierd.connect(sock) as store:
+    with tierd.connect(sock) as store:
         for n in sizes:
             src = torch.randint(0, 256, (n,), dtype=torch.uint8)
             out = torch.empty_like(src)
@@ -142,39 +140,42 @@ def _by_count(ctx: BenchContext, counts: list[int], traced_max: int) -> list[dic
     return rows
 
 
-def _by_clients(ctx: BenchContext, clients: list[int], ops: int) -> list[dict[str, Any]]:
+def _by_clients(ctx: BenchContext, sock: str, tmp: Path, clients: list[int], ops: int) -> list[dict[str, Any]]:
     task = ctx.progress.add_task("scaling: client processes through one daemon", total=len(clients))
     rows = []
-    with tempfile.TemporaryDirectory(prefix="tierd-bc-", dir="/tmp") as tmp_s:
-        tmp = Path(tmp_s)
-        redis = start_redis(tmp, unix=True)
-        try:
-            with private_daemon(tmp) as sock:
-                for n in clients:
-                    t = _run_clients(_tierd_worker, sock, n, ops, 4096)
-                    r = _run_clients(_redis_worker, redis[1], n, ops, 4096) if redis else None
-                    rows.append({"clients": n, "ops_per_s": t["ops_per_s"], "p99_us": t["p99_us"],
-                                 "p50_us": statistics.mean([t["put_p50_us"], t["get_p50_us"]]),
-                                 "redis_ops_per_s": r["ops_per_s"] if r else None,
-                                 "redis_p99_us": r["p99_us"] if r else None})
-                    ctx.progress.advance(task)
-        finally:
-            if redis:
-                redis[0].terminate()
-                redis[0].wait(timeout=30)
+    redis = start_redis(tmp, unix=True)
+    try:
+        for n in clients:
+            t = _run_clients(_tierd_worker, sock, n, ops, 4096)
+            r = _run_clients(_redis_worker, redis[1], n, ops, 4096) if redis else None
+            rows.append({"clients": n, "ops_per_s": t["ops_per_s"], "p99_us": t["p99_us"],
+                         "p50_us": statistics.mean([t["put_p50_us"], t["get_p50_us"]]),
+                         "redis_ops_per_s": r["ops_per_s"] if r else None, "redis_p99_us": r["p99_us"] if r else None})
+            ctx.progress.advance(task)
+    finally:
+        if redis:
+            redis[0].terminate()
+            redis[0].wait(timeout=30)
     return rows
 
 
 def run(ctx: BenchContext) -> dict[str, Any]:
     if ctx.smoke:
-        top, counts, clients, ops = MIB, [1000], [1, 2], 50
+        top, counts, clients, ops = 256 * KIB, [1000], [1, 2], 50
     elif ctx.quick:
         top, counts, clients, ops = 16 * MIB, [1000, 10_000], [1, 4, 16], 150
     else:
         top, counts, clients, ops = GIB, [1000, 10_000, 100_000, 1_000_000], [1, 2, 4, 8, 16], 1000
     sizes = [4 * KIB << (2 * k) for k in range(20) if 4 * KIB << (2 * k) <= top]
-    return {"size": _by_size(ctx, sizes), "count": _by_count(ctx, counts, traced_max=100_000),
-            "clients": _by_clients(ctx, clients, ops), "ops_per_client": ops, "value_bytes": len(VALUE)}
+    res: dict[str, Any] = {"ops_per_client": ops, "value_bytes": len(VALUE),
+                           "count": _by_count(ctx, counts, traced_max=100_000)}
+    host = max(GIB, 3 * top + 64 * MIB)  # room for the largest object, its staging copy and slack
+    with tempfile.TemporaryDirectory(prefix="tierd-bs-", dir="/tmp") as tmp_s:  # short path: AF_UNIX limit
+        tmp = Path(tmp_s)
+        with private_daemon(tmp, host_size=f"{host // MIB}MiB") as sock:
+            res["size"] = _by_size(ctx, sock, sizes)
+            res["clients"] = _by_clients(ctx, sock, tmp, clients, ops)
+    return res
 
 
 def _f(x: float | None, fmt: str = "{:.0f}") -> str:

@@ -150,7 +150,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["## Targets of issues 2-8\n",
                   *_table(("issue", "target", "measure", "tierd", "against", "ratio", "status", "what limits it"),
                           [(r["issue"], r["target"], r["measure"], r["tierd"], "; ".join(x for x in (r["limit"], r["peer"]) if x),
-                            r["vs_limit"] or r["vs_peer"], _status(r), r["note"]) for r in report["targets"]]), ""]
+                            r["ratio"], _status(r), r["note"]) for r in report["targets"]]), ""]
     for name, s in report["suites"].items():
         lines.append(f"## {TITLES.get(name, name)}\n")
         if "error" in s:
@@ -178,6 +178,6 @@ def _print_targets(console: Console, rows: list[dict[str, Any]]) -> None:
     style = {"met": "green", "missed": "red"}
     for r in rows:
         status = r["status"] or "-"
-        table.add_row(str(r["issue"]), r["measure"], r["tierd"], r["vs_limit"] or r["vs_peer"], r["target"],
+        table.add_row(str(r["issue"]), r["measure"], r["tierd"], r["ratio"], r["target"],
                       f"[{style.get(status, 'yellow')}]{status}[/]")
     console.print(table)

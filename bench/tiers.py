@@ -305,7 +305,7 @@ def headline(res: dict[str, Any], limits: dict[str, Any]) -> list[dict[str, Any]
         rows.append(row(f"bytegroup stored size, {c['weights']}", f"{bg['ratio']:.3f} of raw, "
                         f"{bg['encode_gbs']:.2f} / {bg['decode_gbs']:.2f} GB/s enc/dec", peer=peer,
                         vs_peer=f"{bg['ratio'] / z3['ratio']:.2f} x zstd's size" if z3 else "", issue=2,
-                        target="<= 0.75 of raw size", status=verdict(bg["ratio"] <= 0.75)))
+                        target="<= 0.75 of raw size", ratio=f"{bg['ratio']:.3f}", status=verdict(bg["ratio"] <= 0.75)))
     g = res["gpu"]
     for op, d in (("put (D2H)", "d2h"), ("get(device=) (H2D)", "h2d")):
         if "skipped" in g:
