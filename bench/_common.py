@@ -43,6 +43,17 @@ def pyplot() -> Any | None:
     return plt
 
 
+def save_figure(fig: Any, out: Path, name: str) -> list[Path]:
+    """Lay out ``fig``, write it as ``out/NAME.png`` and free it; returns the paths written."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = out / f"{name}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
 def fio_gbs(directory: Any, rw: str, size: int) -> float | None:
     """fio's O_DIRECT sequential bandwidth (bs=4M, iodepth=16) in GB/s, or None without fio."""
     import json

@@ -32,7 +32,7 @@ import torch
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._common import GIB, BenchContext, pyplot, row, standalone, verdict  # noqa: E402
+from bench._common import GIB, BenchContext, pyplot, row, save_figure, standalone, verdict  # noqa: E402
 from tierd import checkpoint  # noqa: E402
 
 
@@ -210,11 +210,7 @@ def plot(res: dict[str, Any], out: Path) -> list[Path]:
     ax.invert_yaxis()
     ax.set(xlabel="seconds", title=f"checkpoint of {res['state_bytes'] / GIB:.2f} GiB")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "checkpoint.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return save_figure(fig, out, "checkpoint")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,6 +36,7 @@ from bench._common import (  # noqa: E402
     private_daemon,
     pyplot,
     row,
+    save_figure,
     standalone,
     start_redis,
     verdict,
@@ -230,11 +231,7 @@ def plot(res: dict[str, Any], out: Path) -> list[Path]:
     ax2.bar(range(len(keys)), [lg[k] for k in keys], color=["k", "C0", "C1", "C2", "C3"][: len(keys)])
     ax2.set_xticks(range(len(keys)), [k.replace("_gbs", "").replace("_", " ") for k in keys], fontsize=8)
     ax2.set(ylabel="GB/s", title=f"{lg['size'] // MIB} MiB objects")
-    fig.tight_layout()
-    path = out / "daemon.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return save_figure(fig, out, "daemon")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import traces  # noqa: E402
-from bench._common import MIB, BenchContext, pyplot, row, standalone, verdict  # noqa: E402
+from bench._common import MIB, BenchContext, pyplot, row, save_figure, standalone, verdict  # noqa: E402
 from tierd.policies.simulator import OPT, TraceEvent, simulate  # noqa: E402
 from tierd.units import format_size  # noqa: E402
 
@@ -131,11 +131,7 @@ def plot(res: dict[str, Any], out: Path) -> list[Path]:
                color=["k" if r["policy"] == OPT else "C0" if r["prefetch"] == "none" else "C1" for r in wl["rows"]])
         ax.set(title=name, ylim=(0, 1.05), ylabel="hit ratio")
         ax.tick_params(axis="x", rotation=60, labelsize=8)
-    fig.tight_layout()
-    path = out / "policies.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return save_figure(fig, out, "policies")
 
 
 def main(argv: list[str] | None = None) -> int:

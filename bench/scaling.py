@@ -42,6 +42,7 @@ from bench._common import (  # noqa: E402
     private_daemon,
     pyplot,
     row,
+    save_figure,
     size_label,
     standalone,
     start_redis,
@@ -269,11 +270,7 @@ def plot(res: dict[str, Any], out: Path) -> list[Path]:
     ax3b.set(ylabel="p99 µs")
     ax3.legend(fontsize=8, loc="upper left")
     ax3b.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    path = out / "scaling.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return save_figure(fig, out, "scaling")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,7 @@ from bench._common import (  # noqa: E402
     no_cuda_reason,
     pyplot,
     row,
+    save_figure,
     size_label,
     span,
     standalone,
@@ -348,11 +349,7 @@ def plot(res: dict[str, Any], out: Path) -> list[Path]:
         ax2.axhline(nv["fio_read_gbs"], color="C1", ls="--", label="fio read (limit)")
     ax2.set(xscale="log", xlabel="object size (bytes)", ylabel="GB/s", title="nvme tier (O_DIRECT)")
     ax2.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "tiers.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return save_figure(fig, out, "tiers")
 
 
 def main(argv: list[str] | None = None) -> int:
