@@ -217,6 +217,12 @@ def row(measure: str, ours: str, *, limit: str = "", peer: str = "", vs_limit: s
             "status": status, "note": note}
 
 
+# What limits a copy-bound target missed on a busy machine (measured: a 60 KiB torch copy_ took 8 ms with two
+# threads on two loaded cores, 3 µs with one).
+BUSY_COPY = ("tierd copies with torch's multi-threaded copy_, whose threads wait for a time slice when the cores "
+             "are busy (see the load average); memcpy here is np.copyto on one thread, which does not wait")
+
+
 def verdict(ok: bool | None) -> str:
     return "" if ok is None else "met" if ok else "missed"
 

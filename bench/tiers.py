@@ -30,6 +30,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import tierd  # noqa: E402
 from bench._common import (  # noqa: E402
+    BUSY_COPY,
     GIB,
     KIB,
     MIB,
@@ -273,7 +274,7 @@ def headline(res: dict[str, Any], limits: dict[str, Any]) -> list[dict[str, Any]
                             limit="memcpy 1 thread " + span([r["memcpy_1t_gbs"] for r in big], "{:.1f}") + " GB/s",
                             vs_limit=span(ratios), issue=2, target=">= 0.8 x memcpy (objects >= 4 MiB)",
                             status=verdict(min(ratios) >= 0.8),
-                            note="" if min(ratios) >= 0.8 else "the Python call path per object; see the per-size table"))
+                            note="" if min(ratios) >= 0.8 else BUSY_COPY))
     small = [r for r in res["host"] if r["size"] < MIB]
     if small:
         rows.append(row(f"host put / get, {size_label(small[0]['size'])}", f"{small[0]['put_gbs']:.2f} / "
