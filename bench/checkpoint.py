@@ -13,32 +13,28 @@ states would be), saved in one run by:
 * ``safetensors.torch.save_file``;
 * ``torch.distributed.checkpoint.save`` and its ``async_save``.
 
-and loaded by ``tierd load`` beside ``torch.load``. Writes checkpoint.json
-and checkpoint.md.
+and loaded by ``tierd load`` beside ``torch.load``, ``safetensors`` and
+``torch.distributed.checkpoint.load``. The disk's bound is the state's bytes
+over fio's O_DIRECT write bandwidth in the same directory.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
-import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
 
-from tierd import checkpoint
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import bench_args  # noqa: E402
-
-console = Console(width=132)
-GIB = 1 << 30
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._common import GIB, BenchContext, pyplot, row, save_figure, standalone, verdict  # noqa: E402
+from tierd import checkpoint  # noqa: E402
 
 
 def _state(total_bytes: int) -> dict[str, torch.Tensor]:
@@ -68,103 +64,176 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - t0, out
 
 
-def main(argv: list[str] | None = None) -> int:
-    args, out = bench_args(__doc__, argv, dir={
-        "default": None, "help": "where checkpoints are written (default: a temp dir under ~/.cache)"})
-    sd = _state((320 << 20) if args.quick else (1200 << 20))
+def run(ctx: BenchContext) -> dict[str, Any]:
+    # DCP warns on every call that torch.distributed is not initialised: single-process use is the point here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        return _run(ctx)
+
+
+def _run(ctx: BenchContext) -> dict[str, Any]:
+    sd = _state((100 << 20) if ctx.smoke else (200 << 20) if ctx.quick else (1200 << 20))
     nbytes = sum(t.numel() * t.element_size() for t in sd.values())
-    base = Path(args.dir) if args.dir else Path.home() / ".cache"
-    base.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
+    task = ctx.progress.add_task(f"checkpoint: {nbytes / GIB:.2f} GiB state vs torch.save, safetensors, DCP", total=10)
 
-    def row(tool: str, blocking: float, durable: float | None, note: str = "") -> None:
+    def record(tool: str, blocking: float, durable: float | None, note: str = "") -> None:
         rows.append({"tool": tool, "blocking_s": blocking, "durable_s": durable, "note": note})
-        console.print(f"{tool}: blocking {blocking:.2f} s" + (f", durable {durable:.2f} s" if durable else ""))
+        ctx.progress.advance(task)
 
-    with tempfile.TemporaryDirectory(prefix="tierd-ckpt-bench-", dir=base) as tmp_s:
-        tmp = Path(tmp_s)
-        # The first save pages the staging pool in; later saves reuse it (Note [staging]).
+    tmp = ctx.workdir / "checkpoint"
+    tmp.mkdir()
+    # The first save pages the staging pool in; later saves reuse it (Note [staging]).
+    t0 = time.perf_counter()
+    first = checkpoint.async_save(sd, tmp / "tierd-first")
+    first.staged.result()
+    blocking = time.perf_counter() - t0
+    first.durable.result()
+    record("tierd async_save, first save (pool paged in)", blocking, time.perf_counter() - t0)
+    # tierd async_save: blocking = until staged; durable = until the manifest is committed.
+    t0 = time.perf_counter()
+    pending = checkpoint.async_save(sd, tmp / "tierd-async")
+    pending.staged.result()
+    blocking = time.perf_counter() - t0
+    pending.durable.result()
+    record("tierd async_save", blocking, time.perf_counter() - t0, "steady state: fsync'ed, manifest committed")
+    t, _ = _timed(lambda: checkpoint.save(sd, tmp / "tierd-sync"))
+    record("tierd save", t, t, "blocking form")
+
+    t, _ = _timed(lambda: torch.save(sd, tmp / "torch.pt"))
+    t_sync, _ = _timed(lambda: _fsync_tree(tmp / "torch.pt"))
+    record("torch.save", t, None, "no fsync: durable only when the kernel flushes")
+    record("torch.save + fsync", t + t_sync, t + t_sync)
+    loads: dict[str, float] = {}
+    try:
+        from safetensors.torch import load_file, save_file
+
+        t, _ = _timed(lambda: save_file(sd, str(tmp / "st.safetensors")))
+        t_sync, _ = _timed(lambda: _fsync_tree(tmp / "st.safetensors"))
+        record("safetensors save_file (+ fsync)", t, t + t_sync)
+    except ImportError:
+        ctx.console.print("[yellow]safetensors not installed[/]")
+        ctx.progress.advance(task)
+    try:
+        import torch.distributed.checkpoint as dcp
+
+        t, _ = _timed(lambda: dcp.save(sd, checkpoint_id=str(tmp / "dcp")))
+        t_sync, _ = _timed(lambda: _fsync_tree(tmp / "dcp"))
+        record("torch.distributed.checkpoint.save (+ fsync)", t, t + t_sync)
         t0 = time.perf_counter()
-        first = checkpoint.async_save(sd, tmp / "tierd-first")
-        first.staged.result()
+        fut = dcp.async_save(sd, checkpoint_id=str(tmp / "dcp-async"))
         blocking = time.perf_counter() - t0
-        first.durable.result()
-        row("tierd async_save, first save (pool paged in)", blocking, time.perf_counter() - t0)
-        # tierd async_save: blocking = until staged; durable = until the manifest is committed.
-        t0 = time.perf_counter()
-        pending = checkpoint.async_save(sd, tmp / "tierd-async")
-        pending.staged.result()
-        blocking = time.perf_counter() - t0
-        pending.durable.result()
-        row("tierd async_save", blocking, time.perf_counter() - t0, "steady state: fsync'ed, manifest committed")
-        t, _ = _timed(lambda: checkpoint.save(sd, tmp / "tierd-sync"))
-        row("tierd save", t, t, "blocking form")
+        fut.result()
+        done = time.perf_counter() - t0
+        t_sync, _ = _timed(lambda: _fsync_tree(tmp / "dcp-async"))
+        record("torch.distributed.checkpoint.async_save (+ fsync)", blocking, done + t_sync)
+    except Exception as exc:  # noqa: BLE001 - a peer that cannot run here is reported, not fatal
+        ctx.console.print(f"[yellow]torch.distributed.checkpoint not measured: {exc}[/]")
+        ctx.progress.advance(task, 2)
 
-        t, _ = _timed(lambda: torch.save(sd, tmp / "torch.pt"))
-        t_sync, _ = _timed(lambda: _fsync_tree(tmp / "torch.pt"))
-        row("torch.save", t, None, "no fsync: durable only when the kernel flushes")
-        row("torch.save + fsync", t + t_sync, t + t_sync)
-        try:
-            from safetensors.torch import save_file
-
-            t, _ = _timed(lambda: save_file(sd, str(tmp / "st.safetensors")))
-            t_sync, _ = _timed(lambda: _fsync_tree(tmp / "st.safetensors"))
-            row("safetensors save_file (+ fsync)", t, t + t_sync)
-        except ImportError:
-            console.print("[yellow]safetensors not installed[/]")
-        try:
-            import torch.distributed.checkpoint as dcp
-
-            t, _ = _timed(lambda: dcp.save(sd, checkpoint_id=str(tmp / "dcp")))
-            t_sync, _ = _timed(lambda: _fsync_tree(tmp / "dcp"))
-            row("torch.distributed.checkpoint.save (+ fsync)", t, t + t_sync)
-            t0 = time.perf_counter()
-            fut = dcp.async_save(sd, checkpoint_id=str(tmp / "dcp-async"))
-            blocking = time.perf_counter() - t0
-            fut.result()
-            done = time.perf_counter() - t0
-            t_sync, _ = _timed(lambda: _fsync_tree(tmp / "dcp-async"))
-            row("torch.distributed.checkpoint.async_save (+ fsync)", blocking, done + t_sync)
-        except Exception as exc:  # noqa: BLE001 - a peer that cannot run here is reported, not fatal
-            console.print(f"[yellow]torch.distributed.checkpoint not measured: {exc}[/]")
-
-        # Loads, from a cold page cache where the kernel allows it.
+    # Loads, from a cold page cache where the kernel allows it.
+    cold = _drop_caches()
+    t_ours, loaded = _timed(lambda: checkpoint.load(tmp / "tierd-sync"))
+    if not all(torch.equal(loaded[k], v) for k, v in sd.items()):
+        raise RuntimeError("tierd load returned different tensors")
+    loads["tierd load"] = t_ours
+    _drop_caches()
+    loads["torch.load"] = _timed(lambda: torch.load(tmp / "torch.pt", weights_only=True))[0]
+    if (tmp / "st.safetensors").exists():
         _drop_caches()
-        t_ours, loaded = _timed(lambda: checkpoint.load(tmp / "tierd-sync"))
-        assert all(torch.equal(loaded[k], v) for k, v in sd.items())
+        loads["safetensors load_file"] = _timed(lambda: load_file(str(tmp / "st.safetensors")))[0]
+    if (tmp / "dcp").exists():
+        import torch.distributed.checkpoint as dcp
+
+        into = {k: torch.empty_like(v) for k, v in sd.items()}
         _drop_caches()
-        t_torch, _ = _timed(lambda: torch.load(tmp / "torch.pt", weights_only=True))
-        loads = {"tierd load": t_ours, "torch.load": t_torch}
-        for p in tmp.iterdir():
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
-    ref = next(r for r in rows if r["tool"] == "torch.save")["blocking_s"]
-    res = {"command": " ".join(["python", "bench/checkpoint.py", *(argv if argv is not None else sys.argv[1:])]),
-           "state_bytes": nbytes, "rows": rows, "loads": loads, "torch_save_s": ref}
-    (out / "checkpoint.json").write_text(json.dumps(res, indent=2))
-    lines = [f"# tierd checkpoint benchmark\n\nState: {nbytes / GIB:.2f} GiB (bf16 weights, fp32 moments). "
-             f"Command: `{res['command']}`.\n",
+        loads["torch.distributed.checkpoint.load (into preallocated)"] = _timed(
+            lambda: dcp.load(into, checkpoint_id=str(tmp / "dcp")))[0]
+    ctx.progress.advance(task)
+    shutil.rmtree(tmp, ignore_errors=True)
+    fio = ctx.fio("write")
+    return {"state_bytes": nbytes, "rows": rows, "loads": loads, "cold_loads": cold,
+            "torch_save_s": next(r for r in rows if r["tool"] == "torch.save")["blocking_s"],
+            "disk_bound_s": nbytes / (fio * 1e9) if fio else None}
+
+
+def markdown(res: dict[str, Any]) -> str:
+    ref = res["torch_save_s"]
+    bound = f"; the disk's bound (state / fio write) is {res['disk_bound_s']:.2f} s" if res["disk_bound_s"] else ""
+    lines = [f"State: {res['state_bytes'] / GIB:.2f} GiB (bf16 weights, fp32 Adam moments){bound}.\n",
              "| tool | training blocked s | / torch.save | durable after s | / torch.save | note |",
              "|---|---|---|---|---|---|"]
-    for r in rows:
+    for r in res["rows"]:
         dur = f"{r['durable_s']:.2f}" if r["durable_s"] else "never (no fsync)"
         durr = f"{r['durable_s'] / ref:.2f}" if r["durable_s"] else "-"
         lines.append(f"| {r['tool']} | {r['blocking_s']:.2f} | {r['blocking_s'] / ref:.3f} | {dur} | {durr} | {r['note']} |")
-    lines += ["", "| load | s | / torch.load |", "|---|---|---|"]
-    for k, v in loads.items():
-        lines.append(f"| {k} | {v:.2f} | {v / loads['torch.load']:.2f} |")
-    md = "\n".join(lines) + "\n"
-    (out / "checkpoint.md").write_text(md)
-    console.print(md)
-    return 0
+    cache = "cold page cache" if res["cold_loads"] else "warm page cache (dropping caches needs root)"
+    lines += ["", f"| load ({cache}) | s | / torch.load |", "|---|---|---|"]
+    for k, v in res["loads"].items():
+        lines.append(f"| {k} | {v:.2f} | {v / res['loads']['torch.load']:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
-def _drop_caches() -> None:
+def headline(res: dict[str, Any], limits: dict[str, Any]) -> list[dict[str, Any]]:
+    by = {r["tool"]: r for r in res["rows"]}
+    ref = res["torch_save_s"]
+    ours = by["tierd async_save"]
+    gib = res["state_bytes"] / GIB
+    dcp = by.get("torch.distributed.checkpoint.async_save (+ fsync)")
+    bound = f"disk bound {res['disk_bound_s']:.2f} s" if res["disk_bound_s"] else ""
+    rows = [row(f"async_save {gib:.2f} GiB: training blocked", f"{ours['blocking_s']:.2f} s",
+                peer=f"torch.save {ref:.2f} s" + (f"; DCP async_save {dcp['blocking_s']:.2f} s" if dcp else ""),
+                vs_peer=f"{ours['blocking_s'] / ref:.3f}", issue=6, target="<= 0.1 x torch.save",
+                status=verdict(ours["blocking_s"] <= 0.1 * ref)),
+            row(f"async_save {gib:.2f} GiB: time to durable", f"{ours['durable_s']:.2f} s", limit=bound,
+                peer=f"torch.save {ref:.2f} s (no fsync)" + (f"; DCP async_save {dcp['durable_s']:.2f} s" if dcp else ""),
+                vs_limit=f"{ours['durable_s'] / res['disk_bound_s']:.2f}" if res["disk_bound_s"] else "",
+                vs_peer=f"{ours['durable_s'] / ref:.2f}", issue=6, target="<= torch.save's wall time",
+                ratio=f"{ours['durable_s'] / ref:.2f} x torch.save",
+                status=verdict(ours["durable_s"] <= ref),
+                note="" if ours["durable_s"] <= ref else "fsync and the disk's write bandwidth")]
+    st = by.get("safetensors save_file (+ fsync)")
+    if st:
+        rows.append(row("blocking save, durable", f"tierd save {by['tierd save']['blocking_s']:.2f} s",
+                        peer=f"safetensors + fsync {st['durable_s']:.2f} s",
+                        vs_peer=f"{by['tierd save']['blocking_s'] / st['durable_s']:.2f}"))
+    loads = res["loads"]
+    rows.append(row("load", f"{loads['tierd load']:.2f} s", peer=f"torch.load {loads['torch.load']:.2f} s",
+                    vs_peer=f"{loads['tierd load'] / loads['torch.load']:.2f}"))
+    return rows
+
+
+def plot(res: dict[str, Any], out: Path) -> list[Path]:
+    plt = pyplot()
+    if plt is None:
+        return []
+    rows = res["rows"]
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.5))
+    ys = range(len(rows))
+    ax.barh([y + 0.2 for y in ys], [r["durable_s"] or 0 for r in rows], 0.4, label="durable after (s)", color="C1")
+    ax.barh([y - 0.2 for y in ys], [r["blocking_s"] for r in rows], 0.4, label="training blocked (s)", color="C0")
+    if res["disk_bound_s"]:
+        ax.axvline(res["disk_bound_s"], color="k", ls="--", label="state / fio write (disk bound)")
+    ax.set_yticks(list(ys), [r["tool"] for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set(xlabel="seconds", title=f"checkpoint of {res['state_bytes'] / GIB:.2f} GiB")
+    ax.legend(fontsize=8)
+    return save_figure(fig, out, "checkpoint")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return standalone(sys.modules[__name__], "checkpoint", argv)
+
+
+def _drop_caches() -> bool:
+    """Drop the page cache (root only); False when loads will come from a warm cache."""
     try:
         os.sync()
         with open("/proc/sys/vm/drop_caches", "w") as fh:
             fh.write("1\n")
     except OSError:
-        pass  # not root, or not allowed: loads come from a warm cache
+        return False
+    return True
 
 
 if __name__ == "__main__":

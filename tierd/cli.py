@@ -202,6 +202,14 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace, console: Console) -> int:
+    from tierd.benchsuite import run
+
+    argv = sys.argv[1:] if args.argv is None else args.argv
+    return run(args.suites, quick=args.quick, out=args.out, workdir=args.dir, smoke=args.smoke, console=console,
+               command=" ".join(["tierd", *argv]))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tierd", description="memory-tier manager for ML state")
     parser.add_argument("--log-level", default=os.environ.get("TIERD_LOG_LEVEL", "WARNING"))
@@ -228,14 +236,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bandwidth", default="2GB", help="nvme read bandwidth per second for the stall model")
     p.add_argument("--latency-us", type=float, default=100.0, help="nvme read latency for the stall model")
     p.add_argument("--png", default=None, help="also plot hit ratios to this PNG file")
+    p = sub.add_parser("bench", help="run the benchmarks: tierd beside the machine's limits and the usual tools")
+    p.add_argument("suites", nargs="*", metavar="SUITE",
+                   help="tiers, daemon, policies, checkpoint, training, kv, scaling or all (default: all)")
+    p.add_argument("--quick", action="store_true", help="smaller sizes: about two minutes on 2 cores")
+    p.add_argument("--out", default="tierd-bench", help="directory for results.json, results.md and the plots")
+    p.add_argument("--dir", default=None, help="scratch directory on the disk to measure (default: ~/.cache)")
+    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # the tiniest sizes, for the tests
     args = parser.parse_args(argv)
+    args.argv = argv
     level = "INFO" if args.command == "serve" and "--log-level" not in (argv or sys.argv) else args.log_level
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     console = Console(width=None if sys.stdout.isatty() else 132)
     try:
         commands = {"doctor": _doctor, "demo": _demo, "serve": _serve, "status": _status, "top": _top,
-                    "simulate": _simulate}
+                    "simulate": _simulate, "bench": _bench}
         return commands[args.command](args, console)
     except TierdError as exc:
         console.print(f"[red]tierd: {escape(str(exc))}[/]")

@@ -1,0 +1,1 @@
+"""tierd's benchmarks: one module a suite, run together by ``tierd bench`` (bench/suite.py)."""
