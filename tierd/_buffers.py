@@ -7,7 +7,7 @@ import mmap
 
 import torch
 
-__all__ = ["address_view", "aligned_buffer", "tensor_bytes", "view_address"]
+__all__ = ["address_view", "aligned_buffer", "copy_bytes", "tensor_bytes", "view_address"]
 
 
 def address_view(address: int, nbytes: int) -> memoryview:
@@ -33,3 +33,30 @@ def aligned_buffer(nbytes: int) -> mmap.mmap:
 def tensor_bytes(t: torch.Tensor) -> torch.Tensor:
     """A flat uint8 view of a contiguous CPU tensor (any dtype, any shape, 0-d too)."""
     return t.reshape(-1).view(torch.uint8)
+
+
+SMALL_COPY_BYTES = 256 << 10
+PARALLEL_COPY_BYTES = 8 << 20
+
+
+def copy_bytes(dest: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy flat uint8 ``src`` into ``dest`` (same length), the fastest way for the size.
+
+    Below 256 KiB a memoryview copy (~1 µs; a torch op costs ~10 µs of
+    dispatch). Up to 8 MiB one thread with the GIL released (np.copyto):
+    as fast as torch's parallel copy there on an idle machine, and on busy
+    cores it does not stall the way torch's OpenMP threads do while they
+    wait for a time slice (measured: a 1 MiB torch copy took 8 ms on two
+    loaded cores, 62 µs on one thread). From 8 MiB torch's multi-threaded
+    copy, which wins there (21.6 vs 14.7 GB/s at 16 MiB on two idle cores).
+    Device tensors always go through torch.
+    """
+    n = src.numel()
+    if dest.device.type != "cpu" or src.device.type != "cpu" or n >= PARALLEL_COPY_BYTES:
+        dest.copy_(src)
+    elif n < SMALL_COPY_BYTES:
+        address_view(dest.data_ptr(), n)[:] = address_view(src.data_ptr(), n)
+    else:
+        import numpy as np
+
+        np.copyto(dest.numpy(), src.numpy())

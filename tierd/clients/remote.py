@@ -27,6 +27,7 @@ import msgspec
 import torch
 
 from tierd import errors
+from tierd._buffers import copy_bytes
 from tierd.clients.base import Store, prefetch_keys
 from tierd.clients.embedded import finish_value
 from tierd.clients.values import (
@@ -269,7 +270,7 @@ class RemoteStore(Store):
                 fill_extent(self._copies, arena[ready.offset : ready.offset + n], direct, meta)
             elif ready.offset is not None:
                 assert src is not None and arena is not None
-                arena[ready.offset : ready.offset + n].copy_(src)
+                copy_bytes(arena[ready.offset : ready.offset + n], src)
             else:  # no room to stage in the arena: the bytes go through the socket
                 if src is None:
                     src, _ = encode_value(value)
@@ -314,7 +315,7 @@ class RemoteStore(Store):
                 value, dest = new_value(ready.meta)
             if ready.offset is not None:
                 assert arena is not None
-                dest.copy_(arena[ready.offset : ready.offset + dest.numel()])
+                copy_bytes(dest, arena[ready.offset : ready.offset + dest.numel()])
             elif ready.data is not None and out is None and ready.meta.kind == "bytes":
                 return ready.data
             else:

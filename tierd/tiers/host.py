@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 import torch
 
-from tierd._buffers import address_view, view_address
+from tierd._buffers import copy_bytes, view_address
 from tierd.codecs import Codec
 from tierd.errors import ConfigError, MediaError, OutOfSpace
 from tierd.tiers.alloc import ExtentAllocator
@@ -35,7 +35,6 @@ __all__ = ["ArenaTier", "HostTier", "HostLocation", "memfd_arena"]
 log = logging.getLogger("tierd.tiers.host")
 
 _MFD_HUGETLB = getattr(os, "MFD_HUGETLB", 4)
-SMALL_COPY_BYTES = 256 << 10
 
 
 class HostLocation(msgspec.Struct, frozen=True, array_like=True):
@@ -163,21 +162,16 @@ class ArenaTier(Tier):
         n = location.nbytes
         if isinstance(src, memoryview):
             self._view[location.offset : location.offset + n] = src
-        elif n < SMALL_COPY_BYTES and src.device.type == "cpu":
-            # Small: a memoryview copy costs ~1 µs; a torch op ~10 µs of dispatch.
-            self._view[location.offset : location.offset + n] = address_view(src.data_ptr(), n)
         else:
-            self.view(location).copy_(src)  # large: GIL released, several threads
+            copy_bytes(self.view(location), src)
 
     def copy_out(self, location: HostLocation, dest: torch.Tensor | memoryview) -> None:
         """Copy the payload at ``location`` into ``dest`` (flat bytes of the same length)."""
         n = location.nbytes
         if isinstance(dest, memoryview):
             dest[:] = self._view[location.offset : location.offset + n]
-        elif n < SMALL_COPY_BYTES and dest.device.type == "cpu":
-            address_view(dest.data_ptr(), n)[:] = self._view[location.offset : location.offset + n]
         else:
-            dest.copy_(self.view(location))
+            copy_bytes(dest, self.view(location))
 
     def write(self, src: torch.Tensor, *, codec: Codec, itemsize: int, durable: bool) -> HostLocation:
         location = self.alloc(src.numel())
