@@ -19,6 +19,15 @@ def small_config(path: Path, *, host: str = "64MiB", nvme: str = "256MiB", **ext
     return cfg
 
 
+def flip_byte(path: Path, offset: int, mask: int = 0x40) -> None:
+    """Corrupt one byte of a file in place (what a bad sector or a stray write does)."""
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        b = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([b[0] ^ mask]))
+
+
 @pytest.fixture
 def nvme_dir(tmp_path: Path) -> Path:
     d = tmp_path / "nvme"

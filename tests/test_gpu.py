@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from conftest import small_config
+from conftest import flip_byte, small_config
 from daemon import Daemon
 
 import tierd
@@ -100,11 +100,7 @@ def test_nvme_chunks_with_device_checksums(tmp_path: os.PathLike[str]) -> None:
         tier.read_into(loc, out, itemsize=1)
         assert torch.equal(out, src)
         c = loc.chunks[1]
-        with open(tier.slab_file(c.slab), "r+b") as f:
-            f.seek(c.offset + 77)
-            byte = f.read(1)
-            f.seek(c.offset + 77)
-            f.write(bytes([byte[0] ^ 0x20]))
+        flip_byte(tier.slab_file(c.slab), c.offset + 77, 0x20)
         with pytest.raises(tierd.CorruptObject, match="checksum mismatch"):
             tier.read_into(loc, out, itemsize=1)
     finally:

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import flip_byte
 from tier_suite import TierTests, _payload
 
 from tierd.codecs import get_codec
@@ -60,11 +61,7 @@ class TestNvmeTier(TierTests):
         src = _payload(3 << 20, seed=7)
         loc = tier.write(src, codec=get_codec("none"), itemsize=1, durable=True)
         c = loc.chunks[1]
-        with open(tier.slab_file(c.slab), "r+b") as fh:
-            fh.seek(c.offset + 1234)
-            b = fh.read(1)
-            fh.seek(c.offset + 1234)
-            fh.write(bytes([b[0] ^ 0x40]))
+        flip_byte(tier.slab_file(c.slab), c.offset + 1234)
         with pytest.raises(CorruptObject, match="checksum mismatch"):
             tier.read_into(loc, torch.empty_like(src), itemsize=1)
 
