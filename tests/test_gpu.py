@@ -173,7 +173,7 @@ def test_gpu_tier_close_writes_down_through_the_daemon(nvme_dir: os.PathLike[str
         daemon.close()
 
 
-def test_gpu_tier_config() -> None:
+def test_gpu_tier_config(nvme_dir: os.PathLike[str]) -> None:
     cfg = tierd.load_config({"tiers": {"gpu": {"budget": "2GiB", "pin_piece": "256MiB"}}})
     assert cfg.tiers.gpu.budget == 2 << 30 and cfg.tiers.gpu.pin_piece == 256 * MIB and cfg.tiers.gpu.pin
     with pytest.raises(tierd.ConfigError, match="tiers.gpu"):
@@ -181,8 +181,12 @@ def test_gpu_tier_config() -> None:
     with pytest.raises(tierd.ConfigError, match="pin_piece"):
         tierd.load_config({"tiers": {"gpu": {"pin_piece": "3MiB"}}})
     if not torch.cuda.is_available():  # the tier is off without CUDA, whatever the budget
-        with tierd.open({"tiers": {"gpu": {"budget": "1GiB"}, "host": {"size": "8MiB"}}}) as store:
+        config = small_config(nvme_dir)
+        config["tiers"]["gpu"] = {"budget": "1GiB"}
+        with tierd.open(config) as store:
             assert not isinstance(store, GpuTierStore)
+            with pytest.raises(tierd.InvalidArgument, match="gpu tier is off"):
+                store.put("g/x", torch.ones(4), tier="gpu")
 
 
 # -- on a GPU ---------------------------------------------------------------------------

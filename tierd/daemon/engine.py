@@ -361,6 +361,9 @@ class Engine:
         durable = ns_cfg.durable if durable is None else bool(durable)
         codec_name = get_codec(codec if codec is not None else ns_cfg.codec).name
         top = tier if tier is not None else (ns_cfg.tier or "host")
+        if top == "gpu":  # handled above the store by GpuTierStore when the tier is on
+            raise InvalidArgument("the gpu tier is off: it needs CUDA and [tiers.gpu] budget (or fraction); "
+                                  "`tierd doctor` says which is missing")
         if top not in self.tiers:
             raise InvalidArgument(f"unknown tier {top!r}; choose one of {list(self.tiers)}")
         if ttl is not None and not ttl > 0:
