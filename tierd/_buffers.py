@@ -36,20 +36,21 @@ def tensor_bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 SMALL_COPY_BYTES = 256 << 10
-PARALLEL_COPY_BYTES = 8 << 20
+PARALLEL_COPY_BYTES = 4 << 20
 
 
 def copy_bytes(dest: torch.Tensor, src: torch.Tensor) -> None:
     """Copy flat uint8 ``src`` into ``dest`` (same length), the fastest way for the size.
 
     Below 256 KiB a memoryview copy (~1 µs; a torch op costs ~10 µs of
-    dispatch). Up to 8 MiB one thread with the GIL released (np.copyto):
-    as fast as torch's parallel copy there on an idle machine, and on busy
-    cores it does not stall the way torch's OpenMP threads do while they
-    wait for a time slice (measured: a 1 MiB torch copy took 8 ms on two
-    loaded cores, 62 µs on one thread). From 8 MiB torch's multi-threaded
-    copy, which wins there (21.6 vs 14.7 GB/s at 16 MiB on two idle cores).
-    Device tensors always go through torch.
+    dispatch). Below 4 MiB one thread with the GIL released (np.copyto): as
+    fast as torch's parallel copy there on an idle machine (1 MiB: 44 against
+    52 µs), and on busy cores it does not stall the way torch's OpenMP
+    threads do while they wait for a time slice (1 MiB, two busy processes on
+    two cores: p90 57 µs against 7.9 ms; bench/results, Troubleshooting).
+    From 4 MiB torch's multi-threaded copy, which is faster when the cores
+    are free (4 MiB into the arena: 65 against 126 µs). Device tensors always
+    go through torch.
     """
     n = src.numel()
     if dest.device.type != "cpu" or src.device.type != "cpu" or n >= PARALLEL_COPY_BYTES:

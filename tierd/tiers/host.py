@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 import torch
 
-from tierd._buffers import copy_bytes, view_address
+from tierd._buffers import SMALL_COPY_BYTES, address_view, copy_bytes, view_address
 from tierd.codecs import Codec
 from tierd.errors import ConfigError, MediaError, OutOfSpace
 from tierd.tiers.alloc import ExtentAllocator
@@ -162,6 +162,8 @@ class ArenaTier(Tier):
         n = location.nbytes
         if isinstance(src, memoryview):
             self._view[location.offset : location.offset + n] = src
+        elif n < SMALL_COPY_BYTES and src.device.type == "cpu":  # no torch view: ~1 µs instead of ~5
+            self._view[location.offset : location.offset + n] = address_view(src.data_ptr(), n)
         else:
             copy_bytes(self.view(location), src)
 
@@ -170,6 +172,8 @@ class ArenaTier(Tier):
         n = location.nbytes
         if isinstance(dest, memoryview):
             dest[:] = self._view[location.offset : location.offset + n]
+        elif n < SMALL_COPY_BYTES and dest.device.type == "cpu":
+            address_view(dest.data_ptr(), n)[:] = self._view[location.offset : location.offset + n]
         else:
             copy_bytes(dest, self.view(location))
 
