@@ -44,13 +44,12 @@ def copy_bytes(dest: torch.Tensor, src: torch.Tensor) -> None:
 
     Below 256 KiB a memoryview copy (~1 µs; a torch op costs ~10 µs of
     dispatch). Below 4 MiB one thread with the GIL released (np.copyto): as
-    fast as torch's parallel copy there on an idle machine (1 MiB: 44 against
-    52 µs), and on busy cores it does not stall the way torch's OpenMP
-    threads do while they wait for a time slice (1 MiB, two busy processes on
-    two cores: p90 57 µs against 7.9 ms; bench/results, Troubleshooting).
-    From 4 MiB torch's multi-threaded copy, which is faster when the cores
-    are free (4 MiB into the arena: 65 against 126 µs). Device tensors always
-    go through torch.
+    fast as torch's parallel copy there on free cores, and it does not stall
+    on busy ones, where torch's OpenMP threads wait for a time slice. From
+    4 MiB torch's multi-threaded copy, faster on free cores, at the price of
+    that stall on busy ones (``python bench/copies.py`` on 2 cores: 4 MiB
+    p50 106 against 126 µs idle; with 2 busy processes p90 8.0 ms against
+    0.2 ms). Device tensors always go through torch.
     """
     n = src.numel()
     if dest.device.type != "cpu" or src.device.type != "cpu" or n >= PARALLEL_COPY_BYTES:
