@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 
+import numpy as np
 import torch
 
 __all__ = ["address_view", "aligned_buffer", "copy_bytes", "tensor_bytes", "view_address"]
@@ -57,6 +58,4 @@ def copy_bytes(dest: torch.Tensor, src: torch.Tensor) -> None:
     elif n < SMALL_COPY_BYTES:
         address_view(dest.data_ptr(), n)[:] = address_view(src.data_ptr(), n)
     else:
-        import numpy as np
-
         np.copyto(dest.numpy(), src.numpy())

@@ -59,7 +59,9 @@ class EmbeddedStore(Store):
             pending = self._engine.prepare_put(validate_key(key), direct.numel() * direct.element_size(), meta,
                                                **opts)
             try:
-                if pending.staging is not None and not self._file_to_device(direct, pending):
+                # An nvme-bound CUDA tensor skips the arena when GPUDirect Storage can take it.
+                to_file = direct.device.type == "cuda" and pending.top == "nvme" and self._engine.device_source_ok(pending)
+                if pending.staging is not None and not to_file:
                     fill_extent(self._copies, self._engine.host.view(pending.staging), direct, meta)
                     src = None
                 else:
@@ -73,11 +75,6 @@ class EmbeddedStore(Store):
             return
         src, meta = encode_value(value)
         self._engine.put(validate_key(key), src, meta, **opts)
-
-    def _file_to_device(self, value: torch.Tensor, pending: Any) -> bool:
-        """Whether ``value`` goes to nvme straight from device memory (GPUDirect Storage), not via the arena."""
-        return (value.device.type == "cuda" and self._engine.nvme.gds and pending.top == "nvme"
-                and pending.rec.codec == "none")
 
     def get(self, key: str, *, device: str | torch.device | None = None, out: torch.Tensor | None = None) -> Any:
         with self._engine.lease(validate_key(key)) as rec:

@@ -417,9 +417,8 @@ class Engine:
         rec, staging = pending.rec, pending.staging
         nbytes = rec.nbytes
         keep_staging = False
-        if isinstance(src, torch.Tensor) and src.device.type != "cpu" and (
-                staging is not None or pending.top == "remote" or not self.nvme.gds or rec.codec != "none"
-                or (self.remote is not None and self.config.namespace(rec.namespace).write_through)):
+        if (isinstance(src, torch.Tensor) and src.device.type != "cpu"
+                and (staging is not None or not self.device_source_ok(pending))):
             src = src.cpu()  # only nvme writes straight from device memory (Note [GPUDirect Storage])
         try:
             if staging is not None:
@@ -498,6 +497,13 @@ class Engine:
         if isinstance(src, memoryview):
             return _tensor_of(src)  # the nvme path works on tensors
         return src if src is not None else torch.empty(0, dtype=torch.uint8)
+
+    def device_source_ok(self, pending: PendingPut) -> bool:
+        """Whether :meth:`finish_put` can store a CUDA source without staging it: straight to nvme by
+        GPUDirect Storage (Note [GPUDirect Storage] in tiers/nvme.py), with no remote copy to write."""
+        rec = pending.rec
+        return (self.nvme.gds and rec.codec == "none" and pending.top != "remote"
+                and not (self.remote is not None and self.config.namespace(rec.namespace).write_through))
 
     def abort_put(self, pending: PendingPut) -> None:
         """Give back a prepared put's staging extent (the client went away, or failed)."""
