@@ -269,6 +269,25 @@ def test_other_uid_is_isolated_unless_namespace_shared(nvme_dir: Path) -> None:
         d.close()
 
 
+def test_messages_and_listings_show_the_users_key(daemon: Daemon) -> None:
+    # The daemon scopes private keys per uid internally; none of that reaches a user.
+    with daemon.connect() as s:
+        s.put("acts/x", torch.ones(4))
+        s.put("acts/brief", torch.ones(4), ttl=0.05)
+        wait_until(lambda: not s.exists("acts/brief"), timeout_s=10)
+        calls = [lambda: s.get("acts/y"), lambda: s.info("acts/y"), lambda: s.move("acts/y", "nvme"),
+                 lambda: s.get("acts/brief"), lambda: s.move("acts/x", "gpu")]
+        for call in calls:
+            with pytest.raises(tierd.TierdError) as err:
+                call()
+            assert "\x00" not in str(err.value) and "\\x00" not in str(err.value), str(err.value)
+        with pytest.raises(tierd.NotFound, match=r"^no object 'acts/y'$"):
+            s.get("acts/y")
+        assert s.keys() == ["acts/x"] and s.keys("acts/") == ["acts/x"]
+        assert s.info("acts/x").key == "acts/x"
+    assert "\\x00" not in daemon.log.read_text()
+
+
 def test_uid_quota(nvme_dir: Path) -> None:
     d = Daemon(nvme_dir, daemon={"uid_quota": "1MiB"}).start()
     try:

@@ -21,7 +21,8 @@ from tierd.clients.values import (
     typed_view,
 )
 from tierd.config import Config, load_config
-from tierd.daemon.engine import Engine, validate_key
+from tierd.daemon.engine import Engine
+from tierd.keys import validate_key
 from tierd.tiers.gpu import CopyEngine
 from tierd.types import ObjectInfo, Stats
 

@@ -43,8 +43,8 @@ from tierd.clients.values import (
 )
 from tierd.config import default_socket_path
 from tierd.daemon import protocol as p
-from tierd.daemon.engine import validate_key
 from tierd.errors import DaemonUnavailable, ProtocolError, StoreClosed, TierdError
+from tierd.keys import validate_key
 from tierd.tiers.gpu import CopyEngine
 from tierd.types import ObjectInfo, Stats
 

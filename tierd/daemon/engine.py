@@ -1,7 +1,7 @@
 """The engine: index, placement, movement between tiers, leases, durability.
 
 Keys reaching the engine are trusted: the embedded store and the daemon
-validate what users send (:func:`validate_key`) before calling in; the
+validate what users send (:func:`tierd.keys.validate_key`) before calling in; the
 daemon also scopes keys to their uid.
 
 It stores byte strings (flat uint8 tensors) under keys; turning tensors into
@@ -54,6 +54,7 @@ from tierd.errors import (
     StoreClosed,
     TierdError,
 )
+from tierd.keys import namespace_of, user_key
 from tierd.policies import CostModel
 from tierd.tiers.base import Tier
 from tierd.tiers.cxl import CxlTier
@@ -62,38 +63,9 @@ from tierd.tiers.nvme import NvmeTier
 from tierd.tiers.remote import RemoteLocation, RemoteTier
 from tierd.types import ObjectInfo, Stats, TierStats
 
-__all__ = ["Engine", "PendingPut", "TIERS", "namespace_of", "validate_key"]
+__all__ = ["Engine", "PendingPut", "TIERS"]
 
 log = logging.getLogger("tierd.daemon.engine")
-
-MAX_KEY_BYTES = 1024
-_DEFAULT_NAMESPACE = "default"
-
-
-def validate_key(key: object) -> str:
-    """Return ``key`` if it is a valid object key; raise InvalidArgument otherwise."""
-    if not isinstance(key, str):
-        raise InvalidArgument(f"keys are strings 'namespace/name', got {type(key).__name__}")
-    try:
-        size = len(key.encode())
-    except UnicodeEncodeError:
-        raise InvalidArgument(f"key {key!r} is not valid UTF-8") from None
-    if not 0 < size <= MAX_KEY_BYTES:
-        raise InvalidArgument(f"keys must be 1 to {MAX_KEY_BYTES} bytes of UTF-8, got {size}")
-    if "\x00" in key:
-        raise InvalidArgument(f"keys must not contain NUL, got {key!r}")
-    # Keys never name files today, but a key that reads as a path (a tier on
-    # files, a trace, a tool) must not climb out of its directory.
-    if key.startswith("/") or any(part in (".", "..") for part in key.split("/")):
-        raise InvalidArgument(f"keys must not be absolute or hold '.' or '..' parts, got {key!r}")
-    return key
-
-
-def namespace_of(key: str) -> str:
-    """``"kv/abc" -> "kv"``; a key without ``/`` is in namespace ``default``."""
-    ns, sep, _ = key.partition("/")
-    return ns if sep and ns else _DEFAULT_NAMESPACE
-
 
 @dataclass(slots=True, eq=False)
 class PendingPut:
@@ -160,10 +132,15 @@ class Engine:
         self.remote: RemoteTier | None = None
         remote_cfg = config.tiers.remote
         if remote_cfg.url:
-            self.remote = RemoteTier(
-                remote_cfg.url, remote_cfg.size, chunk_size=remote_cfg.chunk_size, ttl_s=remote_cfg.ttl_s,
-                timeout_s=remote_cfg.timeout_s, prefix=remote_cfg.prefix, cluster=remote_cfg.cluster,
-            )
+            try:
+                self.remote = RemoteTier(
+                    remote_cfg.url, remote_cfg.size, chunk_size=remote_cfg.chunk_size, ttl_s=remote_cfg.ttl_s,
+                    timeout_s=remote_cfg.timeout_s, prefix=remote_cfg.prefix, cluster=remote_cfg.cluster,
+                )
+            except BaseException:  # redis-py missing, a bad URL: nothing stays open or locked
+                self.nvme.close()
+                self._close_arenas()
+                raise
             self.tiers["remote"] = self.remote
         self._lock = threading.Lock()
         self._commit_lock = threading.Lock()
@@ -213,7 +190,7 @@ class Engine:
             try:
                 self.nvme.reserve(entry.location)
             except ValueError as exc:
-                log.error("durable object %r cannot be restored: %s; dropped from the index", key, exc)
+                log.error("durable object %r cannot be restored: %s; dropped from the index", user_key(key), exc)
                 stale.append(key)
                 continue
             rec = ObjectRecord(
@@ -272,9 +249,9 @@ class Engine:
     def _lookup_locked(self, key: str) -> ObjectRecord:
         rec = self._index.get(key)
         if rec is None:
-            raise NotFound(f"no object {key!r}")
+            raise NotFound(f"no object {user_key(key)!r}")
         if rec.expires_at is not None and rec.expires_at <= time.time():
-            raise NotFound(f"object {key!r} expired")
+            raise NotFound(f"object {user_key(key)!r} expired")
         return rec
 
     def _check_open(self) -> None:
@@ -303,7 +280,7 @@ class Engine:
         try:
             return self._adopt_remote(key)
         except TierdError as exc:
-            log.warning("remote lookup of %r skipped: %s", key, exc)
+            log.warning("remote lookup of %r skipped: %s", user_key(key), exc)
             return False
 
     def _acquire_local(self, key: str) -> ObjectRecord:
@@ -456,7 +433,7 @@ class Engine:
                     rec.remote = self.remote.write(remote_src, codec=get_codec(rec.codec),
                                                    itemsize=rec.meta.itemsize, durable=False)
                 except TierdError as exc:  # the remote copy is a bonus: local tiers keep working
-                    log.warning("write-through of %r to the remote tier failed: %s", rec.key, exc)
+                    log.warning("write-through of %r to the remote tier failed: %s", user_key(rec.key), exc)
             keep_staging = staging is not None and pending.top == "host"
             if keep_staging:
                 rec.host = staging  # volatile: its home; durable: a cached copy
@@ -619,7 +596,7 @@ class Engine:
                 remote_loc = victim.remote or self.remote.write(buf, codec=get_codec(victim.codec),
                                                                 itemsize=victim.meta.itemsize, durable=False)
             except TierdError as exc:
-                log.warning("cannot demote %r to the remote tier: %s", victim.key, exc)
+                log.warning("cannot demote %r to the remote tier: %s", user_key(victim.key), exc)
                 with self._lock:
                     victim.moving = False
                 self.release(victim)
@@ -651,7 +628,7 @@ class Engine:
         try:
             self.remote.index_put(rec.key, entry)
         except TierdError as exc:
-            log.warning("remote index update for %r failed: %s", rec.key, exc)
+            log.warning("remote index update for %r failed: %s", user_key(rec.key), exc)
 
     def _adopt_remote(self, key: str) -> bool:
         """On a local miss, look ``key`` up in the remote index; install it if found."""
@@ -663,7 +640,7 @@ class Engine:
         try:
             entry = _remote_decoder.decode(raw)
         except msgspec.DecodeError:
-            log.error("remote index entry for %r does not decode; ignored", key)
+            log.error("remote index entry for %r does not decode; ignored", user_key(key))
             return False
         rec = ObjectRecord(key=key, namespace=namespace_of(key), meta=entry.meta, nbytes=entry.nbytes,
                            codec=entry.codec, durable=False, pinned=False, expires_at=None, remote=entry.location)
@@ -710,11 +687,11 @@ class Engine:
                 if source == "host" and self.cxl is not None and (dest == "cxl" or (dest is None and not below)):
                     new_tier, new_loc = "cxl", self._write_cxl(arena.view(loc), rec.nbytes, evict=True)
                     if new_loc is None and dest == "cxl":
-                        raise OutOfSpace(f"cxl tier has no room for {rec.key!r} ({rec.nbytes} bytes)")
+                        raise OutOfSpace(f"cxl tier has no room for {user_key(rec.key)!r} ({rec.nbytes} bytes)")
                 if new_loc is None and not below:
                     new_tier, new_loc = "nvme", self._write_nvme(arena.view(loc), rec, durable=False)
         except TierdError as exc:
-            log.debug("cannot demote %r: %s", rec.key, exc)
+            log.debug("cannot demote %r: %s", user_key(rec.key), exc)
             with self._lock:
                 rec.moving = False
             self.release(rec)
@@ -822,7 +799,7 @@ class Engine:
                 if loc is not None:
                     break
             else:
-                raise TierdError(f"internal error: leased object {rec.key!r} has no copy on any tier")
+                raise TierdError(f"internal error: leased object {user_key(rec.key)!r} has no copy on any tier")
         if source == "host":
             self.host.copy_out(loc, dest)
             return
@@ -908,7 +885,7 @@ class Engine:
                 if rec.nbytes and tier == "cxl" and rec.host is not None:
                     self._demote_leased(rec, "host", "cxl")
                 elif rec.nbytes and self._promote(rec, evict=True, into=tier) is None:
-                    raise OutOfSpace(f"{tier} tier has no room for {key!r} ({rec.nbytes} bytes)")
+                    raise OutOfSpace(f"{tier} tier has no room for {user_key(key)!r} ({rec.nbytes} bytes)")
                 return
             for source in ("host", "cxl"):
                 if getattr(rec, source) is not None and rec.nbytes:
@@ -920,11 +897,11 @@ class Engine:
             if getattr(rec, source) is None:
                 return
             if rec.moving:
-                raise TierdError(f"{rec.key!r} is being moved already; try again")
+                raise TierdError(f"{user_key(rec.key)!r} is being moved already; try again")
             rec.moving = True
             rec.readers += 1
         if not self._demote(rec, source, dest):
-            raise OutOfSpace(f"{dest} tier has no room for {rec.key!r} ({rec.nbytes} bytes)")
+            raise OutOfSpace(f"{dest} tier has no room for {user_key(rec.key)!r} ({rec.nbytes} bytes)")
 
     def prefetch(self, keys: Iterable[str], tier: str = "host") -> None:
         """Start bringing ``keys`` up to ``tier`` in the background; never raises for a key."""
@@ -955,7 +932,7 @@ class Engine:
                 if rec.host is None and rec.nbytes:
                     self._promote(rec, evict=True)
         except TierdError as exc:
-            log.debug("prefetch of %r skipped: %s", key, exc)
+            log.debug("prefetch of %r skipped: %s", user_key(key), exc)
 
     # -- queries and delete ----------------------------------------------------
 
@@ -1002,9 +979,9 @@ class Engine:
             if self.remote.present(rec.remote):
                 return True
         except TierdError as exc:
-            log.warning("remote check of %r failed: %s", key, exc)
+            log.warning("remote check of %r failed: %s", user_key(key), exc)
             return False
-        log.info("%r is gone from the remote tier (evicted or expired there); forgetting it", key)
+        log.info("%r is gone from the remote tier (evicted or expired there); forgetting it", user_key(key))
         with self._commit_lock, self._lock:
             if self._index.get(key) is rec:
                 self._retire_locked(rec)

@@ -19,6 +19,7 @@ import lmdb
 import msgspec
 
 from tierd.errors import MediaError
+from tierd.keys import user_key
 from tierd.tiers.host import HostLocation
 from tierd.tiers.nvme import NvmeLocation
 
@@ -126,7 +127,7 @@ class DurableIndex:
                 try:
                     yield key, _decoder.decode(raw)
                 except msgspec.DecodeError as exc:
-                    log.error("durable index entry %r does not decode (%s); skipped", key, exc)
+                    log.error("durable index entry %r does not decode (%s); skipped", user_key(key), exc)
                     yield key, None
 
     def _write(self, puts: dict[str, DurableEntry], deletes: list[str]) -> None:

@@ -59,18 +59,18 @@ import torch
 from tierd._buffers import address_view
 from tierd.config import Config, default_socket_path, load_config
 from tierd.daemon import protocol as p
-from tierd.daemon.engine import Engine, PendingPut, namespace_of, validate_key
+from tierd.daemon.engine import Engine, PendingPut
 from tierd.daemon.index import ObjectRecord
 from tierd.daemon.metrics import Metrics
 from tierd.daemon.systemd import notify, watchdog_interval_s
 from tierd.errors import InvalidArgument, OutOfSpace, ProtocolError, TierdError
+from tierd.keys import namespace_of, owner_of, scope, user_key, validate_key
 
 __all__ = ["Server", "run"]
 
 log = logging.getLogger("tierd.daemon")
 
 _UCRED = struct.Struct("3i")
-_SCOPE = "\x00"  # user keys never hold NUL, so "key\0uid" cannot collide with a user key
 _QUICK = (p.Release, p.PutChunk, p.PutAbort, p.Exists, p.Info, p.Keys, p.GetStats, p.Status, p.Prefetch,
           p.DeclareSchedule)
 
@@ -453,7 +453,7 @@ class Server:
                     expired = [lid for lid, (_, t) in conn.leases.items() if now - t > lease_s]
                     recs = [conn.leases.pop(lid)[0] for lid in expired]
                 for rec in recs:
-                    log.warning("lease on %r by pid %d expired after %.0f s", _user_key(rec.key), conn.pid, lease_s)
+                    log.warning("lease on %r by pid %d expired after %.0f s", user_key(rec.key), conn.pid, lease_s)
                     assert self.engine is not None
                     self.engine.release(rec)
             if interval and self._healthy():
@@ -501,12 +501,12 @@ class Server:
         validate_key(key)
         if self.config.namespace(namespace_of(key)).shared:
             return key
-        return f"{key}{_SCOPE}{uid}"
+        return scope(key, uid)
 
     def _visible(self, conn: _Conn, engine_key: str) -> str | None:
-        key, sep, uid = engine_key.partition(_SCOPE)
-        if sep:
-            return key if uid == str(conn.uid) else None
+        key, owner = user_key(engine_key), owner_of(engine_key)
+        if owner is not None:
+            return key if owner == str(conn.uid) else None
         return key if self.config.namespace(namespace_of(key)).shared else None
 
     def _put(self, conn: _Conn, req: p.Put) -> Any:
@@ -570,7 +570,7 @@ class Server:
             put.error = f"only {put.received} of {put.buffer.numel()} bytes were sent before the commit"
         if put.error is not None:
             self.engine.abort_put(put.pending)
-            raise InvalidArgument(f"put of {_user_key(put.pending.rec.key)!r} refused: {put.error}")
+            raise InvalidArgument(f"put of {user_key(put.pending.rec.key)!r} refused: {put.error}")
         # Bytes written into the staging extent are already in place.
         src = put.buffer if put.pending.staging is None else None
         self.engine.finish_put(put.pending, src)
@@ -736,10 +736,6 @@ def _check_socket_dir(directory: Path) -> None:
             f"socket directory {str(directory)!r} is writable by {who} (mode {mode:04o}), so they could replace "
             "the socket; chmod it to 0700, or 0750 to let a group of clients connect"
         )
-
-
-def _user_key(engine_key: str) -> str:
-    return engine_key.partition(_SCOPE)[0]
 
 
 def _peek_id(body: bytes | bytearray) -> int:
