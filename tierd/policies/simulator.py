@@ -234,15 +234,11 @@ def simulate(
 
 def plot_results(results: Sequence[SimResult], path: str | os.PathLike[str], *, title: str = "") -> None:
     """Hit ratio and modelled stall per policy, as a PNG (needs matplotlib: ``pip install 'tierd[bench]'``)."""
-    try:
-        import matplotlib
+    from tierd._optional import require
+    from tierd.errors import InvalidArgument
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        from tierd.errors import InvalidArgument
-
-        raise InvalidArgument("--png needs matplotlib: pip install 'tierd[bench]'") from exc
+    require("matplotlib", needed_by="--png", error=InvalidArgument).use("Agg")
+    import matplotlib.pyplot as plt
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     names = [r.policy if r.prefetch == "none" else f"{r.policy}+{r.prefetch}" for r in results]
     colors = ["k" if r.policy == OPT else "C0" for r in results]

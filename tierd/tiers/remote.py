@@ -28,13 +28,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgspec
-import redis
 import torch
 import xxhash
 
 from tierd._buffers import address_view
+from tierd._optional import require
 from tierd.codecs import Codec, decode_chunk
 from tierd.errors import CorruptObject, MediaError, OutOfSpace
+from tierd.keys import user_key
 from tierd.tiers.base import Tier, TierUsage
 
 __all__ = ["RemoteTier", "RemoteLocation", "RemoteChunk"]
@@ -72,6 +73,9 @@ class RemoteTier(Tier):
         self._capacity = capacity_bytes
         self._used = 0
         self._lock = threading.Lock()
+        # redis-py is an extra (tierd[redis]): imported by the tier that uses it.
+        redis = require("redis", needed_by="tiers.remote.url (the remote tier)")
+        self._errors: type[Exception] = redis.RedisError
         # A pooled client: redis-py reconnects on the next command after a failure.
         if client is None:
             factory = redis.RedisCluster.from_url if cluster else redis.Redis.from_url
@@ -117,7 +121,7 @@ class RemoteTier(Tier):
                              px=int(self.ttl_s * 1000) if self.ttl_s else None)
                 pipe.execute()
                 written = len(chunks)
-        except redis.RedisError as exc:
+        except self._errors as exc:
             self._delete_keys(oid, written)
             with self._lock:
                 self._used -= n
@@ -145,7 +149,7 @@ class RemoteTier(Tier):
                                             "its checksum")
                     decode_chunk(c.mode, memoryview(payload), out[pos : pos + c.raw], itemsize)
                     pos += c.raw
-        except redis.RedisError as exc:
+        except self._errors as exc:
             raise self._fail(exc, "reading") from exc
 
     def _delete_keys(self, oid: str, count: int) -> None:
@@ -153,7 +157,7 @@ class RemoteTier(Tier):
             return
         try:
             self._redis.delete(*(self._key(oid, i) for i in range(count)))
-        except redis.RedisError as exc:
+        except self._errors as exc:
             log.warning("could not delete %d chunks of %s from %s: %s", count, oid, self.url, exc)
 
     def free(self, location: RemoteLocation) -> None:
@@ -173,7 +177,7 @@ class RemoteTier(Tier):
         keys = {self._key(location.oid, 0), self._key(location.oid, len(location.chunks) - 1)}
         try:
             return bool(self._redis.exists(*keys) == len(keys))
-        except redis.RedisError as exc:
+        except self._errors as exc:
             raise self._fail(exc, "checking an object") from exc
 
     def drain(self) -> None:
@@ -188,21 +192,21 @@ class RemoteTier(Tier):
     def index_put(self, key: str, entry: bytes) -> None:
         try:
             self._redis.hset(f"{self.prefix}:idx", key, entry)
-        except redis.RedisError as exc:
+        except self._errors as exc:
             raise self._fail(exc, "indexing") from exc
 
     def index_get(self, key: str) -> bytes | None:
         try:
             value = self._redis.hget(f"{self.prefix}:idx", key)
-        except redis.RedisError as exc:
+        except self._errors as exc:
             raise self._fail(exc, "looking up") from exc
         return bytes(value) if value is not None else None
 
     def index_delete(self, key: str) -> None:
         try:
             self._redis.hdel(f"{self.prefix}:idx", key)
-        except redis.RedisError as exc:
-            log.warning("could not drop %r from the remote index at %s: %s", key, self.url, exc)
+        except self._errors as exc:
+            log.warning("could not drop %r from the remote index at %s: %s", user_key(key), self.url, exc)
 
     def adopt(self, location: RemoteLocation) -> None:
         """Count an object another store put here (found through the index)."""
