@@ -20,11 +20,16 @@ def test_readme_starts_with_two_setup_commands() -> None:
     assert (ROOT / "README.md").read_text().index("```bash") < 20
 
 
-def test_ci_runs_the_readme_test_command() -> None:
-    test_cmd = _setup_commands()[1]
-    ci = (ROOT / ".ci" / "run").read_text()
-    # CI adds -q to pip; otherwise the same command.
-    assert test_cmd.replace("pip install ", "pip install -q ") in ci
+def test_ci_runs_both_readme_commands_as_written() -> None:
+    import subprocess
+
+    main_cmd, test_cmd = _setup_commands()
+    res = subprocess.run([str(ROOT / ".ci" / "run"), "--plan"], capture_output=True, text=True, timeout=30, check=True)
+    plan = dict(line.split(": ", 1) for line in res.stdout.splitlines())
+    # The base install is the first line without its trailing `tierd serve` (the smoke step runs that).
+    assert main_cmd == plan["base install"] + " && tierd serve"
+    assert plan["test"] == test_cmd
+    assert plan["smoke"] == "python .ci/smoke.py" and (ROOT / ".ci" / "smoke.py").is_file()
 
 
 def test_examples_run(tmp_path: Path) -> None:

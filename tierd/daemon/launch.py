@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -22,10 +22,14 @@ __all__ = ["spawn"]
 
 
 def spawn(
-    config_path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None, timeout_s: float = 60.0,
-    log: IO[bytes] | int | None = None,
+    config_path: str | os.PathLike[str] | None, *, env: Mapping[str, str] | None = None, timeout_s: float = 60.0,
+    log: IO[bytes] | int | None = None, command: Sequence[str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Run ``python -m tierd serve --config config_path``; return once it sent READY=1.
+
+    ``config_path`` None serves the embedded default config (with the
+    environment's ``TIERD_*`` overrides); ``command`` replaces
+    ``python -m tierd serve`` (``["tierd", "serve"]``: the installed script).
 
     Raises:
         DaemonUnavailable: it exited or did not get ready within ``timeout_s``.
@@ -37,8 +41,10 @@ def spawn(
             notify.settimeout(0.5)
             child_env = dict(os.environ if env is None else env)
             child_env["NOTIFY_SOCKET"] = str(path)
-            proc = subprocess.Popen([sys.executable, "-m", "tierd", "serve", "--config", os.fspath(config_path)],
-                                    env=child_env, stdout=log, stderr=log)
+            argv = list(command or [sys.executable, "-m", "tierd", "serve"])
+            if config_path is not None:
+                argv += ["--config", os.fspath(config_path)]
+            proc = subprocess.Popen(argv, env=child_env, stdout=log, stderr=log)
             waited = 0.0
             while True:
                 try:
