@@ -50,6 +50,22 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 class StoreTests:
+    def test_stage_reserves_arena_space_until_released(self, store: tierd.Store) -> None:
+        before = store.stats()["host"].used_bytes
+        staging = store.stage(3 << 20)
+        assert staging is not None
+        buf = staging.buffer
+        assert buf.dtype == torch.uint8 and buf.numel() == 3 << 20 and buf.data_ptr() % 4096 == 0
+        buf.fill_(7)
+        store.put("t/after", torch.arange(1 << 18, dtype=torch.int32))  # lands beside it, not on it
+        assert bool((buf == 7).all())
+        assert store.stats()["host"].used_bytes >= before + (3 << 20)
+        assert "staging" not in " ".join(store.keys())  # never committed, never listed
+        staging.release()
+        staging.release()  # once
+        assert wait_until(lambda: store.stats()["host"].used_bytes < before + (3 << 20), timeout_s=10)
+        assert store.stage(0) is None
+
     @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
     def test_every_dtype_round_trips(self, store: tierd.Store, dtype: torch.dtype) -> None:
         t = _sample(dtype, (33, 7), seed=3)

@@ -202,16 +202,22 @@ def test_two_ranks_with_gloo(tmp_path: Path) -> None:
     assert checkpoint.latest(tmp_path) == tmp_path / "ckpt"
 
 
-@pytest.mark.parametrize("kind", ["embedded", "daemon"])
+@pytest.mark.parametrize("kind", ["embedded", "gpu-tier", "daemon"])
 def test_staging_in_a_store_arena(tmp_path: Path, kind: str) -> None:
     from conftest import small_config
     from daemon import Daemon
 
+    from tierd.clients.gpu import GpuTierStore
+    from tierd.tiers.gpu import GpuTier
+
     sd = _state()
-    if kind == "embedded":
-        with tierd.open(small_config(tmp_path / "nvme", host="64MiB")) as store:
+    if kind != "daemon":
+        store = tierd.open(small_config(tmp_path / "nvme", host="64MiB"))
+        if kind == "gpu-tier":  # the wrapper tierd.open() returns when a gpu budget is set
+            store = GpuTierStore(store, GpuTier("cpu", 8 << 20))
+        with store:
             used = store.stats()["host"].used_bytes
-            checkpoint.save(sd, tmp_path / "c", store=store)
+            checkpoint.async_save(sd, tmp_path / "c", store=store).result()
             assert store.stats()["host"].used_bytes == used  # staging space given back
     else:
         d = Daemon(tmp_path / "nvme", host="64MiB").start()

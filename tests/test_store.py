@@ -9,6 +9,8 @@ from daemon import Daemon
 from store_suite import StoreTests
 
 import tierd
+from tierd.clients.gpu import GpuTierStore
+from tierd.tiers.gpu import GpuTier
 
 
 class TestEmbeddedStore(StoreTests):
@@ -16,6 +18,23 @@ class TestEmbeddedStore(StoreTests):
     def store(self, nvme_dir: Path) -> Iterator[tierd.Store]:
         with tierd.open(small_config(nvme_dir, host="32MiB", nvme="256MiB")) as s:
             yield s
+
+
+class TestGpuTierStore(StoreTests):
+    """The gpu-tier wrapper (what tierd.open() returns with a gpu budget), its tier on the CPU."""
+
+    @pytest.fixture
+    def store(self, nvme_dir: Path) -> Iterator[tierd.Store]:
+        with GpuTierStore(tierd.open(small_config(nvme_dir, host="32MiB", nvme="256MiB")),
+                          GpuTier("cpu", 4 << 20)) as s:
+            yield s
+
+    def test_passes_through_what_the_store_below_has(self, store: tierd.Store) -> None:
+        assert isinstance(store, GpuTierStore)
+        assert store.config is store.below.config and store.engine is store.below.engine
+        assert not hasattr(store, "daemon_pid")  # an embedded store has none, so neither does its wrapper
+        with pytest.raises(AttributeError, match="EmbeddedStore below the gpu tier has no 'uid'"):
+            _ = store.uid
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Self
 
@@ -12,7 +14,40 @@ import torch
 from tierd.clients.values import Value
 from tierd.types import ObjectInfo, Stats
 
-__all__ = ["Store"]
+__all__ = ["Staging", "Store"]
+
+
+class Staging:
+    """Host memory reserved in a store's arena for the caller: see :meth:`Store.stage`.
+
+    ``buffer`` is a flat uint8 tensor, page-aligned, that no object uses;
+    :meth:`release` (or leaving the ``with`` block) gives the space back, once.
+    """
+
+    __slots__ = ("buffer", "_release")
+
+    def __init__(self, buffer: torch.Tensor, release: Callable[[], None]) -> None:
+        self.buffer = buffer
+        self._release: Callable[[], None] | None = release
+
+    def release(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+    def __enter__(self) -> torch.Tensor:
+        return self.buffer
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+_staging_ids = itertools.count()
+
+
+def staging_key() -> str:
+    """The key a staging reservation is prepared under: never committed, so never visible."""
+    return f"staging/{os.getpid()}-{next(_staging_ids)}"
 
 
 class Store(ABC):
@@ -102,6 +137,19 @@ class Store(ABC):
     @abstractmethod
     def stats(self) -> Stats:
         """Per-tier counters (see :class:`tierd.TierStats`)."""
+
+    def stage(self, nbytes: int) -> Staging | None:
+        """Reserve ``nbytes`` of the store's host arena for the caller, or None.
+
+        For writers that fill a large buffer and then drain it elsewhere
+        (``checkpoint.async_save`` snapshots into one): the bytes sit in the
+        arena the daemon already holds pinned and shared, instead of a second
+        copy in the caller's memory. None when there is no arena to use (no
+        room now, or a daemon that does not share its arena with this uid);
+        the caller then stages in its own memory. Counts against the host tier
+        (and may push objects down) until released.
+        """
+        return None
 
     def close(self) -> None:
         """Finish pending async work and release resources; idempotent."""

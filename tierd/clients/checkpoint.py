@@ -53,6 +53,7 @@ import xxhash
 
 from tierd._buffers import address_view, aligned_buffer, tensor_bytes
 from tierd._io import fsync_dir, pread_all, pwrite_all
+from tierd.clients.base import Store
 from tierd.clients.values import dtype_from_name
 from tierd.codecs import decode_chunk, get_codec
 from tierd.errors import CorruptObject, InvalidArgument, MediaError, NotFound, TierdError
@@ -483,36 +484,17 @@ def async_save(
 
 
 def _stage_in_store(store: Any, nbytes: int, release: list[Any]) -> torch.Tensor | None:
-    """A page-aligned staging region in ``store``'s host arena, or None (no room, or no arena).
+    """A page-aligned staging region in ``store``'s host arena (:meth:`Store.stage`), or None.
 
-    The region is a prepared put that is never committed: reserved space, given
-    back by ``_release`` once the shards are durable.
+    The region is given back by ``_release`` once the shards are durable.
     """
-    from tierd.clients.embedded import EmbeddedStore
-    from tierd.clients.remote import RemoteStore
-    from tierd.daemon import protocol as p
-    from tierd.daemon.index import ObjectMeta
-
-    if not nbytes:
+    if not isinstance(store, Store):
+        raise InvalidArgument(f"store must come from tierd.open() or tierd.connect(), got {type(store).__name__}")
+    staging = store.stage(nbytes)
+    if staging is None:
         return None
-    meta = ObjectMeta("bytes", "uint8", (nbytes,), 1)
-    key = f"ckpt-staging/{os.getpid()}-{time.monotonic_ns()}"
-    if isinstance(store, EmbeddedStore):
-        pending = store.engine.prepare_put(key, nbytes, meta, stage=True)
-        if pending.staging is None:
-            return None
-        release.append(lambda: store.engine.abort_put(pending))
-        return store.engine.host.view(pending.staging)
-    if isinstance(store, RemoteStore):
-        arena = store._arena  # noqa: SLF001 - same package
-        if arena is None:
-            return None  # a uid the daemon does not trust with its arena stages in its own memory
-        ready, _ = store._call(p.Put, key=key, nbytes=nbytes, meta=meta)  # noqa: SLF001 - same package
-        release.append(lambda: store._send(p.PutAbort(id=0, put_id=ready.put_id)))  # noqa: SLF001
-        if ready.offset is None:
-            return None
-        return arena[ready.offset : ready.offset + nbytes]
-    raise InvalidArgument(f"store must come from tierd.open() or tierd.connect(), got {type(store).__name__}")
+    release.append(staging.release)
+    return staging.buffer
 
 
 def _release(release: list[Any]) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from tierd.clients.base import Store, prefetch_keys
+from tierd.clients.base import Staging, Store, prefetch_keys, staging_key
 from tierd.clients.values import (
     Value,
     check_out,
@@ -22,6 +22,7 @@ from tierd.clients.values import (
 )
 from tierd.config import Config, load_config
 from tierd.daemon.engine import Engine
+from tierd.daemon.index import ObjectMeta
 from tierd.keys import validate_key
 from tierd.tiers.gpu import CopyEngine
 from tierd.types import ObjectInfo, Stats
@@ -113,6 +114,16 @@ class EmbeddedStore(Store):
             tmp, tmp_flat = new_value(rec.meta)
             self._engine.read_into(rec, tmp_flat)
             self._copies.to_device(target, tmp_flat)
+
+    def stage(self, nbytes: int) -> Staging | None:
+        if nbytes <= 0:
+            return None
+        pending = self._engine.prepare_put(staging_key(), nbytes, ObjectMeta("bytes", "uint8", (nbytes,), 1),
+                                           stage=True)
+        if pending.staging is None:
+            self._engine.abort_put(pending)
+            return None
+        return Staging(self._engine.host.view(pending.staging), lambda: self._engine.abort_put(pending))
 
     def prefetch(self, keys: Iterable[str] | str, *, tier: str = "host") -> None:
         self._engine.prefetch(prefetch_keys(keys), tier)

@@ -29,13 +29,23 @@ from typing import Any
 
 import torch
 
-from tierd.clients.base import Store, prefetch_keys
+from tierd.clients.base import Staging, Store, prefetch_keys
 from tierd.clients.values import Value, check_out, tensor_meta
 from tierd.errors import InvalidArgument, NotFound
 from tierd.tiers.gpu import GpuTier, budget_bytes
 from tierd.types import ObjectInfo, Stats, TierStats
 
 __all__ = ["GpuTierStore", "with_gpu_tier"]
+
+
+def _from_below(name: str) -> Any:
+    def get(self: GpuTierStore) -> Any:
+        try:
+            return getattr(self.below, name)
+        except AttributeError:
+            raise AttributeError(f"{type(self.below).__name__} below the gpu tier has no {name!r}") from None
+
+    return property(get, doc=f"``{name}`` of the store below.")
 
 
 class GpuTierStore(Store):
@@ -46,10 +56,19 @@ class GpuTierStore(Store):
         self.below = store
         self.gpu = tier
 
-    def __getattr__(self, name: str) -> Any:  # config, engine, status, ... of the store below
-        if name == "below":  # not set yet (or being torn down): no recursion
-            raise AttributeError(name)
-        return getattr(self.below, name)
+    # What the store below offers beyond the Store interface, passed through by
+    # name: an EmbeddedStore's config and engine, a daemon connection's
+    # status(), uid, arena and socket. Absent below, absent here (hasattr works).
+    config = _from_below("config")
+    engine = _from_below("engine")
+    status = _from_below("status")
+    uid = _from_below("uid")
+    daemon_pid = _from_below("daemon_pid")
+    has_arena = _from_below("has_arena")
+    socket_path = _from_below("socket_path")
+
+    def stage(self, nbytes: int) -> Staging | None:
+        return self.below.stage(nbytes)
 
     def _evict(self, key: str, value: torch.Tensor, dirty: bool) -> None:
         if dirty:

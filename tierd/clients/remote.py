@@ -28,7 +28,7 @@ import torch
 
 from tierd import errors
 from tierd._buffers import copy_bytes
-from tierd.clients.base import Store, prefetch_keys
+from tierd.clients.base import Staging, Store, prefetch_keys, staging_key
 from tierd.clients.embedded import finish_value
 from tierd.clients.values import (
     Value,
@@ -282,6 +282,21 @@ class RemoteStore(Store):
             self._send(p.PutAbort(id=next(self._ids), put_id=ready.put_id))
             raise
         self._call(p.PutCommit, put_id=ready.put_id)
+
+    def stage(self, nbytes: int) -> Staging | None:
+        arena = self._arena
+        if arena is None or nbytes <= 0:
+            return None  # a uid the daemon does not trust with its arena stages in its own memory
+        ready, _ = self._call(p.Put, key=staging_key(), nbytes=nbytes, meta=p.ObjectMeta("bytes", "uint8", (nbytes,), 1))
+
+        def release() -> None:
+            if not self._closed:  # a closed connection's prepared puts are the daemon's to free
+                self._send(p.PutAbort(id=next(self._ids), put_id=ready.put_id))
+
+        if ready.offset is None:
+            release()
+            return None
+        return Staging(arena[ready.offset : ready.offset + nbytes], release)
 
     def get(self, key: str, *, device: str | torch.device | None = None, out: torch.Tensor | None = None) -> Any:
         ready, chunks = self._call(p.Get, key=validate_key(key))
