@@ -95,7 +95,8 @@ def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
     from tierd.cli import main
 
     rc = main(list(args))
-    return rc, " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    captured = capsys.readouterr()  # errors go to stderr
+    return rc, " ".join((captured.out + captured.err).split())  # rich wraps long lines
 
 
 def test_missing_bench_dir_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str],

@@ -6,13 +6,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import tierd
 
 
-def _run(args: list[str], home: Path) -> subprocess.CompletedProcess[str]:
+def _run(args: list[str], home: Path, **extra: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TIERD_")}
-    env |= {"XDG_CACHE_HOME": str(home), "TIERD_TIERS_HOST_SIZE": "256MiB"}
+    env |= {"XDG_CACHE_HOME": str(home), "TIERD_TIERS_HOST_SIZE": "256MiB", **extra}
     return subprocess.run([sys.executable, "-m", "tierd", *args], capture_output=True, text=True, timeout=300, env=env)
 
 
@@ -30,3 +31,36 @@ def test_demo_runs_beside_a_store_that_owns_the_default_directory(tmp_path: Path
     assert res.returncode == 0, res.stdout + res.stderr
     assert "where the objects went" in res.stdout and "yes" in res.stdout and "NO" not in res.stdout
     assert not any(p.name.startswith("tierd-demo-") for p in tmp_path.iterdir())  # scratch removed
+
+
+_WITHOUT_REDIS = "import sys; sys.modules['redis'] = None; from tierd.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def _run_without_redis(args: list[str], home: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """The CLI in a base install: importing redis-py fails as it does where it is not installed."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("TIERD_")}
+    clean |= {"XDG_CACHE_HOME": str(home), "XDG_RUNTIME_DIR": str(home), "TIERD_TIERS_HOST_SIZE": "64MiB", **env}
+    return subprocess.run([sys.executable, "-c", _WITHOUT_REDIS, *args], capture_output=True, text=True,
+                          timeout=120, env=clean)
+
+
+def test_base_install_serves_and_checks_without_redis(tmp_path: Path) -> None:
+    res = _run_without_redis(["doctor"], tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "remote tier" in res.stdout and "no tiers.remote.url" in res.stdout
+    # A config that needs the missing extra: refused with the key and the install command, not a traceback.
+    res = _run_without_redis(["serve"], tmp_path, TIERD_TIERS_REMOTE_URL="redis://127.0.0.1:1")
+    assert res.returncode != 0
+    assert "tiers.remote.url" in res.stderr and "pip install 'tierd[redis]'" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    res = _run_without_redis(["doctor"], tmp_path, TIERD_TIERS_REMOTE_URL="redis://127.0.0.1:1")
+    assert res.returncode == 1 and "pip install 'tierd[redis]'" in res.stdout
+
+
+def test_doctor_pings_the_remote_tier(tmp_path: Path, redis_server: Any) -> None:
+    ok = _run(["doctor"], tmp_path, TIERD_TIERS_REMOTE_URL=redis_server.url)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "answers" in ok.stdout
+    redis_server.stop()
+    dead = _run(["doctor"], tmp_path, TIERD_TIERS_REMOTE_URL=redis_server.url)
+    assert dead.returncode == 1 and "does not answer" in dead.stdout

@@ -240,7 +240,7 @@ def test_simulate_command(tmp_path: Path) -> None:
     assert png.stat().st_size > 1000
     bad = subprocess.run([sys.executable, "-m", "tierd", "simulate", str(path), "--policy", "mru"],
                          capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "unknown policy 'mru'" in bad.stdout
+    assert bad.returncode == 2 and "unknown policy 'mru'" in bad.stderr  # errors go to stderr
 
 
 def test_size_admission_keeps_huge_objects_off_host(nvme_dir: Path) -> None:

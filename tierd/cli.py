@@ -253,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         commands = {"doctor": _doctor, "demo": _demo, "serve": _serve, "status": _status, "top": _top,
                     "simulate": _simulate, "bench": _bench}
         return commands[args.command](args, console)
-    except TierdError as exc:
-        console.print(f"[red]tierd: {escape(str(exc))}[/]")
+    except TierdError as exc:  # on stderr, unwrapped: the message names the fix, and scripts grep it
+        Console(stderr=True, soft_wrap=True).print(f"[red]tierd: {escape(str(exc))}[/]")
         return 2
 
 

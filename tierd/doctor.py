@@ -162,6 +162,29 @@ def _aio_check() -> Check:
     return Check("fs.aio-max-nr", status, str(nr), "" if status == "ok" else "sysctl -w fs.aio-max-nr=1048576")
 
 
+def _remote_check(cfg: Config) -> Check:
+    remote = cfg.tiers.remote
+    if not remote.url:
+        return Check("remote tier", "off", "no tiers.remote.url: this machine's tiers only")
+    try:
+        import redis
+    except ImportError:
+        return Check("remote tier", "fail", f"tiers.remote.url is {remote.url} but redis-py is not installed "
+                     "(tierd serve refuses to start)", "pip install 'tierd[redis]'")
+    kind = redis.RedisCluster if remote.cluster else redis.Redis
+    timeout = min(remote.timeout_s, 2.0)
+    try:
+        client = kind.from_url(remote.url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        try:
+            client.ping()
+        finally:
+            client.close()
+    except (redis.RedisError, OSError, ValueError) as exc:
+        return Check("remote tier", "fail", f"{remote.url} does not answer: {exc}",
+                     "start the Redis/Valkey server, or correct tiers.remote.url")
+    return Check("remote tier", "ok", f"{remote.url} answers ({'cluster' if remote.cluster else 'one server'})")
+
+
 def run_checks(cfg: Config) -> list[Check]:
     """Every check, in the order ``tierd doctor`` prints them."""
     ram = psutil.virtual_memory()
@@ -173,5 +196,6 @@ def run_checks(cfg: Config) -> list[Check]:
     checks.append(_memlock_check())
     checks += _numa_checks(cfg)
     checks += _gpu_checks(cfg)
+    checks.append(_remote_check(cfg))
     checks.append(_aio_check())
     return checks
