@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from store_suite import wait_until
 
 import tierd
 from tierd import checkpoint
+from tierd.testing import wait_until
 
 
 def _state(seed: int = 0, scale: int = 1) -> dict:

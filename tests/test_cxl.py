@@ -19,11 +19,11 @@ import pytest
 import torch
 from conftest import small_config
 from daemon import Daemon
-from tier_suite import TierTests
 
 import tierd
 from tierd.doctor import run_checks
 from tierd.errors import ConfigError
+from tierd.testing import TierTests
 from tierd.tiers.cxl import CxlTier, cpuless_nodes, dax_device, dax_devices
 from tierd.tiers.host import HostLocation, HostTier
 from tierd.tiers.numa import NODE_ROOT, mapping_placement, numa_nodes, parse_cpulist

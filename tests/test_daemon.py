@@ -16,10 +16,10 @@ import msgspec
 import pytest
 import torch
 from daemon import Daemon, client_process, open_to_all
-from store_suite import wait_until
 
 import tierd
-from tierd.daemon import protocol as p
+from tierd import protocol as p
+from tierd.testing import wait_until
 
 
 @pytest.fixture
@@ -203,7 +203,7 @@ def test_killed_client_gives_back_its_lease_and_allocation(daemon: Daemon) -> No
     baseline = _host_used(daemon)
     holder = _client(
         f"""
-        from tierd.daemon import protocol as p
+        from tierd import protocol as p
         s = tierd.connect({str(daemon.socket)!r})
         meta = p.ObjectMeta("tensor", "uint8", (8 << 20,), 1)
         s._call(p.Put, key="big/never", nbytes=8 << 20, meta=meta)   # prepared, never committed

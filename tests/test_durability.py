@@ -125,7 +125,7 @@ def test_flipped_byte_raises_corrupt_object(nvme_dir: Path) -> None:
     cfg = small_config(nvme_dir)
     with tierd.open(cfg) as s:
         s.put("c/x", _tensor(3, 400_000), durable=True)
-        loc = s.engine._index["c/x"].nvme  # noqa: SLF001 - backdoor to the medium
+        loc = s.engine.locations("c/x")["nvme"]
         assert loc is not None
         chunk = loc.chunks[-1]
         slab = s.engine.nvme.slab_file(chunk.slab)

@@ -15,9 +15,10 @@ from conftest import flip_byte, small_config
 from daemon import Daemon
 
 import tierd
+from tierd.checksums import device_checksum
 from tierd.clients.gpu import GpuTierStore
 from tierd.codecs import get_codec
-from tierd.tiers.gpu import MIN_PIECE, GpuTier, PinnedArena, device_checksum, plan_registration
+from tierd.tiers.gpu import MIN_PIECE, GpuTier, PinnedArena, plan_registration
 from tierd.tiers.nvme import CHECKSUM_DEVICE, CHECKSUM_XXH3, NvmeTier
 
 MIB = 1 << 20
@@ -228,7 +229,7 @@ def test_gds_nvme_to_device(nvme_dir: os.PathLike[str]) -> None:
             pytest.skip(store.engine.nvme.gds_reason)
         t = torch.randn(5 * MIB // 4, device="cuda")
         store.put("c/g", t, tier="nvme")
-        assert {c.kind for c in store.engine._index["c/g"].nvme.chunks} == {CHECKSUM_DEVICE}
+        assert {c.kind for c in store.engine.locations("c/g")["nvme"].chunks} == {CHECKSUM_DEVICE}
         assert torch.equal(store.get("c/g", device="cuda"), t)
 
 

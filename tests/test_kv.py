@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import small_config
 from daemon import Daemon
-from store_suite import wait_until
 
 import tierd
+from tierd.testing import wait_until
 
 L, H, D, B = 4, 2, 16, 16  # layers, kv heads, head dim, block tokens
 MIB = 1 << 20
@@ -228,7 +228,7 @@ def test_a_block_redis_evicted_is_a_hole_not_a_hit(tmp_path: Path, redis_server:
         assert kv_b.lookup(toks) == 5 * B  # B adopted every block: its only copies are remote
         a.engine.remote.drain()
         # Redis drops the chunks of block 2 (maxmemory eviction, TTL, a flush...).
-        loc = b.engine._index[kv_b.block_keys(toks)[2]].remote  # noqa: SLF001 - backdoor to the medium
+        loc = b.engine.locations(kv_b.block_keys(toks)[2])["remote"]
         redis_py.Redis.from_url(redis_server.url).delete(*[f"tierd:{loc.oid}:{i}" for i in range(len(loc.chunks))])
         assert kv_b.lookup(toks) == 2 * B  # the hole ends the prefix; it is not reported as a hit
         assert torch.equal(kv_b.get(toks), cache[:, :, : 2 * B])

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import small_config
-from store_suite import wait_until
 
 import tierd
 from tierd.policies import EVICTION_POLICIES, Schedule, make_eviction_policy
 from tierd.policies.simulator import OPT, TraceEvent, read_trace, simulate
+from tierd.testing import wait_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import traces  # noqa: E402

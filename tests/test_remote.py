@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 import redis
 import torch
-from tier_suite import TierTests, _payload
 
 from tierd.codecs import get_codec
 from tierd.errors import CorruptObject, MediaError
+from tierd.testing import TierTests, payload
 from tierd.tiers.remote import RemoteLocation, RemoteTier
 
 
@@ -38,13 +38,13 @@ class TestRemoteTier(TierTests):
             tier.read_into(loc, out, itemsize=2)
 
     def test_vanished_chunk_is_reported(self, tier: RemoteTier) -> None:
-        loc = tier.write(_payload(600_000), codec=get_codec("none"), itemsize=1, durable=False)
+        loc = tier.write(payload(600_000), codec=get_codec("none"), itemsize=1, durable=False)
         redis.Redis.from_url(tier.url).delete(f"{tier.prefix}:{loc.oid}:2")
         with pytest.raises(MediaError, match="chunk 2 .* is gone"):
             tier.read_into(loc, torch.empty(600_000, dtype=torch.uint8), itemsize=1)
 
     def test_free_deletes_the_keys(self, tier: RemoteTier) -> None:
-        loc = tier.write(_payload(700_000), codec=get_codec("none"), itemsize=1, durable=False)
+        loc = tier.write(payload(700_000), codec=get_codec("none"), itemsize=1, durable=False)
         r = redis.Redis.from_url(tier.url)
         assert r.exists(f"{tier.prefix}:{loc.oid}:0")
         tier.free(loc)
@@ -54,7 +54,7 @@ class TestRemoteTier(TierTests):
 
 def test_ttl_lets_redis_expire_objects(redis_server: Any) -> None:
     t = RemoteTier(redis_server.url, 1 << 20, ttl_s=30)
-    loc = t.write(_payload(1000), codec=get_codec("none"), itemsize=1, durable=False)
+    loc = t.write(payload(1000), codec=get_codec("none"), itemsize=1, durable=False)
     ttl_ms = redis.Redis.from_url(redis_server.url).pttl(f"tierd:{loc.oid}:0")
     assert 0 < ttl_ms <= 30_000
     t.close()
@@ -64,7 +64,7 @@ def test_dead_server_gives_a_clear_error_then_reconnects(redis_server: Any, tmp_
     from conftest import RedisServer
 
     t = RemoteTier(redis_server.url, 16 << 20, timeout_s=1.0)
-    src = _payload(300_000)
+    src = payload(300_000)
     loc = t.write(src, codec=get_codec("none"), itemsize=1, durable=False)
     redis_server.stop()  # killed mid-run
     with pytest.raises(MediaError, match="unreachable while reading.*local tiers keep working"):

@@ -19,12 +19,12 @@ import msgspec
 import pytest
 import torch
 from daemon import Daemon, client_process, open_to_all
-from store_suite import wait_until
 
 import tierd
+from tierd import protocol as p
 from tierd.config import load_config
-from tierd.daemon import protocol as p
 from tierd.daemon.server import Server
+from tierd.testing import wait_until
 
 NOBODY = 65534
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="changing uid needs root")
@@ -81,8 +81,8 @@ def daemon(nvme_dir: Path) -> Iterator[Daemon]:
 # through the socket, and nothing of root's comes back by any request.
 _UNTRUSTED = """
 import socket, msgspec
-from tierd.daemon import protocol as p
-from tierd.daemon.index import ObjectMeta
+from tierd import protocol as p
+from tierd.engine.index import ObjectMeta
 sock_path, marker = sys.argv[1], int(sys.argv[2])
 
 def leaked(data):

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 from conftest import small_config
 from daemon import Daemon
-from store_suite import StoreTests
 
 import tierd
 from tierd.clients.gpu import GpuTierStore
+from tierd.testing import StoreTests
 from tierd.tiers.gpu import GpuTier
 
 

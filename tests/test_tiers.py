@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 import torch
 from conftest import flip_byte
-from tier_suite import TierTests, _payload
 
 from tierd.codecs import get_codec
 from tierd.errors import CorruptObject, TierdError
+from tierd.testing import TierTests, payload
 from tierd.tiers.host import HostLocation, HostTier
 from tierd.tiers.nvme import NvmeLocation, NvmeTier
 
@@ -58,7 +58,7 @@ class TestNvmeTier(TierTests):
             t.close()
 
     def test_flipped_byte_is_detected(self, tier: NvmeTier) -> None:
-        src = _payload(3 << 20, seed=7)
+        src = payload(3 << 20, seed=7)
         loc = tier.write(src, codec=get_codec("none"), itemsize=1, durable=True)
         c = loc.chunks[1]
         flip_byte(tier.slab_file(c.slab), c.offset + 1234)
@@ -76,7 +76,7 @@ class TestNvmeTier(TierTests):
         assert tier.stored_nbytes(loc) < src.numel()
 
     def test_object_larger_than_a_slab_spans_slabs(self, tier: NvmeTier) -> None:
-        src = _payload(10 << 20, seed=3)
+        src = payload(10 << 20, seed=3)
         loc = tier.write(src, codec=get_codec("none"), itemsize=1, durable=False)
         assert len({c.slab for c in loc.chunks}) >= 3
         dest = torch.empty_like(src)
@@ -88,7 +88,7 @@ class TestNvmeTier(TierTests):
             NvmeTier(tier.path, 8 << 20)
 
     def test_reserve_rebuilds_allocation(self, tier: NvmeTier) -> None:
-        src = _payload(2 << 20, seed=9)
+        src = payload(2 << 20, seed=9)
         loc = tier.write(src, codec=get_codec("none"), itemsize=1, durable=True)
         used = tier.usage().used_bytes
         tier.free(loc)
@@ -110,7 +110,7 @@ def test_buffered_fallback_warns_on_tmpfs(caplog: pytest.LogCaptureFixture) -> N
             if t.direct:
                 pytest.skip("this tmpfs accepts O_DIRECT")
             assert "buffered I/O" in caplog.text
-            src = _payload(5000, seed=2)
+            src = payload(5000, seed=2)
             loc = t.write(src, codec=get_codec("none"), itemsize=1, durable=True)
             dest = torch.empty_like(src)
             t.read_into(loc, dest, itemsize=1)

@@ -14,7 +14,7 @@ from typing import Any
 
 from tierd.clients import checkpoint
 from tierd.clients.activations import offload_activations
-from tierd.clients.base import Store
+from tierd.clients.base import Staging, Store
 from tierd.clients.embedded import EmbeddedStore, open_store
 from tierd.clients.gpu import with_gpu_tier
 from tierd.clients.kv import PrefixKVStore
@@ -22,9 +22,11 @@ from tierd.clients.optimizer import OffloadedOptimizer, offload_optimizer
 from tierd.clients.remote import RemoteStore
 from tierd.config import Config, load_config
 from tierd.errors import (
+    Busy,
     ConfigError,
     CorruptObject,
     DaemonUnavailable,
+    InternalError,
     InvalidArgument,
     MediaError,
     NotFound,
@@ -39,9 +41,10 @@ from tierd.types import ObjectInfo, Stats, TierStats
 __version__ = "0.1.0"
 
 __all__ = [
-    "open", "connect", "checkpoint", "PrefixKVStore", "offload_activations", "offload_optimizer", "OffloadedOptimizer", "Store", "EmbeddedStore", "RemoteStore", "Config", "load_config", "ObjectInfo", "Stats", "TierStats",
+    "open", "connect", "checkpoint", "PrefixKVStore", "offload_activations", "offload_optimizer", "OffloadedOptimizer", "Store", "Staging", "EmbeddedStore", "RemoteStore", "Config", "load_config", "ObjectInfo", "Stats", "TierStats",
     "TierdError", "NotFound", "OutOfSpace", "QuotaExceeded", "CorruptObject", "ProtocolError",
     "DaemonUnavailable", "ConfigError", "StoreClosed", "InvalidArgument", "MediaError",
+    "Busy", "InternalError",
 ]
 
 

@@ -74,20 +74,12 @@ class Codec(ABC):
     def encode(self, chunk: memoryview, itemsize: int) -> tuple[ChunkMode, bytes | memoryview]:
         """Encode ``chunk`` (raw bytes of whole elements of ``itemsize`` bytes)."""
 
-    @property
-    def compresses(self) -> bool:
-        return True
-
 
 class NoneCodec(Codec):
     name = "none"
 
     def encode(self, chunk: memoryview, itemsize: int) -> tuple[ChunkMode, bytes | memoryview]:
         return ChunkMode.RAW, chunk
-
-    @property
-    def compresses(self) -> bool:
-        return False
 
 
 class ZstdCodec(Codec):

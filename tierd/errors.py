@@ -21,6 +21,8 @@ __all__ = [
     "StoreClosed",
     "InvalidArgument",
     "MediaError",
+    "Busy",
+    "InternalError",
 ]
 
 
@@ -69,3 +71,12 @@ class InvalidArgument(TierdError, ValueError):
 
 class MediaError(TierdError, OSError):
     """A tier's medium failed (I/O error, missing or read-only directory)."""
+
+
+class Busy(TierdError, RuntimeError):
+    """Someone else holds what this call needs (an object being moved, a socket, an nvme directory); the
+    message says who, and whether trying again later helps."""
+
+
+class InternalError(TierdError, RuntimeError):
+    """tierd broke one of its own invariants: a bug to report, with the message and the daemon's log."""

@@ -14,8 +14,8 @@ from daemon import Daemon
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tierd.daemon import protocol as p
-from tierd.daemon.index import ObjectMeta
+from tierd import protocol as p
+from tierd.engine.index import ObjectMeta
 
 EXAMPLES = 400 if os.environ.get("TIERD_FULL_FAULTS") else 80
 

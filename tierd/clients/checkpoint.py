@@ -49,8 +49,8 @@ from typing import Any
 import msgspec
 import numpy as np
 import torch
-import xxhash
 
+from tierd import checksums
 from tierd._buffers import address_view, aligned_buffer, tensor_bytes
 from tierd._io import fsync_dir, pread_all, pwrite_all
 from tierd.clients.base import Store
@@ -353,7 +353,7 @@ def _write_shard(directory: Path, shard: _Shard, tensors: dict[str, torch.Tensor
                 n = t.numel() * t.element_size()
                 entries[_entry_key(name, rank, world)] = TensorEntry(
                     shard=path.name, offset=pos, nbytes=n, stored=n, dtype=str(t.dtype).removeprefix("torch."),
-                    shape=list(t.shape), checksum=xxhash.xxh3_64_hexdigest(address_view(region.data_ptr() + pos, n)),
+                    shape=list(t.shape), checksum=checksums.xxh3_hex(address_view(region.data_ptr() + pos, n)),
                     rank=rank,
                 )
                 pos += n
@@ -386,7 +386,7 @@ def _write_compressed(fd: int, shard: _Shard, tensors: dict[str, torch.Tensor], 
         entries[_entry_key(name, rank, world)] = TensorEntry(
             shard=shard_name, offset=chunks[0][0] if chunks else file_pos, nbytes=n,
             stored=sum(c[1] for c in chunks), dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape),
-            checksum=xxhash.xxh3_64_hexdigest(raw), rank=rank, chunks=chunks,
+            checksum=checksums.xxh3_hex(raw), rank=rank, chunks=chunks,
         )
         pos += n
     return file_pos
@@ -614,7 +614,7 @@ def _read_tensor(directory: Path, entry: TensorEntry, shard: ShardEntry, name: s
         raise CorruptObject(f"tensor {name!r}: shard {path.name} is missing") from None
     except CorruptObject as exc:
         raise CorruptObject(f"tensor {name!r} in shard {path.name}: {exc}") from None
-    if xxhash.xxh3_64_hexdigest(dest) != entry.checksum:
+    if checksums.xxh3_hex(dest) != entry.checksum:
         raise CorruptObject(f"tensor {name!r} in shard {path.name} fails its checksum: the shard is corrupt")
 
 

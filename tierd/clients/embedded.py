@@ -21,9 +21,9 @@ from tierd.clients.values import (
     typed_view,
 )
 from tierd.config import Config, load_config
-from tierd.daemon.engine import Engine
-from tierd.daemon.index import ObjectMeta
-from tierd.keys import validate_key
+from tierd.engine.core import Engine
+from tierd.engine.index import ObjectMeta
+from tierd.engine.keys import validate_key
 from tierd.tiers.gpu import CopyEngine
 from tierd.types import ObjectInfo, Stats
 

@@ -27,6 +27,7 @@ import msgspec
 import torch
 
 from tierd import errors
+from tierd import protocol as p
 from tierd._buffers import copy_bytes
 from tierd.clients.base import Staging, Store, prefetch_keys, staging_key
 from tierd.clients.embedded import finish_value
@@ -42,9 +43,8 @@ from tierd.clients.values import (
     typed_view,
 )
 from tierd.config import default_socket_path
-from tierd.daemon import protocol as p
+from tierd.engine.keys import validate_key
 from tierd.errors import DaemonUnavailable, ProtocolError, StoreClosed, TierdError
-from tierd.keys import validate_key
 from tierd.tiers.gpu import CopyEngine
 from tierd.types import ObjectInfo, Stats
 

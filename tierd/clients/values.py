@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from tierd._buffers import tensor_bytes
-from tierd.daemon.index import ObjectMeta
+from tierd.engine.index import ObjectMeta
 from tierd.errors import InvalidArgument
 from tierd.tiers.gpu import CopyEngine
 

@@ -1,1 +1,1 @@
-"""The engine and, later, the daemon around it."""
+"""``tierd serve``: the daemon around the engine (server, systemd notify, metrics, launch)."""

@@ -56,15 +56,15 @@ from typing import Any, cast
 import msgspec
 import torch
 
+from tierd import protocol as p
 from tierd._buffers import address_view
 from tierd.config import Config, default_socket_path, load_config
-from tierd.daemon import protocol as p
-from tierd.daemon.engine import Engine, PendingPut
-from tierd.daemon.index import ObjectRecord
 from tierd.daemon.metrics import Metrics
 from tierd.daemon.systemd import notify, watchdog_interval_s
-from tierd.errors import InvalidArgument, OutOfSpace, ProtocolError, TierdError
-from tierd.keys import namespace_of, owner_of, scope, user_key, validate_key
+from tierd.engine.core import Engine, PendingPut
+from tierd.engine.index import ObjectRecord
+from tierd.engine.keys import namespace_of, owner_of, scope, user_key, validate_key
+from tierd.errors import Busy, ConfigError, InvalidArgument, OutOfSpace, ProtocolError, TierdError
 
 __all__ = ["Server", "run"]
 
@@ -228,7 +228,7 @@ class Server:
         except BlockingIOError:
             owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise TierdError(
+            raise Busy(
                 f"another tierd daemon (pid {owner}) is serving on {path}; stop it first, "
                 "or give this one its own daemon.socket"
             ) from None
@@ -725,14 +725,14 @@ def _check_socket_dir(directory: Path) -> None:
     st = directory.stat()
     euid = os.geteuid()
     if st.st_uid not in (euid, 0):
-        raise TierdError(
+        raise ConfigError(
             f"socket directory {str(directory)!r} is owned by uid {st.st_uid}, not by this daemon's uid {euid} "
             "or root; another user could replace the socket: remove the directory or choose another daemon.socket"
         )
     mode = stat.S_IMODE(st.st_mode)
     if mode & 0o022 and not mode & stat.S_ISVTX:
         who = "others" if mode & 0o002 else "group"
-        raise TierdError(
+        raise ConfigError(
             f"socket directory {str(directory)!r} is writable by {who} (mode {mode:04o}), so they could replace "
             "the socket; chmod it to 0700, or 0750 to let a group of clients connect"
         )

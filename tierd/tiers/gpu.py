@@ -44,7 +44,7 @@ import torch
 from tierd.errors import InvalidArgument
 
 __all__ = [
-    "PinnedArena", "CopyEngine", "GpuTier", "plan_registration", "device_checksum", "gds_status", "cuda_tensor",
+    "PinnedArena", "CopyEngine", "GpuTier", "plan_registration", "gds_status", "cuda_tensor",
 ]
 
 log = logging.getLogger("tierd.tiers.gpu")
@@ -379,30 +379,7 @@ def budget_bytes(budget: int, fraction: float, device: torch.device) -> int:
     return 0
 
 
-# -- device checksums and GPUDirect Storage -----------------------------------------
-
-
-def device_checksum(data: torch.Tensor) -> int:
-    """A 64-bit checksum of flat uint8 ``data``, computed where the data is (GPU or CPU).
-
-    Used for nvme chunks read or written through GPUDirect Storage, whose
-    bytes never pass the CPU (xxh3 would need them there). Each 8-byte word
-    is mixed (xor-shift and an odd multiplier) and summed with an odd weight
-    per position, modulo 2**64: a corrupted word changes the sum for certain,
-    and a swap of two words changes it too. The same function on the CPU
-    verifies chunks read back through the POSIX path.
-    """
-    n = data.numel()
-    whole = n // 8 * 8
-    words = data[:whole].view(torch.int64)
-    if whole < n:  # the tail, zero-padded to one word
-        tail = torch.zeros(8, dtype=torch.uint8, device=data.device)
-        tail[: n - whole] = data[whole:]
-        words = torch.cat([words, tail.view(torch.int64)])
-    mixed = (words ^ (words >> 29)) * -7046029254386353131  # 0x9E3779B97F4A7C15 as int64
-    weights = torch.arange(1, 2 * words.numel() + 1, 2, dtype=torch.int64, device=data.device)
-    total = int((mixed * weights).sum().item()) ^ n
-    return total & 0xFFFFFFFFFFFFFFFF
+# -- GPUDirect Storage ----------------------------------------------------------------
 
 
 def gds_status() -> tuple[bool, str]:

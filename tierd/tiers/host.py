@@ -152,11 +152,6 @@ class ArenaTier(Tier):
         """The payload bytes at ``location``, as a uint8 tensor aliasing the arena."""
         return self.arena[location.offset : location.offset + location.nbytes]
 
-    def extent_view(self, location: HostLocation) -> torch.Tensor:
-        """The whole extent (payload rounded up to the block size)."""
-        size = -(-max(location.nbytes, 1) // self._alloc.block) * self._alloc.block
-        return self.arena[location.offset : location.offset + size]
-
     def copy_in(self, location: HostLocation, src: torch.Tensor | memoryview) -> None:
         """Copy ``src`` (flat bytes) into the extent at ``location``."""
         n = location.nbytes

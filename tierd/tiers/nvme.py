@@ -66,15 +66,15 @@ from typing import Any
 
 import msgspec
 import torch
-import xxhash
 
+from tierd import checksums
 from tierd._buffers import address_view, aligned_buffer
 from tierd._io import pread_all, pwrite_all
 from tierd.codecs import ChunkMode, Codec, decode_chunk
-from tierd.errors import CorruptObject, InvalidArgument, MediaError, OutOfSpace, TierdError
+from tierd.errors import Busy, CorruptObject, InvalidArgument, MediaError, OutOfSpace, StoreClosed, TierdError
 from tierd.tiers.alloc import ExtentAllocator
 from tierd.tiers.base import Tier, TierUsage
-from tierd.tiers.gpu import device_checksum, gds_status
+from tierd.tiers.gpu import gds_status
 
 __all__ = ["NvmeTier", "NvmeLocation", "NvmeChunk"]
 
@@ -95,8 +95,8 @@ class NvmeChunk(msgspec.Struct, frozen=True, array_like=True):
     kind: int = 0  # CHECKSUM_XXH3 or CHECKSUM_DEVICE (Note [GPUDirect Storage])
 
 
-CHECKSUM_XXH3 = 0
-CHECKSUM_DEVICE = 1
+CHECKSUM_XXH3 = checksums.XXH3  # the kinds of NvmeChunk.kind
+CHECKSUM_DEVICE = checksums.DEVICE
 
 
 class NvmeLocation(msgspec.Struct, frozen=True, array_like=True):
@@ -157,7 +157,7 @@ class NvmeTier(Tier):
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self._lock_fd)
-            raise TierdError(
+            raise Busy(
                 f"nvme directory {str(self.path)!r} is in use by another tierd store; "
                 "connect to that one, or give this store its own tiers.nvme.path"
             ) from None
@@ -225,7 +225,7 @@ class NvmeTier(Tier):
         """(slab, offset) of a new extent; raises OutOfSpace."""
         with self._lock:
             if self._closed:
-                raise TierdError("nvme tier is closed")
+                raise StoreClosed("nvme tier is closed")
             order = [self._cursor, *range(len(self._allocs))]
             for i in order:
                 offset = self._allocs[i].alloc(nbytes)
@@ -359,9 +359,11 @@ class NvmeTier(Tier):
         mode, payload = codec.encode(data, itemsize)
         stored = len(payload)
         if self.gds and mode == ChunkMode.RAW:  # readable straight into a GPU (Note [GPUDirect Storage])
-            kind, checksum = CHECKSUM_DEVICE, device_checksum(src)
+            kind = CHECKSUM_DEVICE
+            checksum = checksums.device_checksum(src)
         else:
-            kind, checksum = CHECKSUM_XXH3, xxhash.xxh3_64_intdigest(payload)
+            kind = CHECKSUM_XXH3
+            checksum = checksums.xxh3(payload)
         slab, offset = self._alloc_extent(stored)
         chunk = NvmeChunk(slab, offset, stored, raw_len, int(mode), checksum, kind)
         try:
@@ -394,7 +396,7 @@ class NvmeTier(Tier):
     def _write_chunk_device(self, src: torch.Tensor, codec: Codec, itemsize: int) -> NvmeChunk:
         raw_len = src.numel()
         slab, offset = self._alloc_extent(raw_len)
-        chunk = NvmeChunk(slab, offset, raw_len, raw_len, int(ChunkMode.RAW), device_checksum(src),
+        chunk = NvmeChunk(slab, offset, raw_len, raw_len, int(ChunkMode.RAW), checksums.device_checksum(src),
                           CHECKSUM_DEVICE)
         try:
             written = self._cufile(slab).pwrite(src, raw_len, offset).get()
@@ -417,7 +419,7 @@ class NvmeTier(Tier):
             raise _io_error(exc, "reading a chunk into the GPU", self.path) from exc
         if got != c.raw:
             raise MediaError(f"nvme tier {str(self.path)!r}: short GDS read ({got} of {c.raw} bytes)")
-        self._verify(c, device_checksum(dest))
+        self._verify(c, checksums.device_checksum(dest))
 
     def read_into(self, location: NvmeLocation, dest: torch.Tensor, *, itemsize: int) -> None:
         """Fill flat uint8 ``dest`` (host memory; device memory too when :attr:`gds` is on)."""
@@ -465,12 +467,7 @@ class NvmeTier(Tier):
     @staticmethod
     def _checksum(c: NvmeChunk, stored: torch.Tensor | memoryview) -> int:
         """The checksum of kind ``c.kind`` of chunk ``c``'s stored bytes as read."""
-        if c.kind == CHECKSUM_DEVICE:
-            data = stored if isinstance(stored, torch.Tensor) else torch.frombuffer(stored, dtype=torch.uint8)
-            return device_checksum(data)
-        if isinstance(stored, torch.Tensor):
-            stored = address_view(stored.data_ptr(), stored.numel())
-        return xxhash.xxh3_64_intdigest(stored)
+        return checksums.checksum(c.kind, stored)
 
     def _verify(self, c: NvmeChunk, checksum: int) -> None:
         if checksum != c.checksum:

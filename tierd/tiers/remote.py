@@ -29,13 +29,13 @@ from typing import Any
 
 import msgspec
 import torch
-import xxhash
 
+from tierd import checksums
 from tierd._buffers import address_view
 from tierd._optional import require
 from tierd.codecs import Codec, decode_chunk
+from tierd.engine.keys import user_key
 from tierd.errors import CorruptObject, MediaError, OutOfSpace
-from tierd.keys import user_key
 from tierd.tiers.base import Tier, TierUsage
 
 __all__ = ["RemoteTier", "RemoteLocation", "RemoteChunk"]
@@ -116,7 +116,7 @@ class RemoteTier(Tier):
                     raw = data[start : start + self.chunk_size]
                     mode, payload = codec.encode(raw, itemsize)
                     payload = bytes(payload)
-                    chunks.append(RemoteChunk(len(payload), len(raw), int(mode), xxhash.xxh3_64_intdigest(payload)))
+                    chunks.append(RemoteChunk(len(payload), len(raw), int(mode), checksums.xxh3(payload)))
                     pipe.set(self._key(oid, len(chunks) - 1), payload,
                              px=int(self.ttl_s * 1000) if self.ttl_s else None)
                 pipe.execute()
@@ -144,7 +144,7 @@ class RemoteTier(Tier):
                     if payload is None:
                         raise MediaError(f"remote tier at {self.url}: chunk {i} of object {location.oid} is gone "
                                          "(expired by its TTL or evicted by the server's maxmemory policy)")
-                    if len(payload) != c.stored or xxhash.xxh3_64_intdigest(payload) != c.checksum:
+                    if len(payload) != c.stored or checksums.xxh3(payload) != c.checksum:
                         raise CorruptObject(f"remote tier at {self.url}: chunk {i} of object {location.oid} fails "
                                             "its checksum")
                     decode_chunk(c.mode, memoryview(payload), out[pos : pos + c.raw], itemsize)

@@ -18,14 +18,14 @@ from typing import Any
 import lmdb
 import msgspec
 
+from tierd.engine.keys import user_key
 from tierd.errors import MediaError
-from tierd.keys import user_key
 from tierd.tiers.host import HostLocation
 from tierd.tiers.nvme import NvmeLocation
 
 __all__ = ["ObjectMeta", "ObjectRecord", "DurableEntry", "DurableIndex"]
 
-log = logging.getLogger("tierd.daemon.index")
+log = logging.getLogger("tierd.engine.index")
 
 
 class ObjectMeta(msgspec.Struct, frozen=True, array_like=True):

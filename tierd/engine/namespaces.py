@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from tierd.config import Config, NamespaceConfig
-from tierd.daemon.index import ObjectRecord
+from tierd.engine.index import ObjectRecord
 from tierd.policies import (
     AdmissionPolicy,
     AdmitAll,
@@ -30,7 +30,7 @@ from tierd.policies import (
 
 __all__ = ["Namespace", "NamespacePolicies", "TIERS"]
 
-log = logging.getLogger("tierd.daemon.namespaces")
+log = logging.getLogger("tierd.engine.namespaces")
 
 TIERS = ("host", "cxl", "nvme", "remote")  # fastest first; cxl and remote only when configured
 

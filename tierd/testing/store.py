@@ -1,8 +1,10 @@
 """``StoreTests``: the Store API contract, run against every way to get a store.
 
-A subclass provides the ``store`` fixture (small host tier, nvme under a
-temporary directory, as built by ``conftest.small_config``). The daemon
-issue runs the same class against ``tierd.connect()``.
+A subclass provides the ``store`` fixture: an empty store with a host tier
+of 32 MiB and an nvme tier of 256 MiB or more, as tierd's tests build them
+(``tests/conftest.py``: ``small_config(nvme_dir, host="32MiB", nvme="256MiB")``).
+tierd runs it against ``tierd.open()``, ``tierd.connect()`` and the gpu-tier
+wrapper.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ ALL_DTYPES = [
 ]
 
 
-def _sample(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+def sample(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     raw = torch.randint(0, 256, (max(1, torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size(),),
                         dtype=torch.uint8, generator=g)
@@ -44,7 +46,7 @@ def wait_until(cond: Callable[[], bool], *, timeout_s: float) -> bool:
     return True
 
 
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     # Bitwise: NaN payloads and -0.0 must survive too.
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
@@ -68,28 +70,28 @@ class StoreTests:
 
     @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
     def test_every_dtype_round_trips(self, store: tierd.Store, dtype: torch.dtype) -> None:
-        t = _sample(dtype, (33, 7), seed=3)
+        t = sample(dtype, (33, 7), seed=3)
         store.put("t/x", t)
-        assert _same(store.get("t/x"), t)
+        assert same_bits(store.get("t/x"), t)
 
     @pytest.mark.parametrize("shape", [(), (0,), (3, 0, 2), (1,), (5, 1, 1, 3)])
     def test_odd_shapes(self, store: tierd.Store, shape: tuple[int, ...]) -> None:
-        t = _sample(torch.float32, shape, seed=1)
+        t = sample(torch.float32, shape, seed=1)
         store.put("t/s", t)
         got = store.get("t/s")
-        assert _same(got, t)
+        assert same_bits(got, t)
         info = store.info("t/s")
         assert info.shape == shape and info.dtype == "float32"
 
     def test_non_contiguous_input_comes_back_with_its_shape(self, store: tierd.Store) -> None:
-        base = _sample(torch.float32, (64, 48), seed=2)
-        big = _sample(torch.float32, (256, 3, 128), seed=9)[:, 1]  # large and strided: copied into the arena
+        base = sample(torch.float32, (64, 48), seed=2)
+        big = sample(torch.float32, (256, 3, 128), seed=9)[:, 1]  # large and strided: copied into the arena
         store.put("t/big-strided", big)
-        assert _same(store.get("t/big-strided"), big.contiguous())
+        assert same_bits(store.get("t/big-strided"), big.contiguous())
         for name, t in {"transposed": base.t(), "strided": base[::3, 1::2], "expanded": base[:1].expand(5, 48)}.items():
             store.put(f"t/{name}", t)
             got = store.get(f"t/{name}")
-            assert got.is_contiguous() and _same(got, t.contiguous())
+            assert got.is_contiguous() and same_bits(got, t.contiguous())
 
     def test_raw_bytes(self, store: tierd.Store) -> None:
         for i, value in enumerate([b"", b"x", bytes(range(256)) * 100, bytearray(b"abc"), memoryview(b"zz")]):
@@ -98,27 +100,27 @@ class StoreTests:
         assert store.info("b/2").dtype == "bytes"
 
     def test_get_out_fills_in_place(self, store: tierd.Store) -> None:
-        t = _sample(torch.bfloat16, (128, 64), seed=4)
+        t = sample(torch.bfloat16, (128, 64), seed=4)
         store.put("t/o", t)
         out = torch.zeros_like(t)
         ptr = out.data_ptr()
         got = store.get("t/o", out=out)
-        assert got is out and out.data_ptr() == ptr and _same(out, t)
+        assert got is out and out.data_ptr() == ptr and same_bits(out, t)
         with pytest.raises(tierd.InvalidArgument, match="dtype"):
             store.get("t/o", out=torch.zeros(128, 64))
         # A strided out= (a slice of a larger tensor) is filled in place through its strides.
         big = torch.zeros(128, 3, 64, dtype=torch.bfloat16)
         store.get("t/o", out=big[:, 1, :])
-        assert _same(big[:, 1, :].contiguous(), t) and int(big[:, 0].count_nonzero()) == 0
+        assert same_bits(big[:, 1, :].contiguous(), t) and int(big[:, 0].count_nonzero()) == 0
         with pytest.raises(tierd.InvalidArgument, match="non-contiguous out= must have the object's shape"):
             store.get("t/o", out=torch.zeros(64, 256, dtype=torch.bfloat16)[:, ::2])  # 64 x 128, not 128 x 64
 
     def test_get_out_from_nvme(self, store: tierd.Store) -> None:
-        t = _sample(torch.float32, (1000, 333), seed=5)
+        t = sample(torch.float32, (1000, 333), seed=5)
         store.put("t/on", t, tier="nvme")
         out = torch.empty_like(t)
         store.get("t/on", out=out)
-        assert _same(out, t)
+        assert same_bits(out, t)
 
     def test_overwrite_replaces(self, store: tierd.Store) -> None:
         store.put("t/w", torch.zeros(10))
@@ -170,24 +172,24 @@ class StoreTests:
         assert torch.equal(store.get("c/x"), t)
 
     def test_move_and_promotion_on_get(self, store: tierd.Store) -> None:
-        t = _sample(torch.float32, (256, 256), seed=6)
+        t = sample(torch.float32, (256, 256), seed=6)
         store.put("m/x", t)
         assert store.info("m/x").tier == "host"
         store.move("m/x", "nvme")
         assert store.info("m/x").tier == "nvme"
-        assert _same(store.get("m/x"), t)
+        assert same_bits(store.get("m/x"), t)
         assert store.info("m/x").tier == "host"  # promoted by the get
         with pytest.raises(tierd.InvalidArgument):
             store.move("m/x", "tape")
 
     def test_prefetch_brings_objects_up(self, store: tierd.Store) -> None:
-        tensors = {f"p/{i}": _sample(torch.float32, (100, 100), seed=i) for i in range(4)}
+        tensors = {f"p/{i}": sample(torch.float32, (100, 100), seed=i) for i in range(4)}
         for k, t in tensors.items():
             store.put(k, t, tier="nvme")
         store.prefetch(list(tensors) + ["p/missing"])
         # A hint has no completion event across a socket: poll what it promises, with a deadline.
         assert wait_until(lambda: all(store.info(k).tier == "host" for k in tensors), timeout_s=30)
-        assert all(_same(store.get(k), t) for k, t in tensors.items())
+        assert all(same_bits(store.get(k), t) for k, t in tensors.items())
 
     def test_declare_schedule(self, store: tierd.Store) -> None:
         keys = [f"sch/{i}" for i in range(4)]
@@ -200,21 +202,21 @@ class StoreTests:
             store.declare_schedule(["ok/key", ""])
 
     def test_async_put_and_get(self, store: tierd.Store) -> None:
-        ts = [_sample(torch.float16, (300, 100), seed=i) for i in range(8)]
+        ts = [sample(torch.float16, (300, 100), seed=i) for i in range(8)]
         futs = [store.put_async(f"a/{i}", t) for i, t in enumerate(ts)]
         for f in futs:
             f.result(timeout=60)
         gets = [store.get_async(f"a/{i}") for i in range(8)]
-        assert all(_same(g.result(timeout=60), t) for g, t in zip(gets, ts, strict=True))
+        assert all(same_bits(g.result(timeout=60), t) for g, t in zip(gets, ts, strict=True))
         with pytest.raises(tierd.NotFound):
             store.get_async("a/none").result(timeout=60)
 
     def test_pinned_objects_are_never_demoted(self, store: tierd.Store) -> None:
         cap = store.stats()["host"].capacity_bytes
-        pinned = _sample(torch.uint8, (cap // 4,), seed=8)
+        pinned = sample(torch.uint8, (cap // 4,), seed=8)
         store.put("pin/x", pinned, pin=True)
         for i in range(8):  # twice the host tier's size
-            store.put(f"fill/{i}", _sample(torch.uint8, (cap // 4,), seed=10 + i))
+            store.put(f"fill/{i}", sample(torch.uint8, (cap // 4,), seed=10 + i))
         info = store.info("pin/x")
         assert info.tier == "host" and info.pinned
         assert torch.equal(store.get("pin/x"), pinned)
@@ -222,18 +224,18 @@ class StoreTests:
     def test_host_overflow_demotes_lru_and_loses_nothing(self, store: tierd.Store) -> None:
         cap = store.stats()["host"].capacity_bytes
         chunk = cap // 8
-        ts = [_sample(torch.uint8, (chunk,), seed=20 + i) for i in range(24)]  # 3x the host tier
+        ts = [sample(torch.uint8, (chunk,), seed=20 + i) for i in range(24)]  # 3x the host tier
         for i, t in enumerate(ts):
             store.put(f"o/{i}", t)
         tiers = [store.info(f"o/{i}").tier for i in range(24)]
         assert tiers[0] == "nvme" and tiers[-1] == "host"  # the oldest left first
         stats = store.stats()
         assert stats["nvme"].demoted_bytes >= 16 * chunk
-        assert all(_same(store.get(f"o/{i}"), t) for i, t in enumerate(ts))
+        assert all(same_bits(store.get(f"o/{i}"), t) for i, t in enumerate(ts))
 
     def test_object_larger_than_host_goes_to_nvme(self, store: tierd.Store) -> None:
         cap = store.stats()["host"].capacity_bytes
-        t = _sample(torch.uint8, (cap + 4096 * 3 + 5,), seed=30)
+        t = sample(torch.uint8, (cap + 4096 * 3 + 5,), seed=30)
         store.put("big/x", t)
         assert store.info("big/x").tier == "nvme"
         assert torch.equal(store.get("big/x"), t)

@@ -17,7 +17,7 @@ from tierd.errors import OutOfSpace
 from tierd.tiers.base import Tier
 
 
-def _payload(n: int, seed: int = 0) -> torch.Tensor:
+def payload(n: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
 
@@ -28,7 +28,7 @@ class TierTests:
 
     @pytest.mark.parametrize("n", [1, 4095, 4096, 4097, 1 << 20, (3 << 20) + 17])
     def test_round_trip(self, tier: Tier, n: int) -> None:
-        src = _payload(n, seed=n)
+        src = payload(n, seed=n)
         loc = tier.write(src, codec=get_codec("none"), itemsize=1, durable=False)
         dest = torch.empty(n, dtype=torch.uint8)
         tier.read_into(loc, dest, itemsize=1)
@@ -37,7 +37,7 @@ class TierTests:
         tier.free(loc)
 
     def test_unaligned_source_and_destination(self, tier: Tier) -> None:
-        base = _payload(3 * 4096 + 100, seed=1)
+        base = payload(3 * 4096 + 100, seed=1)
         src = base[37 : 37 + 2 * 4096 + 11]  # neither start nor length aligned
         loc = tier.write(src, codec=get_codec("none"), itemsize=1, durable=False)
         big = torch.zeros(src.numel() + 64, dtype=torch.uint8)
@@ -48,7 +48,7 @@ class TierTests:
 
     def test_used_bytes_track_writes_and_frees(self, tier: Tier) -> None:
         before = tier.usage().used_bytes
-        locs = [tier.write(_payload(10_000, s), codec=get_codec("none"), itemsize=1, durable=False) for s in range(5)]
+        locs = [tier.write(payload(10_000, s), codec=get_codec("none"), itemsize=1, durable=False) for s in range(5)]
         assert tier.usage().used_bytes >= before + 5 * 10_000
         for loc in locs:
             tier.free(loc)
@@ -61,7 +61,7 @@ class TierTests:
         stored = []
         with pytest.raises(OutOfSpace):
             for s in range(10):
-                src = _payload(n, seed=s)
+                src = payload(n, seed=s)
                 stored.append((src, tier.write(src, codec=get_codec("none"), itemsize=1, durable=False)))
         assert len(stored) >= 3
         for src, loc in stored:
@@ -74,7 +74,7 @@ class TierTests:
         results: dict[int, Any] = {}
 
         def work(i: int) -> None:
-            src = _payload(200_000 + i, seed=100 + i)
+            src = payload(200_000 + i, seed=100 + i)
             results[i] = (src, tier.write(src, codec=get_codec("none"), itemsize=1, durable=False))
 
         threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]

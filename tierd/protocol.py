@@ -34,7 +34,7 @@ from typing import Any
 
 import msgspec
 
-from tierd.daemon.index import ObjectMeta
+from tierd.engine.index import ObjectMeta
 from tierd.errors import ProtocolError
 
 __all__ = [

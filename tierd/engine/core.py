@@ -1,7 +1,7 @@
 """The engine: index, placement, movement between tiers, leases, durability.
 
 Keys reaching the engine are trusted: the embedded store and the daemon
-validate what users send (:func:`tierd.keys.validate_key`) before calling in; the
+validate what users send (:func:`tierd.engine.keys.validate_key`) before calling in; the
 daemon also scopes keys to their uid.
 
 It stores byte strings (flat uint8 tensors) under keys; turning tensors into
@@ -32,7 +32,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,10 +43,13 @@ import torch
 
 from tierd.codecs import get_codec
 from tierd.config import Config
-from tierd.daemon.index import DurableIndex, ObjectMeta, ObjectRecord
-from tierd.daemon.namespaces import TIERS, NamespacePolicies
-from tierd.daemon.trace import TraceWriter
+from tierd.engine.index import DurableIndex, ObjectMeta, ObjectRecord
+from tierd.engine.keys import namespace_of, user_key
+from tierd.engine.namespaces import TIERS, NamespacePolicies
+from tierd.engine.trace import TraceWriter
 from tierd.errors import (
+    Busy,
+    InternalError,
     InvalidArgument,
     NotFound,
     OutOfSpace,
@@ -54,7 +57,6 @@ from tierd.errors import (
     StoreClosed,
     TierdError,
 )
-from tierd.keys import namespace_of, user_key
 from tierd.policies import CostModel
 from tierd.tiers.base import Tier
 from tierd.tiers.cxl import CxlTier
@@ -65,7 +67,7 @@ from tierd.types import ObjectInfo, Stats, TierStats
 
 __all__ = ["Engine", "PendingPut", "TIERS"]
 
-log = logging.getLogger("tierd.daemon.engine")
+log = logging.getLogger("tierd.engine")
 
 @dataclass(slots=True, eq=False)
 class PendingPut:
@@ -168,7 +170,6 @@ class Engine:
             self._close_arenas()
             raise
         self._wake = threading.Event()
-        self._prefetching: set[Future[None]] = set()
         self._prefetch_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tierd-prefetch")
         self._mover = threading.Thread(target=self._mover_loop, name="tierd-demote", daemon=True)
         self._mover.start()
@@ -515,9 +516,6 @@ class Engine:
             self.prefetch(upcoming)
         return old
 
-    def host_used_bytes(self) -> int:
-        return self.host.used_bytes
-
     # -- movement --------------------------------------------------------------
 
     def _alloc_host(self, nbytes: int, *, evict: bool = True) -> HostLocation | None:
@@ -799,7 +797,7 @@ class Engine:
                 if loc is not None:
                     break
             else:
-                raise TierdError(f"internal error: leased object {user_key(rec.key)!r} has no copy on any tier")
+                raise InternalError(f"leased object {user_key(rec.key)!r} has no copy on any tier")
         if source == "host":
             self.host.copy_out(loc, dest)
             return
@@ -897,7 +895,7 @@ class Engine:
             if getattr(rec, source) is None:
                 return
             if rec.moving:
-                raise TierdError(f"{user_key(rec.key)!r} is being moved already; try again")
+                raise Busy(f"{user_key(rec.key)!r} is being moved already; try again")
             rec.moving = True
             rec.readers += 1
         if not self._demote(rec, source, dest):
@@ -911,20 +909,7 @@ class Engine:
         if tier != "host":
             return
         for key in keys:
-            fut = self._prefetch_pool.submit(self._prefetch_one, key)
-            with self._lock:
-                self._prefetching.add(fut)
-            fut.add_done_callback(self._prefetch_done)
-
-    def _prefetch_done(self, fut: Future[None]) -> None:
-        with self._lock:
-            self._prefetching.discard(fut)
-
-    def drain_prefetch(self, timeout_s: float | None = None) -> None:
-        """Wait until every prefetch hint given so far has been acted on."""
-        with self._lock:
-            pending = list(self._prefetching)
-        wait(pending, timeout=timeout_s)
+            self._prefetch_pool.submit(self._prefetch_one, key)
 
     def _prefetch_one(self, key: str) -> None:
         try:
@@ -987,6 +972,16 @@ class Engine:
                 self._retire_locked(rec)
         self.remote.index_delete(key)
         return False
+
+    def locations(self, key: str) -> dict[str, Any]:
+        """Where each copy of ``key`` lives now: tier name -> that tier's location, fastest first.
+
+        For tools and tests that check the medium itself (a checksum kind, a
+        byte flipped on disk); the locations are the tiers' own records.
+        """
+        with self._lock:
+            rec = self._lookup_locked(key)
+            return {t: loc for t in TIERS if (loc := getattr(rec, t)) is not None}
 
     def info(self, key: str) -> ObjectInfo:
         if not self.exists(key):
