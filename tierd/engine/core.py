@@ -45,7 +45,9 @@ from tierd.codecs import get_codec
 from tierd.config import Config
 from tierd.engine.index import DurableIndex, ObjectMeta, ObjectRecord
 from tierd.engine.keys import namespace_of, user_key
-from tierd.engine.namespaces import TIERS, NamespacePolicies
+from tierd.engine.namespaces import NamespacePolicies
+from tierd.engine.remote_index import RemoteIndex
+from tierd.engine.stack import TIER_ORDER, TierStack
 from tierd.engine.trace import TraceWriter
 from tierd.errors import (
     Busy,
@@ -58,14 +60,10 @@ from tierd.errors import (
     TierdError,
 )
 from tierd.policies import CostModel
-from tierd.tiers.base import Tier
-from tierd.tiers.cxl import CxlTier
-from tierd.tiers.host import ArenaTier, HostLocation, HostTier
-from tierd.tiers.nvme import NvmeTier
-from tierd.tiers.remote import RemoteLocation, RemoteTier
+from tierd.tiers.host import ArenaTier, HostLocation
 from tierd.types import ObjectInfo, Stats, TierStats
 
-__all__ = ["Engine", "PendingPut", "TIERS"]
+__all__ = ["Engine", "PendingPut"]
 
 log = logging.getLogger("tierd.engine")
 
@@ -76,19 +74,6 @@ class PendingPut:
     rec: ObjectRecord
     top: str
     staging: HostLocation | None
-
-
-class RemoteEntry(msgspec.Struct, frozen=True, array_like=True):
-    """The remote index's value: enough for another store to read the object."""
-
-    meta: ObjectMeta
-    nbytes: int
-    codec: str
-    location: RemoteLocation
-
-
-_remote_encoder = msgspec.msgpack.Encoder()
-_remote_decoder = msgspec.msgpack.Decoder(RemoteEntry)
 
 
 def _tensor_of(view: memoryview) -> torch.Tensor:
@@ -111,73 +96,31 @@ class Engine:
 
     def __init__(self, config: Config, *, in_process: bool = False) -> None:
         self.config = config
-        host_cfg, cxl_cfg, nvme_cfg = config.tiers.host, config.tiers.cxl, config.tiers.nvme
-        self.host = HostTier(host_cfg.size, hugepages=host_cfg.hugepages, numa_node=host_cfg.numa_node)
-        # The cxl tier is the engine's own (clients never map it): objects on it
-        # are read by promoting them into host, or copied out by read_into.
-        self.cxl: CxlTier | None = None
-        try:
-            if cxl_cfg.enabled:
-                self.cxl = CxlTier(cxl_cfg.size, nodes=cxl_cfg.nodes, devdax=cxl_cfg.devdax)
-            self.nvme = NvmeTier(
-                nvme_cfg.path, nvme_cfg.size, slab_size=nvme_cfg.slab_size,
-                chunk_size=nvme_cfg.chunk_size, io_threads=nvme_cfg.io_threads, direct=nvme_cfg.direct,
-                gds=in_process and nvme_cfg.gds == "auto",
-            )
-        except BaseException:
-            self._close_arenas()
-            raise
-        self.tiers: dict[str, Tier] = {"host": self.host}
-        if self.cxl is not None:
-            self.tiers["cxl"] = self.cxl
-        self.tiers["nvme"] = self.nvme
-        self.remote: RemoteTier | None = None
-        remote_cfg = config.tiers.remote
-        if remote_cfg.url:
-            try:
-                self.remote = RemoteTier(
-                    remote_cfg.url, remote_cfg.size, chunk_size=remote_cfg.chunk_size, ttl_s=remote_cfg.ttl_s,
-                    timeout_s=remote_cfg.timeout_s, prefix=remote_cfg.prefix, cluster=remote_cfg.cluster,
-                )
-            except BaseException:  # redis-py missing, a bad URL: nothing stays open or locked
-                self.nvme.close()
-                self._close_arenas()
-                raise
-            self.tiers["remote"] = self.remote
+        self.tiers = TierStack(config, gds=in_process and config.tiers.nvme.gds == "auto")
+        self.host, self.cxl, self.nvme, self.remote = self.tiers.host, self.tiers.cxl, self.tiers.nvme, self.tiers.remote
         self._lock = threading.Lock()
         self._commit_lock = threading.Lock()
         self._index: dict[str, ObjectRecord] = {}
         self._cost = CostModel()  # refined from measured nvme reads
         self._policies = NamespacePolicies(lambda: self.config, self._cost)
         self._trace = TraceWriter(config.trace.path) if config.trace.path else None
-        self._counters = {name: _Counters() for name in TIERS}
+        self._counters = {name: _Counters() for name in TIER_ORDER}
         self._ns_used: dict[str, int] = {}
         self._owner_used: dict[int | None, int] = {}
         self._expiring: set[str] = set()
         self._closed = False
-        self._high = int(host_cfg.high_watermark * self.host.capacity_bytes)
-        self._low = int(host_cfg.low_watermark * self.host.capacity_bytes)
-        # (arena, high, low): the tiers the background mover keeps under their watermarks.
-        self._watermarks: list[tuple[ArenaTier, int, int]] = [(self.host, self._high, self._low)]
-        if self.cxl is not None:
-            self._watermarks.append((self.cxl, int(cxl_cfg.high_watermark * self.cxl.capacity_bytes),
-                                     int(cxl_cfg.low_watermark * self.cxl.capacity_bytes)))
+        self._watermarks = self.tiers.watermarks
+        self._shared = RemoteIndex(self.remote) if self.remote is not None else None
         try:
-            self._durable = DurableIndex(Path(nvme_cfg.path) / "index.lmdb")
+            self._durable = DurableIndex(Path(config.tiers.nvme.path) / "index.lmdb")
             self._load_durable()
         except BaseException:
-            self.nvme.close()
-            self._close_arenas()
+            self.tiers.close()
             raise
         self._wake = threading.Event()
         self._prefetch_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tierd-prefetch")
         self._mover = threading.Thread(target=self._mover_loop, name="tierd-demote", daemon=True)
         self._mover.start()
-
-    def _close_arenas(self) -> None:
-        if self.cxl is not None:
-            self.cxl.close()
-        self.host.close()
 
     # -- index bookkeeping (callers hold _lock) --------------------------------
 
@@ -231,7 +174,7 @@ class Engine:
         self._owner_used[rec.owner] = self._owner_used.get(rec.owner, 0) + rec.nbytes
         if rec.expires_at is not None:
             self._expiring.add(rec.key)
-        for tier in TIERS:
+        for tier in TIER_ORDER:
             loc = getattr(rec, tier)
             if loc is not None:
                 setattr(rec, tier, None)
@@ -244,7 +187,7 @@ class Engine:
             self._expiring.discard(rec.key)
         self._ns_used[rec.namespace] -= rec.nbytes
         self._owner_used[rec.owner] -= rec.nbytes
-        for tier in TIERS:
+        for tier in TIER_ORDER:
             self._take_location(rec, tier)
 
     def _lookup_locked(self, key: str) -> ObjectRecord:
@@ -456,11 +399,11 @@ class Engine:
         if staging is not None and not keep_staging:
             self.host.free(staging)
         if rec.remote is not None:
-            self._index_remote(rec)
-        elif replaced is not None and replaced.remote is not None and self.remote is not None:
-            self.remote.index_delete(rec.key)  # the old remote copy is gone
+            self._publish_remote(rec)
+        elif replaced is not None and replaced.remote is not None and self._shared is not None:
+            self._shared.forget(rec.key)  # the old remote copy is gone
         with self._lock:
-            for name in TIERS:
+            for name in TIER_ORDER:
                 if getattr(rec, name) is not None:
                     self._counters[name].bytes_in += nbytes
         if self._over_high_watermark():
@@ -612,40 +555,29 @@ class Engine:
                 else:
                     indexed = False
             if indexed:
-                self._index_remote(victim)
+                self._publish_remote(victim)
             elif victim.remote is None:
                 self.remote.free(remote_loc)
             self.release(victim)
         return True
 
-    def _index_remote(self, rec: ObjectRecord) -> None:
-        """Describe ``rec``'s remote copy in the shared index (other stores adopt it from there)."""
-        if self.remote is None or rec.remote is None:
-            return
-        entry = _remote_encoder.encode(RemoteEntry(rec.meta, rec.nbytes, rec.codec, rec.remote))
-        try:
-            self.remote.index_put(rec.key, entry)
-        except TierdError as exc:
-            log.warning("remote index update for %r failed: %s", user_key(rec.key), exc)
+    def _publish_remote(self, rec: ObjectRecord) -> None:
+        if self._shared is not None:
+            self._shared.publish(rec)
 
     def _adopt_remote(self, key: str) -> bool:
         """On a local miss, look ``key`` up in the remote index; install it if found."""
-        if self.remote is None:
+        if self._shared is None:
             return False
-        raw = self.remote.index_get(key)  # network I/O: never under the engine lock
-        if raw is None:
-            return False
-        try:
-            entry = _remote_decoder.decode(raw)
-        except msgspec.DecodeError:
-            log.error("remote index entry for %r does not decode; ignored", user_key(key))
+        entry = self._shared.lookup(key)  # network I/O: never under the engine lock
+        if entry is None:
             return False
         rec = ObjectRecord(key=key, namespace=namespace_of(key), meta=entry.meta, nbytes=entry.nbytes,
                            codec=entry.codec, durable=False, pinned=False, expires_at=None, remote=entry.location)
         with self._commit_lock, self._lock:
             if key in self._index:
                 return True  # someone installed it meanwhile
-            self.remote.adopt(entry.location)
+            self._shared.remote.adopt(entry.location)
             self._install_locked(rec)
         return True
 
@@ -675,8 +607,7 @@ class Engine:
         A copy that a lower tier holds already (a durable object's nvme copy, a
         remote one) is not written again: the ``source`` copy is just dropped.
         """
-        arena = self.host if source == "host" else self.cxl
-        assert arena is not None
+        arena = self.tiers.arena(source)
         new_tier, new_loc = "nvme", None
         try:
             loc = getattr(rec, source)
@@ -792,7 +723,7 @@ class Engine:
             dest = _tensor_of(dest)
         with self._lock:
             # Promoted meanwhile by someone else: the host copy; else the lower one.
-            for source in TIERS:
+            for source in TIER_ORDER:
                 loc = self._copy_locked(rec, source)
                 if loc is not None:
                     break
@@ -817,13 +748,11 @@ class Engine:
 
     def _promote(self, rec: ObjectRecord, *, evict: bool, into: str = "host") -> HostLocation | None:
         """Bring leased ``rec`` up into ``into`` (host, or cxl); its location there, or None if no room."""
-        arena = self.host if into == "host" else self.cxl
-        assert arena is not None
+        arena = self.tiers.arena(into)
         with self._lock:
             if getattr(rec, into) is not None:
                 return getattr(rec, into)  # type: ignore[no-any-return]
-            below = TIERS[TIERS.index(into) + 1:]
-            source = next((t for t in below if getattr(rec, t) is not None), None)
+            source = next((t for t in self.tiers.below(into) if getattr(rec, t) is not None), None)
             if source is None:
                 return None
             loc = getattr(rec, source)  # our lease keeps it readable (graveyard) whatever happens to rec
@@ -934,8 +863,8 @@ class Engine:
             with self._lock:
                 if self._index.get(key) is rec:
                     self._retire_locked(rec)
-        if rec.remote is not None and self.remote is not None:
-            self.remote.index_delete(key)  # other stores must not adopt it any more
+        if rec.remote is not None and self._shared is not None:
+            self._shared.forget(key)  # other stores must not adopt it any more
         if self._trace is not None:
             self._trace.write("delete", key, rec.nbytes, rec.tier)
         return True
@@ -970,7 +899,8 @@ class Engine:
         with self._commit_lock, self._lock:
             if self._index.get(key) is rec:
                 self._retire_locked(rec)
-        self.remote.index_delete(key)
+        if self._shared is not None:
+            self._shared.forget(key)
         return False
 
     def locations(self, key: str) -> dict[str, Any]:
@@ -981,7 +911,7 @@ class Engine:
         """
         with self._lock:
             rec = self._lookup_locked(key)
-            return {t: loc for t in TIERS if (loc := getattr(rec, t)) is not None}
+            return {t: loc for t in TIER_ORDER if (loc := getattr(rec, t)) is not None}
 
     def info(self, key: str) -> ObjectInfo:
         if not self.exists(key):
@@ -989,7 +919,7 @@ class Engine:
                 self._lookup_locked(key)  # raises the right NotFound
         with self._lock:
             rec = self._lookup_locked(key)
-            on = tuple(t for t in TIERS if getattr(rec, t) is not None)
+            on = tuple(t for t in TIER_ORDER if getattr(rec, t) is not None)
             stored = self.nvme.stored_nbytes(rec.nvme) if rec.nvme is not None else rec.nbytes
             return ObjectInfo(
                 key=key, tier=rec.tier, nbytes=rec.nbytes, stored_nbytes=stored,
@@ -1062,10 +992,7 @@ class Engine:
         self._wake.set()
         self._mover.join(timeout=30)
         self._prefetch_pool.shutdown(wait=True, cancel_futures=True)
-        self.nvme.close()
         self._durable.close()
-        self._close_arenas()
-        if self.remote is not None:
-            self.remote.close()
+        self.tiers.close()
         if self._trace is not None:
             self._trace.close()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from tierd.config import Config, NamespaceConfig
 from tierd.engine.index import ObjectRecord
+from tierd.engine.stack import TIER_ORDER
 from tierd.policies import (
     AdmissionPolicy,
     AdmitAll,
@@ -28,11 +29,10 @@ from tierd.policies import (
     make_prefetch_policy,
 )
 
-__all__ = ["Namespace", "NamespacePolicies", "TIERS"]
+__all__ = ["Namespace", "NamespacePolicies"]
 
 log = logging.getLogger("tierd.engine.namespaces")
 
-TIERS = ("host", "cxl", "nvme", "remote")  # fastest first; cxl and remote only when configured
 
 
 def _monotonic_deadline(expires_at: float | None) -> float | None:
@@ -145,7 +145,7 @@ class NamespacePolicies:
         for rec in records:
             fresh = changed.get(rec.namespace)
             if fresh is not None:
-                for tier in TIERS:
+                for tier in TIER_ORDER:
                     if getattr(rec, tier) is not None:
                         fresh.track(rec, tier)
         for name, fresh in changed.items():
