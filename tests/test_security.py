@@ -22,8 +22,8 @@ from daemon import Daemon, client_process, open_to_all
 
 import tierd
 from tierd import protocol as p
-from tierd.config import load_config
-from tierd.daemon.server import Server
+from tierd.config import default_socket_path, load_config
+from tierd.daemon.identity import SocketClaim
 from tierd.testing import wait_until
 
 NOBODY = 65534
@@ -248,11 +248,9 @@ def test_socket_directory_others_can_write_is_refused(tmp_path: Path, nvme_dir: 
     cfg = load_config({"tiers": {"nvme": {"path": str(nvme_dir)}}, "daemon": {"socket": str(run / "t.sock")}},
                       env={})
     with pytest.raises(tierd.TierdError, match=r"socket directory .* is writable by (group|others)"):
-        Server(cfg)._claim_socket()  # noqa: SLF001 - the check alone, no engine
+        SocketClaim(default_socket_path(cfg))  # the check alone, no engine
     run.chmod(0o750)  # what systemd's RuntimeDirectoryMode=0750 gives: accepted
-    server = Server(cfg)
-    server._claim_socket()  # noqa: SLF001
-    server._release_socket()  # noqa: SLF001
+    SocketClaim(default_socket_path(cfg)).release()
 
 
 @needs_root
@@ -263,7 +261,7 @@ def test_socket_directory_of_another_uid_is_refused(tmp_path: Path, nvme_dir: Pa
     cfg = load_config({"tiers": {"nvme": {"path": str(nvme_dir)}}, "daemon": {"socket": str(run / "t.sock")}},
                       env={})
     with pytest.raises(tierd.TierdError, match=f"owned by uid {NOBODY}"):
-        Server(cfg)._claim_socket()  # noqa: SLF001
+        SocketClaim(default_socket_path(cfg))
 
 
 # -- memfds only after an accepted Hello ---------------------------------------------------

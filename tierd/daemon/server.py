@@ -36,21 +36,17 @@ Note [arena trust]
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import itertools
 import logging
 import os
 import signal
 import socket
-import stat
-import struct
 import sys
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, cast
 
 import msgspec
@@ -59,18 +55,18 @@ import torch
 from tierd import protocol as p
 from tierd._buffers import address_view
 from tierd.config import Config, default_socket_path, load_config
+from tierd.daemon.identity import Identity, SocketClaim, peer_credentials
 from tierd.daemon.metrics import Metrics
 from tierd.daemon.systemd import notify, watchdog_interval_s
 from tierd.engine.core import Engine, PendingPut
 from tierd.engine.index import ObjectRecord
-from tierd.engine.keys import namespace_of, owner_of, scope, user_key, validate_key
-from tierd.errors import Busy, ConfigError, InvalidArgument, OutOfSpace, ProtocolError, TierdError
+from tierd.engine.keys import user_key
+from tierd.errors import InvalidArgument, OutOfSpace, ProtocolError, TierdError
 
 __all__ = ["Server", "run"]
 
 log = logging.getLogger("tierd.daemon")
 
-_UCRED = struct.Struct("3i")
 _QUICK = (p.Release, p.PutChunk, p.PutAbort, p.Exists, p.Info, p.Keys, p.GetStats, p.Status, p.Prefetch,
           p.DeclareSchedule)
 
@@ -125,7 +121,8 @@ class Server:
         self.engine: Engine | None = None
         self.metrics: Metrics | None = None
         self._listener: socket.socket | None = None
-        self._lock_fd: int | None = None
+        self._claim: SocketClaim | None = None
+        self._identity = Identity(config)
         self._conns: set[_Conn] = set()
         self._conns_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="tierd-worker")
@@ -188,11 +185,11 @@ class Server:
 
     def startup(self) -> None:
         """Take the socket, open the engine, start serving, tell systemd READY=1."""
-        self._claim_socket()
+        self._claim = SocketClaim(self.socket_path)
         try:
             self.engine = Engine(self.config)
         except BaseException:
-            self._release_socket()
+            self._claim.release()
             raise
         self.metrics = Metrics(self.engine.stats)
         try:
@@ -214,40 +211,6 @@ class Server:
         t.start()
         self._threads.append(t)
 
-    def _claim_socket(self) -> None:
-        path = self.socket_path
-        if not path.parent.exists():
-            path.parent.mkdir(parents=True, mode=0o700)
-            os.chmod(path.parent, 0o700)  # mkdir's mode went through the umask
-        _check_socket_dir(path.parent)
-        # One daemon per socket: the flock is the arbiter; the socket file alone
-        # cannot tell a live daemon from one that crashed.
-        fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise Busy(
-                f"another tierd daemon (pid {owner}) is serving on {path}; stop it first, "
-                "or give this one its own daemon.socket"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
-        if path.exists() or path.is_symlink():
-            log.warning("removing stale socket %s left by a daemon that did not stop cleanly", path)
-            path.unlink()
-
-    def _release_socket(self) -> None:
-        try:
-            self.socket_path.unlink(missing_ok=True)
-        except OSError as exc:
-            log.warning("cannot remove %s: %s", self.socket_path, exc)
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-
     def reload(self) -> None:
         """SIGHUP: re-read the config file; namespaces, quotas and lease time apply at once."""
         assert self.engine is not None
@@ -259,6 +222,7 @@ class Server:
             return
         self.engine.apply_config(new)
         self.config = self.engine.config
+        self._identity = Identity(self.config)
         log.info("config reloaded")
         notify("RELOADING=0", f"STATUS=serving on {self.socket_path} (reloaded)")
 
@@ -283,7 +247,8 @@ class Server:
             self.metrics.stop()
         if self.engine is not None:
             self.engine.close()  # durable data flushed, LMDB closed
-        self._release_socket()
+        if self._claim is not None:
+            self._claim.release()
         log.info("stopped")
 
     # -- connections -----------------------------------------------------------
@@ -297,7 +262,7 @@ class Server:
             except OSError:
                 return  # listener closed
             try:
-                pid, uid, _gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+                pid, uid, _gid = peer_credentials(sock)
             except OSError:
                 sock.close()
                 continue
@@ -370,7 +335,7 @@ class Server:
             return req.data is not None and not req.durable and req.tier in (None, "host")
         if isinstance(req, p.Get):
             try:
-                key = self._scope(conn, req.key)
+                key = self._identity.scope(req.key, conn.uid)
             except TierdError:
                 return True  # the error reply is quick too
             return self.engine.is_small_on_host(key, self.config.daemon.inline_max_bytes)
@@ -474,7 +439,7 @@ class Server:
             return
         assert self.engine is not None
         d, gpu = self.config.daemon, self.config.tiers.gpu
-        conn.trusted = self._trusted(conn.uid)
+        conn.trusted = self._identity.trusted(conn.uid)
         welcome = p.encode_frame(p.Welcome(
             id=req.id, version=p.PROTOCOL_VERSION, arena_bytes=self.engine.host.capacity_bytes, pid=os.getpid(),
             uid=conn.uid, inline_max_bytes=d.inline_max_bytes, max_frame_bytes=d.max_frame_bytes,
@@ -490,28 +455,9 @@ class Server:
                 conn.sock.sendall(welcome)
         conn.welcomed = True
 
-    def _trusted(self, uid: int) -> bool:
-        """Whether ``uid`` may map the whole host arena (Note [arena trust])."""
-        return uid in (0, os.geteuid()) or uid in self.config.daemon.trusted_uids
-
-    def _scope(self, conn: _Conn, key: str) -> str:
-        return self._scope_key(key, conn.uid)
-
-    def _scope_key(self, key: str, uid: int | None) -> str:
-        validate_key(key)
-        if self.config.namespace(namespace_of(key)).shared:
-            return key
-        return scope(key, uid)
-
-    def _visible(self, conn: _Conn, engine_key: str) -> str | None:
-        key, owner = user_key(engine_key), owner_of(engine_key)
-        if owner is not None:
-            return key if owner == str(conn.uid) else None
-        return key if self.config.namespace(namespace_of(key)).shared else None
-
     def _put(self, conn: _Conn, req: p.Put) -> Any:
         assert self.engine is not None
-        key = self._scope(conn, req.key)
+        key = self._identity.scope(req.key, conn.uid)
         numel = 1
         for dim in req.meta.shape:
             numel *= dim
@@ -587,7 +533,7 @@ class Server:
     def _get(self, conn: _Conn, req: p.Get) -> Any:
         engine = self.engine
         assert engine is not None
-        rec = engine.acquire(self._scope(conn, req.key))
+        rec = engine.acquire(self._identity.scope(req.key, conn.uid))
         keep = False
         try:
             n = rec.nbytes
@@ -634,20 +580,20 @@ class Server:
 
     def _delete(self, conn: _Conn, req: p.Delete) -> Any:
         assert self.engine is not None
-        return p.Ok(id=req.id, value=self.engine.delete(self._scope(conn, req.key)))
+        return p.Ok(id=req.id, value=self.engine.delete(self._identity.scope(req.key, conn.uid)))
 
     def _exists(self, conn: _Conn, req: p.Exists) -> Any:
         assert self.engine is not None
-        return p.Ok(id=req.id, value=self.engine.exists(self._scope(conn, req.key)))
+        return p.Ok(id=req.id, value=self.engine.exists(self._identity.scope(req.key, conn.uid)))
 
     def _info(self, conn: _Conn, req: p.Info) -> Any:
         assert self.engine is not None
-        info = self.engine.info(self._scope(conn, req.key))
+        info = self.engine.info(self._identity.scope(req.key, conn.uid))
         return p.Ok(id=req.id, value=msgspec.structs.replace(info, key=req.key))
 
     def _keys(self, conn: _Conn, req: p.Keys) -> Any:
         assert self.engine is not None
-        keys = [k for k in (self._visible(conn, e) for e in self.engine.keys(req.prefix)) if k is not None]
+        keys = [k for k in (self._identity.visible(e, conn.uid) for e in self.engine.keys(req.prefix)) if k is not None]
         return p.Ok(id=req.id, value=sorted(keys))
 
     def _stats(self, conn: _Conn, req: p.GetStats) -> Any:
@@ -656,7 +602,7 @@ class Server:
 
     def _move(self, conn: _Conn, req: p.Move) -> Any:
         assert self.engine is not None
-        self.engine.move(self._scope(conn, req.key), req.tier)
+        self.engine.move(self._identity.scope(req.key, conn.uid), req.tier)
         return p.Ok(id=req.id)
 
     def _prefetch(self, conn: _Conn, req: p.Prefetch) -> Any:
@@ -664,7 +610,7 @@ class Server:
         keys = []
         for key in req.keys:
             try:
-                keys.append(self._scope(conn, key))
+                keys.append(self._identity.scope(key, conn.uid))
             except InvalidArgument:
                 continue  # a hint: bad keys are ignored like missing ones
         self.engine.prefetch(keys, req.tier)
@@ -672,7 +618,7 @@ class Server:
 
     def _declare_schedule(self, conn: _Conn, req: p.DeclareSchedule) -> Any:
         assert self.engine is not None
-        self.engine.declare_schedule([self._scope(conn, k) for k in req.keys], cyclic=req.cyclic)
+        self.engine.declare_schedule([self._identity.scope(k, conn.uid) for k in req.keys], cyclic=req.cyclic)
         return p.Ok(id=req.id)
 
     def _status(self, conn: _Conn, req: p.Status) -> Any:
@@ -712,30 +658,6 @@ def _trim_heap() -> None:
     #     frame); trimming once a tick keeps both.
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
-
-
-def _check_socket_dir(directory: Path) -> None:
-    """Refuse a socket directory that someone else could use to replace our socket.
-
-    The socket itself is 0660; the directory decides who reaches it: 0700
-    (the daemon's uid) or 0750 (a group of clients, systemd's
-    RuntimeDirectoryMode). One another uid owns, or that others may write
-    into without the sticky bit, would let them swap in their own socket.
-    """
-    st = directory.stat()
-    euid = os.geteuid()
-    if st.st_uid not in (euid, 0):
-        raise ConfigError(
-            f"socket directory {str(directory)!r} is owned by uid {st.st_uid}, not by this daemon's uid {euid} "
-            "or root; another user could replace the socket: remove the directory or choose another daemon.socket"
-        )
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o022 and not mode & stat.S_ISVTX:
-        who = "others" if mode & 0o002 else "group"
-        raise ConfigError(
-            f"socket directory {str(directory)!r} is writable by {who} (mode {mode:04o}), so they could replace "
-            "the socket; chmod it to 0700, or 0750 to let a group of clients connect"
-        )
 
 
 def _peek_id(body: bytes | bytearray) -> int:
