@@ -36,7 +36,6 @@ Note [arena trust]
 from __future__ import annotations
 
 import ctypes
-import itertools
 import logging
 import os
 import signal
@@ -46,22 +45,16 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, cast
-
-import msgspec
-import torch
+from typing import Any
 
 from tierd import protocol as p
-from tierd._buffers import address_view
 from tierd.config import Config, default_socket_path, load_config
+from tierd.daemon.connection import Connection
 from tierd.daemon.identity import Identity, SocketClaim, peer_credentials
 from tierd.daemon.metrics import Metrics
 from tierd.daemon.systemd import notify, watchdog_interval_s
-from tierd.engine.core import Engine, PendingPut
-from tierd.engine.index import ObjectRecord
-from tierd.engine.keys import user_key
-from tierd.errors import InvalidArgument, OutOfSpace, ProtocolError, TierdError
+from tierd.engine.core import Engine
+from tierd.errors import TierdError
 
 __all__ = ["Server", "run"]
 
@@ -69,46 +62,6 @@ log = logging.getLogger("tierd.daemon")
 
 _QUICK = (p.Release, p.PutChunk, p.PutAbort, p.Exists, p.Info, p.Keys, p.GetStats, p.Status, p.Prefetch,
           p.DeclareSchedule)
-
-
-@dataclass(eq=False)
-class _StreamedPut:
-    """A prepared put whose bytes come in PutChunk frames (Note [arena trust])."""
-
-    pending: PendingPut
-    buffer: torch.Tensor | None  # where chunks land: the staging extent, or daemon memory; None: the client
-    # writes into the arena itself (trusted)
-    received: int = 0
-    error: str | None = None
-
-
-@dataclass(eq=False)
-class _Conn:
-    sock: socket.socket
-    uid: int
-    pid: int
-    reader: p.FrameReader
-    inflight: threading.Semaphore
-    trusted: bool = False  # holds the arena memfd (Note [arena trust])
-    send_lock: threading.Lock = field(default_factory=threading.Lock)
-    state_lock: threading.Lock = field(default_factory=threading.Lock)
-    puts: dict[int, _StreamedPut] = field(default_factory=dict)
-    leases: dict[int, tuple[ObjectRecord, float]] = field(default_factory=dict)
-    ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
-    welcomed: bool = False
-    closed: bool = False
-    since: float = field(default_factory=time.time)
-    requests: int = 0
-
-    def send(self, msg: msgspec.Struct) -> None:
-        frame = p.encode_frame(msg)
-        with self.send_lock:
-            if self.closed:
-                return
-            try:
-                self.sock.sendall(frame)
-            except OSError:
-                self.closed = True  # the reader sees the socket die and cleans up
 
 
 class Server:
@@ -122,14 +75,14 @@ class Server:
         self.metrics: Metrics | None = None
         self._listener: socket.socket | None = None
         self._claim: SocketClaim | None = None
-        self._identity = Identity(config)
-        self._conns: set[_Conn] = set()
+        self.identity = Identity(config)
+        self._conns: set[Connection] = set()
         self._conns_lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="tierd-worker")
+        self.pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="tierd-worker")
         self._inflight = 0
         self._inflight_zero = threading.Condition(self._conns_lock)
         self._stop = threading.Event()
-        self._draining = False
+        self.draining = False
         self._threads: list[threading.Thread] = []
 
     # -- life cycle ------------------------------------------------------------
@@ -171,7 +124,7 @@ class Server:
                         os._exit(1)
                     continue
                 log.info("%s: draining", signal.Signals(signum).name)
-                self._draining = True
+                self.draining = True
                 self._stop.set()
                 stopper = threading.Thread(target=self.shutdown, args=(self.config.daemon.drain_timeout_s,),
                                            name="tierd-drain")
@@ -222,14 +175,14 @@ class Server:
             return
         self.engine.apply_config(new)
         self.config = self.engine.config
-        self._identity = Identity(self.config)
+        self.identity = Identity(self.config)
         log.info("config reloaded")
         notify("RELOADING=0", f"STATUS=serving on {self.socket_path} (reloaded)")
 
     def shutdown(self, timeout_s: float) -> None:
         """Stop accepting, finish acknowledged work within ``timeout_s``, close the index."""
         notify("STOPPING=1", "STATUS=draining")
-        self._draining = True
+        self.draining = True
         if self._listener is not None:
             self._listener.close()  # the acceptor's accept() fails and it exits
             self._listener = None
@@ -241,8 +194,8 @@ class Server:
                 log.warning("%d requests still running after %.0f s; stopping anyway", self._inflight, timeout_s)
             conns = list(self._conns)
         for conn in conns:
-            self._close_conn(conn)
-        self._pool.shutdown(wait=True, cancel_futures=True)
+            conn.close()
+        self.pool.shutdown(wait=True, cancel_futures=True)
         if self.metrics is not None:
             self.metrics.stop()
         if self.engine is not None:
@@ -254,9 +207,9 @@ class Server:
     # -- connections -----------------------------------------------------------
 
     def _accept_loop(self) -> None:
-        listener = self._listener
-        assert listener is not None
-        while not self._draining:
+        listener, engine = self._listener, self.engine
+        assert listener is not None and engine is not None  # started by startup(), after both
+        while not self.draining:
             try:
                 sock, _ = listener.accept()
             except OSError:
@@ -267,8 +220,7 @@ class Server:
                 sock.close()
                 continue
             d = self.config.daemon
-            conn = _Conn(sock=sock, uid=uid, pid=pid, reader=p.FrameReader(sock, d.max_frame_bytes),
-                         inflight=threading.Semaphore(d.max_inflight))
+            conn = Connection(self, engine, sock, uid=uid, pid=pid)
             with self._conns_lock:
                 same_uid = sum(1 for c in self._conns if c.uid == uid)
                 if same_uid >= d.max_connections_per_uid:
@@ -284,126 +236,44 @@ class Server:
                 continue
             if self.metrics:
                 self.metrics.clients.inc()
-            threading.Thread(target=self._read_loop, args=(conn,), name=f"tierd-conn-{pid}", daemon=True).start()
+            threading.Thread(target=conn.serve, name=f"tierd-conn-{pid}", daemon=True).start()
 
-    def _read_loop(self, conn: _Conn) -> None:
-        decoder = msgspec.msgpack.Decoder(p.Request)
-        try:
-            while not conn.closed:
-                try:
-                    body = conn.reader.read()
-                except ProtocolError as exc:  # oversized: the stream cannot be trusted further
-                    conn.send(p.Fail(id=0, kind="ProtocolError", message=str(exc)))
-                    return
-                try:
-                    req = decoder.decode(body)
-                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                    # The frame boundary is intact: answer and keep serving.
-                    conn.send(p.Fail(id=_peek_id(body), kind="ProtocolError", message=f"malformed request: {exc}"))
-                    continue
-                if not conn.welcomed and not isinstance(req, p.Hello):
-                    conn.send(p.Fail(id=req.id, kind="ProtocolError", message="send Hello first"))
-                    return
-                if self._draining and not isinstance(req, (p.Release, p.PutAbort)):
-                    conn.send(p.Fail(id=req.id, kind="DaemonUnavailable", message="the daemon is shutting down"))
-                    continue
-                conn.requests += 1
-                if isinstance(req, p.Hello):
-                    self._hello(conn, req)
-                elif isinstance(req, _QUICK) or self._is_quick(conn, req):
-                    # On this thread: no handoff for what takes microseconds
-                    # (and PutChunks stay ordered before their PutCommit).
-                    self._run(conn, req)
-                else:
-                    conn.inflight.acquire()  # back-pressure: stop reading at max_inflight
-                    self._begin_request()
-                    try:
-                        self._pool.submit(self._run_pooled, conn, req)
-                    except RuntimeError:  # pool shut down
-                        conn.inflight.release()
-                        self._end_request()
-                        return
-        except (EOFError, ConnectionError, OSError):
-            pass
-        finally:
-            self._close_conn(conn)
+    def holds(self, conn: Connection) -> bool:
+        """Whether ``conn`` is among the admitted connections."""
+        with self._conns_lock:
+            return conn in self._conns
 
-    def _is_quick(self, conn: _Conn, req: Any) -> bool:
-        """A small put or get that stays in memory: cheaper to serve than to hand off."""
-        assert self.engine is not None
-        if isinstance(req, p.Put):
-            return req.data is not None and not req.durable and req.tier in (None, "host")
-        if isinstance(req, p.Get):
-            try:
-                key = self._identity.scope(req.key, conn.uid)
-            except TierdError:
-                return True  # the error reply is quick too
-            return self.engine.is_small_on_host(key, self.config.daemon.inline_max_bytes)
-        return False
+    def forget(self, conn: Connection) -> None:
+        """Drop closed ``conn`` from the admitted connections."""
+        with self._conns_lock:
+            if conn not in self._conns:
+                return
+            self._conns.discard(conn)
+        if self.metrics:
+            self.metrics.clients.dec()
 
-    def _begin_request(self) -> None:
+    def connections(self) -> list[Connection]:
+        with self._conns_lock:
+            return list(self._conns)
+
+    @property
+    def inflight(self) -> int:
+        """Requests handed to the worker pool and not answered yet."""
+        return self._inflight
+
+    def begin_request(self) -> None:
         with self._conns_lock:
             self._inflight += 1
         if self.metrics:
             self.metrics.inflight.inc()
 
-    def _end_request(self) -> None:
+    def end_request(self) -> None:
         with self._conns_lock:
             self._inflight -= 1
             if not self._inflight:
                 self._inflight_zero.notify_all()
         if self.metrics:
             self.metrics.inflight.dec()
-
-    def _run_pooled(self, conn: _Conn, req: Any) -> None:
-        try:
-            self._run(conn, req)
-        finally:
-            conn.inflight.release()
-            self._end_request()
-
-    def _run(self, conn: _Conn, req: Any) -> None:
-        handler = self._handlers[type(req)]
-        started = time.perf_counter()
-        try:
-            reply = handler(self, conn, req)
-        except TierdError as exc:
-            reply = p.Fail(id=req.id, kind=type(exc).__name__, message=str(exc))
-        except Exception as exc:  # noqa: BLE001 - one bad request must not take the daemon down
-            log.exception("request %s failed", type(req).__name__)
-            reply = p.Fail(id=req.id, kind="TierdError", message=f"internal error: {type(exc).__name__}: {exc}")
-        if reply is not None:
-            conn.send(reply)
-        if self.metrics:
-            self.metrics.observe(type(req).__name__, time.perf_counter() - started)
-
-    def _close_conn(self, conn: _Conn) -> None:
-        with conn.state_lock:
-            if conn.closed and not conn.puts and not conn.leases and conn not in self._conns:
-                return
-            conn.closed = True
-            puts, leases = list(conn.puts.values()), list(conn.leases.values())
-            conn.puts.clear()
-            conn.leases.clear()
-        # A dead client's uncommitted allocations and leases go back at once.
-        assert self.engine is not None
-        for put in puts:
-            self.engine.abort_put(put.pending)
-        for rec, _ in leases:
-            self.engine.release(rec)
-        try:
-            conn.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        conn.sock.close()
-        with self._conns_lock:
-            if conn in self._conns:
-                self._conns.discard(conn)
-                if self.metrics:
-                    self.metrics.clients.dec()
-        if puts or leases:
-            log.info("client pid %d (uid %d) went away: %d allocations and %d leases reclaimed",
-                     conn.pid, conn.uid, len(puts), len(leases))
 
     def _janitor_loop(self) -> None:
         interval = watchdog_interval_s()
@@ -414,233 +284,13 @@ class Server:
             with self._conns_lock:
                 conns = list(self._conns)
             for conn in conns:
-                with conn.state_lock:
-                    expired = [lid for lid, (_, t) in conn.leases.items() if now - t > lease_s]
-                    recs = [conn.leases.pop(lid)[0] for lid in expired]
-                for rec in recs:
-                    log.warning("lease on %r by pid %d expired after %.0f s", user_key(rec.key), conn.pid, lease_s)
-                    assert self.engine is not None
-                    self.engine.release(rec)
+                conn.expire_leases(lease_s, now)
             if interval and self._healthy():
                 notify("WATCHDOG=1")
             _trim_heap()
 
     def _healthy(self) -> bool:
         return all(t.is_alive() for t in self._threads) and self.engine is not None and self.engine.healthy()
-
-    # -- requests --------------------------------------------------------------
-
-    def _hello(self, conn: _Conn, req: p.Hello) -> None:
-        if req.version != p.PROTOCOL_VERSION:
-            conn.send(p.Fail(id=req.id, kind="ProtocolError",
-                             message=f"client speaks protocol {req.version}, this daemon {p.PROTOCOL_VERSION}; "
-                                     "upgrade the older side"))
-            conn.closed = True
-            return
-        assert self.engine is not None
-        d, gpu = self.config.daemon, self.config.tiers.gpu
-        conn.trusted = self._identity.trusted(conn.uid)
-        welcome = p.encode_frame(p.Welcome(
-            id=req.id, version=p.PROTOCOL_VERSION, arena_bytes=self.engine.host.capacity_bytes, pid=os.getpid(),
-            uid=conn.uid, inline_max_bytes=d.inline_max_bytes, max_frame_bytes=d.max_frame_bytes,
-            arena=conn.trusted, gpu_pin=gpu.pin, gpu_pin_piece=gpu.pin_piece, gpu_budget=gpu.budget,
-            gpu_fraction=gpu.fraction,
-        ))
-        # The arena's memfd rides on the Welcome frame: only admitted clients
-        # of a trusted uid get it (Note [arena trust]).
-        with conn.send_lock:
-            if conn.trusted:
-                socket.send_fds(conn.sock, [welcome], [self.engine.host.fd])
-            else:
-                conn.sock.sendall(welcome)
-        conn.welcomed = True
-
-    def _put(self, conn: _Conn, req: p.Put) -> Any:
-        assert self.engine is not None
-        key = self._identity.scope(req.key, conn.uid)
-        numel = 1
-        for dim in req.meta.shape:
-            numel *= dim
-        if req.nbytes < 0 or req.nbytes != numel * req.meta.itemsize:
-            raise InvalidArgument(f"nbytes {req.nbytes} does not match shape {req.meta.shape} x {req.meta.itemsize}")
-        capacity = sum(t.capacity_bytes for t in self.engine.tiers.values())
-        if req.nbytes > capacity:  # before any buffer is sized by it
-            raise OutOfSpace(f"an object of {req.nbytes} bytes is larger than all tiers together ({capacity} bytes)")
-        opts: dict[str, Any] = {"tier": req.tier, "durable": req.durable, "codec": req.codec, "pin": req.pin, "ttl": req.ttl,
-                "owner": conn.uid}
-        if req.data is not None:
-            if len(req.data) != req.nbytes:
-                raise InvalidArgument(f"inline data holds {len(req.data)} bytes, nbytes says {req.nbytes}")
-            self.engine.put(key, memoryview(req.data), req.meta, **opts)
-            return p.Ok(id=req.id)
-        pending = self.engine.prepare_put(key, req.nbytes, req.meta, stage=True, **opts)
-        buffer: torch.Tensor | None = None
-        if pending.staging is not None:
-            # Untrusted: the chunks go straight into the staging extent.
-            buffer = None if conn.trusted else self.engine.host.view(pending.staging)
-        elif req.nbytes:
-            buffer = torch.empty(req.nbytes, dtype=torch.uint8)
-        put_id = next(conn.ids)
-        with conn.state_lock:
-            if conn.closed:
-                self.engine.abort_put(pending)
-                return None
-            conn.puts[put_id] = _StreamedPut(pending, buffer)
-        offset = pending.staging.offset if pending.staging is not None and buffer is None else None
-        return p.PutReady(id=req.id, put_id=put_id, offset=offset)
-
-    def _put_chunk(self, conn: _Conn, req: p.PutChunk) -> None:
-        with conn.state_lock:
-            put = conn.puts.get(req.put_id)
-        if put is None or put.buffer is None or put.error is not None:
-            return None  # reported at commit
-        end = req.offset + len(req.data)
-        # In order and within bounds: then "received == nbytes" at commit means
-        # every byte came from the client (Note [arena trust]).
-        if req.offset != put.received or end > put.buffer.numel():
-            put.error = (f"chunk at offset {req.offset} of {len(req.data)} bytes does not follow the "
-                         f"{put.received} bytes received (object of {put.buffer.numel()} bytes)")
-            return None
-        if req.data:  # straight from the frame into place: no tensor, no extra copy
-            address_view(put.buffer.data_ptr() + req.offset, len(req.data))[:] = req.data
-        put.received = end
-        return None
-
-    def _put_commit(self, conn: _Conn, req: p.PutCommit) -> Any:
-        with conn.state_lock:
-            put = conn.puts.pop(req.put_id, None)
-        if put is None:
-            raise ProtocolError(f"no prepared put {req.put_id} on this connection (aborted or committed)")
-        assert self.engine is not None
-        if put.buffer is not None and put.error is None and put.received != put.buffer.numel():
-            put.error = f"only {put.received} of {put.buffer.numel()} bytes were sent before the commit"
-        if put.error is not None:
-            self.engine.abort_put(put.pending)
-            raise InvalidArgument(f"put of {user_key(put.pending.rec.key)!r} refused: {put.error}")
-        # Bytes written into the staging extent are already in place.
-        src = put.buffer if put.pending.staging is None else None
-        self.engine.finish_put(put.pending, src)
-        return p.Ok(id=req.id)
-
-    def _put_abort(self, conn: _Conn, req: p.PutAbort) -> Any:
-        with conn.state_lock:
-            put = conn.puts.pop(req.put_id, None)
-        if put is not None:
-            assert self.engine is not None
-            self.engine.abort_put(put.pending)
-        return p.Ok(id=req.id)
-
-    def _get(self, conn: _Conn, req: p.Get) -> Any:
-        engine = self.engine
-        assert engine is not None
-        rec = engine.acquire(self._identity.scope(req.key, conn.uid))
-        keep = False
-        try:
-            n = rec.nbytes
-            if n <= self.config.daemon.inline_max_bytes and req.inline_ok:
-                buf = bytearray(n)
-                engine.read_into(rec, memoryview(buf))
-                return p.GetReady(id=req.id, meta=rec.meta, data=bytes(buf))
-            # A client without the arena still promotes (for the next reader),
-            # but never makes room for it by demoting others.
-            loc = engine.read_location(rec, promote=True, evict=conn.trusted)
-            if loc is not None and conn.trusted:
-                lease_id = next(conn.ids)
-                with conn.state_lock:
-                    if conn.closed:
-                        return None
-                    conn.leases[lease_id] = (rec, time.monotonic())
-                    keep = True
-                return p.GetReady(id=req.id, meta=rec.meta, offset=loc.offset, lease_id=lease_id)
-            if loc is not None:
-                data = engine.host.view(loc)  # valid while our lease on rec lasts (until finally)
-            else:  # larger than the arena can take now
-                data = torch.empty(n, dtype=torch.uint8)
-                engine.read_into(rec, data, promote=False)
-            # Stream it in frames.
-            step = max(1, self.config.daemon.max_frame_bytes // 2)
-            chunks = -(-n // step)
-            conn.send(p.GetReady(id=req.id, meta=rec.meta, chunks=chunks))
-            view = address_view(data.data_ptr(), n)  # data (and our lease) outlive the loop
-            for i in range(chunks):
-                # A memoryview is encoded as msgpack bin like bytes, without copying it first.
-                conn.send(p.Chunk(id=req.id, data=cast(bytes, view[i * step : (i + 1) * step])))
-            return None
-        finally:
-            if not keep:
-                engine.release(rec)
-
-    def _release(self, conn: _Conn, req: p.Release) -> None:
-        with conn.state_lock:
-            entry = conn.leases.pop(req.lease_id, None)
-        if entry is not None:
-            assert self.engine is not None
-            self.engine.release(entry[0])
-        return None
-
-    def _delete(self, conn: _Conn, req: p.Delete) -> Any:
-        assert self.engine is not None
-        return p.Ok(id=req.id, value=self.engine.delete(self._identity.scope(req.key, conn.uid)))
-
-    def _exists(self, conn: _Conn, req: p.Exists) -> Any:
-        assert self.engine is not None
-        return p.Ok(id=req.id, value=self.engine.exists(self._identity.scope(req.key, conn.uid)))
-
-    def _info(self, conn: _Conn, req: p.Info) -> Any:
-        assert self.engine is not None
-        info = self.engine.info(self._identity.scope(req.key, conn.uid))
-        return p.Ok(id=req.id, value=msgspec.structs.replace(info, key=req.key))
-
-    def _keys(self, conn: _Conn, req: p.Keys) -> Any:
-        assert self.engine is not None
-        keys = [k for k in (self._identity.visible(e, conn.uid) for e in self.engine.keys(req.prefix)) if k is not None]
-        return p.Ok(id=req.id, value=sorted(keys))
-
-    def _stats(self, conn: _Conn, req: p.GetStats) -> Any:
-        assert self.engine is not None
-        return p.Ok(id=req.id, value=self.engine.stats())
-
-    def _move(self, conn: _Conn, req: p.Move) -> Any:
-        assert self.engine is not None
-        self.engine.move(self._identity.scope(req.key, conn.uid), req.tier)
-        return p.Ok(id=req.id)
-
-    def _prefetch(self, conn: _Conn, req: p.Prefetch) -> Any:
-        assert self.engine is not None
-        keys = []
-        for key in req.keys:
-            try:
-                keys.append(self._identity.scope(key, conn.uid))
-            except InvalidArgument:
-                continue  # a hint: bad keys are ignored like missing ones
-        self.engine.prefetch(keys, req.tier)
-        return p.Ok(id=req.id)
-
-    def _declare_schedule(self, conn: _Conn, req: p.DeclareSchedule) -> Any:
-        assert self.engine is not None
-        self.engine.declare_schedule([self._identity.scope(k, conn.uid) for k in req.keys], cyclic=req.cyclic)
-        return p.Ok(id=req.id)
-
-    def _status(self, conn: _Conn, req: p.Status) -> Any:
-        assert self.engine is not None
-        # Another uid's processes and namespaces are none of an untrusted client's business.
-        with self._conns_lock:
-            clients = [{"pid": c.pid, "uid": c.uid, "since": c.since, "requests": c.requests,
-                        "leases": len(c.leases), "puts": len(c.puts)} for c in self._conns
-                       if conn.trusted or c.uid == conn.uid]
-        return p.Ok(id=req.id, value={
-            "pid": os.getpid(), "socket": str(self.socket_path), "stats": self.engine.stats(),
-            "namespaces": self.engine.namespace_usage() if conn.trusted else {}, "clients": clients,
-            "metrics_port": self.metrics.port if self.metrics else None, "inflight": self._inflight,
-        })
-
-    _handlers: dict[type, Callable[..., Any]] = {
-        p.Put: _put, p.PutChunk: _put_chunk, p.PutCommit: _put_commit, p.PutAbort: _put_abort, p.Get: _get,
-        p.Release: _release, p.Delete: _delete, p.Exists: _exists, p.Info: _info, p.Keys: _keys,
-        p.GetStats: _stats, p.Move: _move, p.Prefetch: _prefetch, p.Status: _status,
-        p.DeclareSchedule: _declare_schedule,
-    }
-
 
 _LIBC = ctypes.CDLL(None) if sys.platform == "linux" else None
 _MALLOC_TRIM = getattr(_LIBC, "malloc_trim", None)  # glibc only
@@ -658,16 +308,6 @@ def _trim_heap() -> None:
     #     frame); trimming once a tick keeps both.
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
-
-
-def _peek_id(body: bytes | bytearray) -> int:
-    """The ``id`` of a frame that failed to decode as a request, if it has one."""
-    try:
-        obj = msgspec.msgpack.decode(body)
-    except msgspec.DecodeError:
-        return 0
-    rid = obj.get("id") if isinstance(obj, dict) else None
-    return rid if isinstance(rid, int) else 0
 
 
 def run(config_source: Any = None) -> int:
