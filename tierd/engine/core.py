@@ -8,28 +8,17 @@ It stores byte strings (flat uint8 tensors) under keys; turning tensors into
 bytes and back is the client's job. One engine runs inside ``tierd.open()``
 and, later, inside the daemon.
 
-Locking
-    ``_lock`` guards the index, the records, the policy and the counters; it
-    is never held while bytes move. ``_commit_lock`` orders every change of
-    the index that may touch LMDB (install, delete) so the LMDB order is the
-    in-memory order; it is taken before ``_lock``, never after.
-
-Movement
-    A put lands in the highest allowed tier with room; when the host tier has
-    no free extent, least-recently-used objects are demoted one tier down
-    first: host -> cxl (when configured) -> nvme (-> remote).
-    A background thread demotes from host (and cxl) whenever its use passes
-    the high watermark, until it is under the low one. A get from cxl or nvme
-    promotes the object into host when there is room (``prefetch`` does it
-    ahead of time). Demotion never drops an object: if nvme is full the
-    victim stays where it is and the put that needed room gets
-    :class:`OutOfSpace`.
+The front of the engine package: the calls ``tierd.open()`` and the daemon
+make (put in two phases, leases, reads, move, prefetch, queries, reload).
+Its parts: the tiers (stack.py, a TierStack), the records and their
+bookkeeping under one lock (catalog.py, Note there on locking and leases),
+moving bytes between tiers (movement.py), the remote tier's shared index
+(remote_index.py) and the durable LMDB index (index.py).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -43,14 +32,15 @@ import torch
 
 from tierd.codecs import get_codec
 from tierd.config import Config
+from tierd.engine.catalog import Catalog
 from tierd.engine.index import DurableIndex, ObjectMeta, ObjectRecord
 from tierd.engine.keys import namespace_of, user_key
+from tierd.engine.movement import Mover
 from tierd.engine.namespaces import NamespacePolicies
 from tierd.engine.remote_index import RemoteIndex
 from tierd.engine.stack import TIER_ORDER, TierStack
 from tierd.engine.trace import TraceWriter
 from tierd.errors import (
-    Busy,
     InternalError,
     InvalidArgument,
     NotFound,
@@ -60,7 +50,7 @@ from tierd.errors import (
     TierdError,
 )
 from tierd.policies import CostModel
-from tierd.tiers.host import ArenaTier, HostLocation
+from tierd.tiers.host import HostLocation
 from tierd.types import ObjectInfo, Stats, TierStats
 
 __all__ = ["Engine", "PendingPut"]
@@ -83,14 +73,6 @@ def _tensor_of(view: memoryview) -> torch.Tensor:
     return torch.frombuffer(view, dtype=torch.uint8) if view.nbytes else torch.empty(0, dtype=torch.uint8)
 
 
-class _Counters:
-    __slots__ = ("objects", "hits", "misses", "bytes_in", "bytes_out", "promoted", "demoted")
-
-    def __init__(self) -> None:
-        self.objects = self.hits = self.misses = 0
-        self.bytes_in = self.bytes_out = self.promoted = self.demoted = 0
-
-
 class Engine:
     """Owns the tiers and the index. Thread-safe."""
 
@@ -98,18 +80,18 @@ class Engine:
         self.config = config
         self.tiers = TierStack(config, gds=in_process and config.tiers.nvme.gds == "auto")
         self.host, self.cxl, self.nvme, self.remote = self.tiers.host, self.tiers.cxl, self.tiers.nvme, self.tiers.remote
-        self._lock = threading.Lock()
-        self._commit_lock = threading.Lock()
-        self._index: dict[str, ObjectRecord] = {}
         self._cost = CostModel()  # refined from measured nvme reads
         self._policies = NamespacePolicies(lambda: self.config, self._cost)
+        self._catalog = Catalog(self.tiers, self._policies)
+        # The catalog's state under the names the front uses (Note: the same objects, not copies).
+        self._lock, self._commit_lock, self._index = self._catalog.lock, self._catalog.commit_lock, self._catalog.index
+        self._counters, self._ns_used, self._owner_used = (self._catalog.counters, self._catalog.ns_used,
+                                                           self._catalog.owner_used)
+        self._expiring = self._catalog.expiring
+        self._moves = Mover(self._catalog, self.tiers, self._policies, self._cost,
+                            publish_remote=self._publish_remote, delete=self.delete)
         self._trace = TraceWriter(config.trace.path) if config.trace.path else None
-        self._counters = {name: _Counters() for name in TIER_ORDER}
-        self._ns_used: dict[str, int] = {}
-        self._owner_used: dict[int | None, int] = {}
-        self._expiring: set[str] = set()
         self._closed = False
-        self._watermarks = self.tiers.watermarks
         self._shared = RemoteIndex(self.remote) if self.remote is not None else None
         try:
             self._durable = DurableIndex(Path(config.tiers.nvme.path) / "index.lmdb")
@@ -117,10 +99,8 @@ class Engine:
         except BaseException:
             self.tiers.close()
             raise
-        self._wake = threading.Event()
         self._prefetch_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tierd-prefetch")
-        self._mover = threading.Thread(target=self._mover_loop, name="tierd-demote", daemon=True)
-        self._mover.start()
+        self._moves.start()
 
     # -- index bookkeeping (callers hold _lock) --------------------------------
 
@@ -142,61 +122,10 @@ class Engine:
                 codec=entry.codec, durable=True, pinned=entry.pinned, expires_at=entry.expires_at,
                 nvme=entry.location, owner=entry.owner,
             )
-            self._install_locked(rec)
+            self._catalog.install_locked(rec)
         if stale:
             self._durable.delete(*stale)
         log.info("restored %d durable objects from %s", len(self._index), self.nvme.path)
-
-    def _set_location(self, rec: ObjectRecord, tier: str, loc: Any) -> None:
-        setattr(rec, tier, loc)
-        self._counters[tier].objects += 1
-        self._policies.on_insert(rec, tier)
-
-    def _take_location(self, rec: ObjectRecord, tier: str) -> None:
-        """Detach ``rec``'s copy on ``tier`` and free it once no one reads it."""
-        loc = getattr(rec, tier)
-        if loc is None:
-            return
-        setattr(rec, tier, None)
-        self._counters[tier].objects -= 1
-        self._policies.on_remove(rec, tier)
-        if rec.readers:
-            rec.graveyard.append((tier, loc))
-        else:
-            self.tiers[tier].free(loc)
-
-    def _install_locked(self, rec: ObjectRecord) -> None:
-        old = self._index.get(rec.key)
-        if old is not None:
-            self._retire_locked(old)
-        self._index[rec.key] = rec
-        self._ns_used[rec.namespace] = self._ns_used.get(rec.namespace, 0) + rec.nbytes
-        self._owner_used[rec.owner] = self._owner_used.get(rec.owner, 0) + rec.nbytes
-        if rec.expires_at is not None:
-            self._expiring.add(rec.key)
-        for tier in TIER_ORDER:
-            loc = getattr(rec, tier)
-            if loc is not None:
-                setattr(rec, tier, None)
-                self._set_location(rec, tier, loc)
-
-    def _retire_locked(self, rec: ObjectRecord) -> None:
-        rec.live = False
-        if self._index.get(rec.key) is rec:
-            del self._index[rec.key]
-            self._expiring.discard(rec.key)
-        self._ns_used[rec.namespace] -= rec.nbytes
-        self._owner_used[rec.owner] -= rec.nbytes
-        for tier in TIER_ORDER:
-            self._take_location(rec, tier)
-
-    def _lookup_locked(self, key: str) -> ObjectRecord:
-        rec = self._index.get(key)
-        if rec is None:
-            raise NotFound(f"no object {user_key(key)!r}")
-        if rec.expires_at is not None and rec.expires_at <= time.time():
-            raise NotFound(f"object {user_key(key)!r} expired")
-        return rec
 
     def _check_open(self) -> None:
         if self._closed:
@@ -230,7 +159,7 @@ class Engine:
     def _acquire_local(self, key: str) -> ObjectRecord:
         with self._lock:
             self._check_open()
-            rec = self._lookup_locked(key)
+            rec = self._catalog.lookup_locked(key)
             rec.readers += 1
             self._policies.on_access(rec)
             upcoming = self._observe_locked(rec.namespace, key)
@@ -242,12 +171,7 @@ class Engine:
 
     def release(self, rec: ObjectRecord) -> None:
         """End a lease taken with :meth:`acquire`."""
-        with self._lock:
-            rec.readers -= 1
-            if rec.readers == 0 and rec.graveyard:
-                for tier, loc in rec.graveyard:
-                    self.tiers[tier].free(loc)
-                rec.graveyard.clear()
+        self._catalog.release(rec)
 
     @contextmanager
     def lease(self, key: str) -> Iterator[ObjectRecord]:
@@ -256,7 +180,7 @@ class Engine:
         try:
             yield rec
         finally:
-            self.release(rec)
+            self._catalog.release(rec)
 
     # -- put -------------------------------------------------------------------
 
@@ -302,9 +226,9 @@ class Engine:
         staging = None
         if nbytes:
             if top == "host" and not durable:
-                staging = self._alloc_host(nbytes)  # its final place: make room
+                staging = self._moves.alloc_host(nbytes)  # its final place: make room
             else:
-                staging = self._alloc_host(nbytes, evict=stage)
+                staging = self._moves.alloc_host(nbytes, evict=stage)
         return PendingPut(rec, top, staging)
 
     def _check_quotas(self, key: str, ns: str, ns_quota: int | None, owner: int | None, nbytes: int) -> None:
@@ -362,12 +286,12 @@ class Engine:
                     # Host had no room, or cxl was asked for. A durable object
                     # (whose home is nvme) is cached here only if asked to, or
                     # if there is room without demoting anything.
-                    rec.cxl = self._write_cxl(self.host.view(staging) if staging is not None else src,
+                    rec.cxl = self._moves.write_cxl(self.host.view(staging) if staging is not None else src,
                                               nbytes, evict=pending.top == "cxl" or not rec.durable)
                 if rec.durable or (nbytes and not stays_host and rec.cxl is None):
                     # Note [durability] in tiers/nvme.py: chunks fsync'ed here, then
                     # the LMDB entry committed in _commit, then acknowledged.
-                    rec.nvme = self._write_nvme(self._put_source(staging, src), rec, durable=rec.durable)
+                    rec.nvme = self._moves.write_nvme(self._put_source(staging, src), rec, durable=rec.durable)
             if (self.remote is not None and nbytes and rec.remote is None
                     and self.config.namespace(rec.namespace).write_through):
                 remote_src = self.host.view(staging) if staging is not None else (
@@ -406,8 +330,8 @@ class Engine:
             for name in TIER_ORDER:
                 if getattr(rec, name) is not None:
                     self._counters[name].bytes_in += nbytes
-        if self._over_high_watermark():
-            self._wake.set()
+        if self._moves.over_high_watermark():
+            self._moves.wake()
 
     def _put_source(self, staging: HostLocation | None, src: torch.Tensor | memoryview | None) -> torch.Tensor:
         """A put's bytes as a flat uint8 tensor: the staging extent, or ``src``."""
@@ -451,7 +375,7 @@ class Engine:
             elif old is not None and old.durable:
                 self._durable.delete(rec.key)
             with self._lock:
-                self._install_locked(rec)
+                self._catalog.install_locked(rec)
                 upcoming = self._observe_locked(rec.namespace, rec.key)
         if self._trace is not None:
             self._trace.write("put", rec.key, rec.nbytes, rec.tier)
@@ -460,106 +384,6 @@ class Engine:
         return old
 
     # -- movement --------------------------------------------------------------
-
-    def _alloc_host(self, nbytes: int, *, evict: bool = True) -> HostLocation | None:
-        """A host extent for ``nbytes``, demoting LRU objects to make room; None if impossible."""
-        return self._alloc_arena(self.host, nbytes, evict=evict)
-
-    def _alloc_arena(self, arena: ArenaTier, nbytes: int, *, evict: bool = True) -> HostLocation | None:
-        """An extent of ``arena`` (host or cxl) for ``nbytes``, demoting its least valuable
-        objects one tier down to make room; None if impossible."""
-        if nbytes > arena.capacity_bytes:
-            return None
-        while True:
-            loc = arena.alloc(nbytes)
-            if loc is not None or not evict:
-                return loc
-            with self._lock:
-                victim = self._pick_victim_locked(tier=arena.name)
-            if victim is None or not self._demote(victim, arena.name):
-                return None
-
-    def _write_cxl(self, src: torch.Tensor | memoryview | None, nbytes: int, *, evict: bool) -> HostLocation | None:
-        """Copy ``nbytes`` of ``src`` into a new cxl extent; None when the cxl tier has no room."""
-        assert self.cxl is not None and src is not None  # callers check both
-        loc = self._alloc_arena(self.cxl, nbytes, evict=evict)
-        if loc is not None:
-            self.cxl.copy_in(loc, src)
-            if self._over_high_watermark():
-                self._wake.set()
-        return loc
-
-    def _over_high_watermark(self) -> bool:
-        return any(arena.used_bytes > high for arena, high, _ in self._watermarks)
-
-    def _pick_victim_locked(self, need_bytes: int = 0, tier: str = "host") -> ObjectRecord | None:
-        """The least valuable object of ``tier`` that may leave, leased for its demotion.
-
-        The order comes from the namespaces' policies; here, what may not move
-        is skipped. On nvme, durable objects never leave (their nvme copy is the
-        durable one), nor do objects with a copy above.
-        """
-        for key in self._policies.victims(tier, need_bytes):
-            rec = self._index.get(key)
-            if rec is None or rec.pinned or rec.moving or getattr(rec, tier) is None:
-                continue
-            if tier == "nvme" and (rec.durable or rec.host is not None or rec.cxl is not None):
-                continue
-            rec.moving = True
-            rec.readers += 1  # the demotion reads this copy: keep it alive
-            return rec
-        return None
-
-    def _write_nvme(self, src: torch.Tensor, rec: ObjectRecord, *, durable: bool) -> Any:
-        """Write to nvme; when it is full and a remote tier exists, demote nvme objects there first."""
-        for _ in range(64):
-            try:
-                return self.nvme.write(src, codec=get_codec(rec.codec), itemsize=rec.meta.itemsize, durable=durable)
-            except OutOfSpace:
-                if self.remote is None or not self._demote_nvme(src.numel()):
-                    raise
-        raise OutOfSpace("nvme tier stays full although objects were moved to the remote tier")
-
-    def _demote_nvme(self, need_bytes: int) -> bool:
-        """Move nvme objects (least valuable first) to the remote tier until ``need_bytes`` left nvme."""
-        assert self.remote is not None
-        freed = 0
-        while freed < need_bytes:
-            with self._lock:
-                victim = self._pick_victim_locked(need_bytes - freed, tier="nvme")
-            if victim is None:
-                return freed > 0
-            try:
-                loc = victim.nvme
-                assert loc is not None  # picked because it has an nvme copy; the lease keeps it
-                buf = torch.empty(victim.nbytes, dtype=torch.uint8)
-                self.nvme.read_into(loc, buf, itemsize=victim.meta.itemsize)
-                remote_loc = victim.remote or self.remote.write(buf, codec=get_codec(victim.codec),
-                                                                itemsize=victim.meta.itemsize, durable=False)
-            except TierdError as exc:
-                log.warning("cannot demote %r to the remote tier: %s", user_key(victim.key), exc)
-                with self._lock:
-                    victim.moving = False
-                self.release(victim)
-                return freed > 0
-            with self._lock:
-                victim.moving = False
-                if victim.live and victim.nvme is not None:
-                    if victim.remote is None:
-                        self._set_location(victim, "remote", remote_loc)
-                        self._counters["remote"].bytes_in += victim.nbytes
-                        self._counters["remote"].demoted += victim.nbytes
-                    self._take_location(victim, "nvme")
-                    freed += victim.nbytes
-                    indexed = True
-                else:
-                    indexed = False
-            if indexed:
-                self._publish_remote(victim)
-            elif victim.remote is None:
-                self.remote.free(remote_loc)
-            self.release(victim)
-        return True
 
     def _publish_remote(self, rec: ObjectRecord) -> None:
         if self._shared is not None:
@@ -578,7 +402,7 @@ class Engine:
             if key in self._index:
                 return True  # someone installed it meanwhile
             self._shared.remote.adopt(entry.location)
-            self._install_locked(rec)
+            self._catalog.install_locked(rec)
         return True
 
     # -- namespaces, schedules, traces -------------------------------------------
@@ -600,85 +424,6 @@ class Engine:
         with self._lock:
             self._policies.declare_schedule(by_ns, cyclic=cyclic)
 
-    def _demote(self, rec: ObjectRecord, source: str = "host", dest: str | None = None) -> bool:
-        """Move ``rec`` (picked and leased by _pick_victim_locked) from ``source`` (host or cxl)
-        one tier down: host -> cxl (when configured) -> nvme. ``dest`` forces cxl or nvme.
-
-        A copy that a lower tier holds already (a durable object's nvme copy, a
-        remote one) is not written again: the ``source`` copy is just dropped.
-        """
-        arena = self.tiers.arena(source)
-        new_tier, new_loc = "nvme", None
-        try:
-            loc = getattr(rec, source)
-            if loc is not None:
-                below = rec.nvme is not None or rec.remote is not None
-                if source == "host" and self.cxl is not None and (dest == "cxl" or (dest is None and not below)):
-                    new_tier, new_loc = "cxl", self._write_cxl(arena.view(loc), rec.nbytes, evict=True)
-                    if new_loc is None and dest == "cxl":
-                        raise OutOfSpace(f"cxl tier has no room for {user_key(rec.key)!r} ({rec.nbytes} bytes)")
-                if new_loc is None and not below:
-                    new_tier, new_loc = "nvme", self._write_nvme(arena.view(loc), rec, durable=False)
-        except TierdError as exc:
-            log.debug("cannot demote %r: %s", user_key(rec.key), exc)
-            with self._lock:
-                rec.moving = False
-            self.release(rec)
-            return False
-        with self._lock:
-            rec.moving = False
-            if rec.live and getattr(rec, source) is not None:
-                if new_loc is not None:
-                    self._set_location(rec, new_tier, new_loc)
-                    new_loc = None
-                    self._counters[source].bytes_out += rec.nbytes
-                    self._counters[new_tier].bytes_in += rec.nbytes
-                    self._counters[new_tier].demoted += rec.nbytes
-                # else: the copy below is already there: dropping this one costs no I/O.
-                self._take_location(rec, source)
-        if new_loc is not None:  # replaced or deleted while we copied
-            self.tiers[new_tier].free(new_loc)
-        self.release(rec)
-        return True
-
-    def _mover_loop(self) -> None:
-        while not self._closed:
-            self._wake.wait(timeout=1.0)
-            self._wake.clear()
-            if self._closed:
-                return
-            try:
-                self._expire()
-                for arena, high, low in self._watermarks:
-                    if arena.used_bytes <= high:
-                        continue
-                    while arena.used_bytes > low and not self._closed:
-                        with self._lock:
-                            victim = self._pick_victim_locked(tier=arena.name)
-                        if victim is None or not self._demote(victim, arena.name):
-                            break
-            except Exception:  # the mover must survive anything one object does
-                log.exception("background demotion failed")
-
-    def _expire(self) -> None:
-        now = time.time()
-        with self._lock:
-            expired = [k for k in self._expiring if (r := self._index.get(k)) and r.expires_at and r.expires_at <= now]
-        for key in expired:
-            self.delete(key)
-
-    def _copy_locked(self, rec: ObjectRecord, tier: str) -> Any:
-        """``rec``'s copy on ``tier``, attached or in its graveyard; None if it has none there.
-
-        A leased record may be overwritten, deleted or moved before its reader
-        looks: the copies taken from it wait in its graveyard until the last
-        lease ends, and they hold this very version's bytes.
-        """
-        loc = getattr(rec, tier)
-        if loc is None:
-            loc = next((old for t, old in reversed(rec.graveyard) if t == tier), None)
-        return loc
-
     def read_location(self, rec: ObjectRecord, *, promote: bool = True, evict: bool = False) -> HostLocation | None:
         """The host copy of leased ``rec`` to read from, promoting it when there is room.
 
@@ -687,8 +432,8 @@ class Engine:
         is demoted, replaced or deleted meanwhile (see :meth:`_copy_locked`).
         """
         with self._lock:
-            host_loc = self._copy_locked(rec, "host")
-            lower = next((t for t in self.tiers if t != "host" and self._copy_locked(rec, t) is not None), None)
+            host_loc = self._catalog.copy_locked(rec, "host")
+            lower = next((t for t in self.tiers if t != "host" and self._catalog.copy_locked(rec, t) is not None), None)
             if host_loc is not None or lower is None:
                 self._counters["host"].hits += 1
                 self._counters["host"].bytes_out += rec.nbytes
@@ -700,7 +445,7 @@ class Engine:
                     break
                 self._counters[tier].misses += 1
         if promote and rec.nbytes and rec.live:
-            loc = self._promote(rec, evict=evict)
+            loc = self._moves.promote(rec, evict=evict)
             if loc is not None:
                 with self._lock:
                     self._counters["host"].bytes_out += rec.nbytes
@@ -724,7 +469,7 @@ class Engine:
         with self._lock:
             # Promoted meanwhile by someone else: the host copy; else the lower one.
             for source in TIER_ORDER:
-                loc = self._copy_locked(rec, source)
+                loc = self._catalog.copy_locked(rec, source)
                 if loc is not None:
                     break
             else:
@@ -732,72 +477,9 @@ class Engine:
         if source == "host":
             self.host.copy_out(loc, dest)
             return
-        self._read_lower(source, loc, dest, rec)
+        self._moves.read_lower(source, loc, dest, rec)
         with self._lock:
             self._counters[source].bytes_out += rec.nbytes
-
-    def _timed_nvme_read(self, loc: Any, dest: torch.Tensor, rec: ObjectRecord) -> None:
-        started = time.perf_counter()
-        self.nvme.read_into(loc, dest, itemsize=rec.meta.itemsize)
-        elapsed = time.perf_counter() - started
-        # GDSF's cost of a miss comes from what reads really cost here (EWMA).
-        if rec.nbytes >= (1 << 20):
-            self._cost.bytes_per_s = 0.8 * self._cost.bytes_per_s + 0.2 * (rec.nbytes / max(elapsed, 1e-9))
-        elif rec.nbytes <= (64 << 10):
-            self._cost.latency_s = 0.8 * self._cost.latency_s + 0.2 * elapsed
-
-    def _promote(self, rec: ObjectRecord, *, evict: bool, into: str = "host") -> HostLocation | None:
-        """Bring leased ``rec`` up into ``into`` (host, or cxl); its location there, or None if no room."""
-        arena = self.tiers.arena(into)
-        with self._lock:
-            if getattr(rec, into) is not None:
-                return getattr(rec, into)  # type: ignore[no-any-return]
-            source = next((t for t in self.tiers.below(into) if getattr(rec, t) is not None), None)
-            if source is None:
-                return None
-            loc = getattr(rec, source)  # our lease keeps it readable (graveyard) whatever happens to rec
-        ext = self._alloc_arena(arena, rec.nbytes, evict=evict)
-        if ext is None:
-            self._wake.set()  # make room for next time
-            return None
-        try:
-            # Aligned extent: O_DIRECT reads land in it with no bounce copy.
-            self._read_lower(source, loc, arena.view(ext), rec)
-        except BaseException:
-            arena.free(ext)
-            raise
-        with self._lock:
-            self._counters[source].bytes_out += rec.nbytes
-            if not rec.live or getattr(rec, into) is not None:
-                # Replaced, deleted or promoted meanwhile: our copy is still a
-                # correct image of this version; hand it to the reader and
-                # let the lease free it.
-                rec.graveyard.append((into, ext))
-                return ext
-            self._set_location(rec, into, ext)
-            self._counters[into].bytes_in += rec.nbytes
-            self._counters[into].promoted += rec.nbytes
-            # A volatile copy moves up (a cxl one always: cxl is a cache for a
-            # durable object). A durable nvme copy stays (it is the durable
-            # copy), and so does a remote one (other stores may share it).
-            if source == "cxl" or (source == "nvme" and not rec.durable):
-                self._take_location(rec, source)
-        return ext
-
-    def _read_lower(self, tier: str, loc: Any, dest: torch.Tensor, rec: ObjectRecord) -> None:
-        if dest.device.type != "cpu" and not (tier == "nvme" and self.nvme.gds):
-            staged = torch.empty(dest.numel(), dtype=torch.uint8)  # only nvme reads into device memory
-            self._read_lower(tier, loc, staged, rec)
-            dest.copy_(staged)
-            return
-        if tier == "cxl":
-            assert self.cxl is not None
-            self.cxl.copy_out(loc, dest)
-        elif tier == "nvme":
-            self._timed_nvme_read(loc, dest, rec)
-        else:
-            assert self.remote is not None
-            self.remote.read_into(loc, dest, itemsize=rec.meta.itemsize)
 
     def move(self, key: str, tier: str) -> None:
         """Promote or demote ``key`` to ``tier`` now.
@@ -810,25 +492,13 @@ class Engine:
         with self.lease(key) as rec:
             if tier in ("host", "cxl"):
                 if rec.nbytes and tier == "cxl" and rec.host is not None:
-                    self._demote_leased(rec, "host", "cxl")
-                elif rec.nbytes and self._promote(rec, evict=True, into=tier) is None:
+                    self._moves.demote_leased(rec, "host", "cxl")
+                elif rec.nbytes and self._moves.promote(rec, evict=True, into=tier) is None:
                     raise OutOfSpace(f"{tier} tier has no room for {user_key(key)!r} ({rec.nbytes} bytes)")
                 return
             for source in ("host", "cxl"):
                 if getattr(rec, source) is not None and rec.nbytes:
-                    self._demote_leased(rec, source, "nvme")
-
-    def _demote_leased(self, rec: ObjectRecord, source: str, dest: str) -> None:
-        """``move``'s demotion of leased ``rec`` from ``source`` to ``dest``; OutOfSpace if no room there."""
-        with self._lock:
-            if getattr(rec, source) is None:
-                return
-            if rec.moving:
-                raise Busy(f"{user_key(rec.key)!r} is being moved already; try again")
-            rec.moving = True
-            rec.readers += 1
-        if not self._demote(rec, source, dest):
-            raise OutOfSpace(f"{dest} tier has no room for {user_key(rec.key)!r} ({rec.nbytes} bytes)")
+                    self._moves.demote_leased(rec, source, "nvme")
 
     def prefetch(self, keys: Iterable[str], tier: str = "host") -> None:
         """Start bringing ``keys`` up to ``tier`` in the background; never raises for a key."""
@@ -844,7 +514,7 @@ class Engine:
         try:
             with self.lease(key) as rec:
                 if rec.host is None and rec.nbytes:
-                    self._promote(rec, evict=True)
+                    self._moves.promote(rec, evict=True)
         except TierdError as exc:
             log.debug("prefetch of %r skipped: %s", user_key(key), exc)
 
@@ -862,7 +532,7 @@ class Engine:
                 self._durable.delete(key)
             with self._lock:
                 if self._index.get(key) is rec:
-                    self._retire_locked(rec)
+                    self._catalog.retire_locked(rec)
         if rec.remote is not None and self._shared is not None:
             self._shared.forget(key)  # other stores must not adopt it any more
         if self._trace is not None:
@@ -874,7 +544,7 @@ class Engine:
         server (Redis may have evicted or expired it); one that is gone is forgotten here."""
         with self._lock:
             try:
-                rec = self._lookup_locked(key)
+                rec = self._catalog.lookup_locked(key)
             except NotFound:
                 if self.remote is None or key in self._index:  # absent, or present but expired
                     return False
@@ -898,7 +568,7 @@ class Engine:
         log.info("%r is gone from the remote tier (evicted or expired there); forgetting it", user_key(key))
         with self._commit_lock, self._lock:
             if self._index.get(key) is rec:
-                self._retire_locked(rec)
+                self._catalog.retire_locked(rec)
         if self._shared is not None:
             self._shared.forget(key)
         return False
@@ -910,15 +580,15 @@ class Engine:
         byte flipped on disk); the locations are the tiers' own records.
         """
         with self._lock:
-            rec = self._lookup_locked(key)
+            rec = self._catalog.lookup_locked(key)
             return {t: loc for t in TIER_ORDER if (loc := getattr(rec, t)) is not None}
 
     def info(self, key: str) -> ObjectInfo:
         if not self.exists(key):
             with self._lock:
-                self._lookup_locked(key)  # raises the right NotFound
+                self._catalog.lookup_locked(key)  # raises the right NotFound
         with self._lock:
-            rec = self._lookup_locked(key)
+            rec = self._catalog.lookup_locked(key)
             on = tuple(t for t in TIER_ORDER if getattr(rec, t) is not None)
             stored = self.nvme.stored_nbytes(rec.nvme) if rec.nvme is not None else rec.nbytes
             return ObjectInfo(
@@ -961,7 +631,7 @@ class Engine:
 
     def healthy(self) -> bool:
         """False once background demotion has died or the engine is closed."""
-        return not self._closed and self._mover.is_alive()
+        return not self._closed and self._moves.alive()
 
     def namespace_usage(self) -> dict[str, int]:
         """Bytes stored per namespace."""
@@ -989,8 +659,7 @@ class Engine:
             if self._closed:
                 return
             self._closed = True
-        self._wake.set()
-        self._mover.join(timeout=30)
+        self._moves.stop(timeout_s=30)
         self._prefetch_pool.shutdown(wait=True, cancel_futures=True)
         self._durable.close()
         self.tiers.close()

@@ -1,0 +1,133 @@
+"""The engine's catalog: the object index and its bookkeeping, under one lock.
+
+Locking
+    ``lock`` guards the index, the records, the counters, the usage sums and
+    the expiry set (and the namespaces' policies, which the catalog keeps
+    informed); it is never held while bytes move. ``commit_lock`` orders
+    every change of the index that may touch LMDB (install, delete) so the
+    LMDB order is the in-memory order; it is taken before ``lock``, never
+    after. Methods named ``*_locked``, and ``set_location``/``take_location``,
+    expect ``lock`` held.
+
+Copies and leases
+    A record names its copy on each tier (``rec.host``, ``rec.nvme``, ...). A
+    copy taken from a record that readers still lease waits in the record's
+    graveyard until the last lease ends, so a reader always finds the bytes of
+    the version it leased.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from tierd.engine.index import ObjectRecord
+from tierd.engine.keys import user_key
+from tierd.engine.namespaces import NamespacePolicies
+from tierd.engine.stack import TIER_ORDER, TierStack
+from tierd.errors import NotFound
+
+__all__ = ["Catalog", "Counters"]
+
+
+class Counters:
+    """One tier's counters, as ``stats()`` reports them."""
+
+    __slots__ = ("objects", "hits", "misses", "bytes_in", "bytes_out", "promoted", "demoted")
+
+    def __init__(self) -> None:
+        self.objects = self.hits = self.misses = 0
+        self.bytes_in = self.bytes_out = self.promoted = self.demoted = 0
+
+
+class Catalog:
+    """Records by key, per-tier counters, bytes per namespace and per uid, keys that expire."""
+
+    def __init__(self, tiers: TierStack, policies: NamespacePolicies) -> None:
+        self.tiers = tiers
+        self._policies = policies
+        self.lock = threading.Lock()
+        self.commit_lock = threading.Lock()
+        self.index: dict[str, ObjectRecord] = {}
+        self.counters = {name: Counters() for name in TIER_ORDER}
+        self.ns_used: dict[str, int] = {}
+        self.owner_used: dict[int | None, int] = {}
+        self.expiring: set[str] = set()
+
+    def set_location(self, rec: ObjectRecord, tier: str, loc: Any) -> None:
+        setattr(rec, tier, loc)
+        self.counters[tier].objects += 1
+        self._policies.on_insert(rec, tier)
+
+    def take_location(self, rec: ObjectRecord, tier: str) -> None:
+        """Detach ``rec``'s copy on ``tier`` and free it once no one reads it."""
+        loc = getattr(rec, tier)
+        if loc is None:
+            return
+        setattr(rec, tier, None)
+        self.counters[tier].objects -= 1
+        self._policies.on_remove(rec, tier)
+        if rec.readers:
+            rec.graveyard.append((tier, loc))
+        else:
+            self.tiers[tier].free(loc)
+
+    def install_locked(self, rec: ObjectRecord) -> None:
+        old = self.index.get(rec.key)
+        if old is not None:
+            self.retire_locked(old)
+        self.index[rec.key] = rec
+        self.ns_used[rec.namespace] = self.ns_used.get(rec.namespace, 0) + rec.nbytes
+        self.owner_used[rec.owner] = self.owner_used.get(rec.owner, 0) + rec.nbytes
+        if rec.expires_at is not None:
+            self.expiring.add(rec.key)
+        for tier in TIER_ORDER:
+            loc = getattr(rec, tier)
+            if loc is not None:
+                setattr(rec, tier, None)
+                self.set_location(rec, tier, loc)
+
+    def retire_locked(self, rec: ObjectRecord) -> None:
+        rec.live = False
+        if self.index.get(rec.key) is rec:
+            del self.index[rec.key]
+            self.expiring.discard(rec.key)
+        self.ns_used[rec.namespace] -= rec.nbytes
+        self.owner_used[rec.owner] -= rec.nbytes
+        for tier in TIER_ORDER:
+            self.take_location(rec, tier)
+
+    def lookup_locked(self, key: str) -> ObjectRecord:
+        rec = self.index.get(key)
+        if rec is None:
+            raise NotFound(f"no object {user_key(key)!r}")
+        if rec.expires_at is not None and rec.expires_at <= time.time():
+            raise NotFound(f"object {user_key(key)!r} expired")
+        return rec
+
+    def copy_locked(self, rec: ObjectRecord, tier: str) -> Any:
+        """``rec``'s copy on ``tier``, attached or in its graveyard; None if it has none there.
+
+        A leased record may be overwritten, deleted or moved before its reader
+        looks: the copies taken from it wait in its graveyard until the last
+        lease ends, and they hold this very version's bytes.
+        """
+        loc = getattr(rec, tier)
+        if loc is None:
+            loc = next((old for t, old in reversed(rec.graveyard) if t == tier), None)
+        return loc
+
+    def release(self, rec: ObjectRecord) -> None:
+        """End a lease taken with :meth:`acquire`."""
+        with self.lock:
+            rec.readers -= 1
+            if rec.readers == 0 and rec.graveyard:
+                for tier, loc in rec.graveyard:
+                    self.tiers[tier].free(loc)
+                rec.graveyard.clear()
+
+    def expired_keys(self, now: float) -> list[str]:
+        """Keys whose ttl has run out (still indexed until the sweeper deletes them)."""
+        with self.lock:
+            return [k for k in self.expiring if (r := self.index.get(k)) and r.expires_at and r.expires_at <= now]
