@@ -114,3 +114,23 @@ def test_hugepages_without_reserved_pages_is_a_config_error(tmp_path: Path) -> N
     cfg = {"tiers": {"host": {"size": "64MiB", "hugepages": True}, "nvme": {"path": str(tmp_path), "size": "64MiB"}}}
     with pytest.raises(ConfigError, match="tiers.host.hugepages: .* reserve huge pages"):
         tierd.open(cfg)
+
+
+def test_tierd_variables_that_are_not_config_keys_are_left_alone() -> None:
+    # Each TIERD_* name the code reads for itself (not a config override) must not be parsed as a key:
+    # TIERD_BENCH_DIR once made `tierd bench` fail three suites with "names no config key".
+    import re
+
+    from tierd.config import _ENV_NOT_CONFIG
+
+    root = Path(__file__).resolve().parent.parent
+    used = set()
+    for path in [*(root / "tierd").rglob("*.py"), *(root / "bench").rglob("*.py")]:
+        used |= set(re.findall(r"\"(TIERD_[A-Z0-9_]+)\"", path.read_text()))
+    assert used, "the scan found no TIERD_ variables at all"
+    for var in sorted(used):
+        try:
+            load_config(env={var: "1"})
+        except ConfigError as exc:
+            assert var not in _ENV_NOT_CONFIG and "names no config key" not in str(exc), (var, str(exc))
+    load_config(env={"TIERD_BENCH_DIR": "/tmp/bench", "TIERD_CHECKPOINT_BARRIER_S": "3"})

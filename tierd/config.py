@@ -46,7 +46,12 @@ TierName = Literal["host", "cxl", "nvme", "remote"]
 log = logging.getLogger("tierd.config")
 
 # Environment variables that belong to the CLI rather than to the config.
-_ENV_NOT_CONFIG = frozenset({"TIERD_SOCKET", "TIERD_CONFIG", "TIERD_LOG_LEVEL"})
+# TIERD_* variables read by tierd for itself, not config overrides.
+_ENV_NOT_CONFIG = frozenset({
+    "TIERD_SOCKET", "TIERD_CONFIG", "TIERD_LOG_LEVEL",
+    "TIERD_BENCH_DIR",  # tierd bench: where bench/ is
+    "TIERD_CHECKPOINT_BARRIER_S",  # checkpoint: how long ranks wait for each other
+})
 
 _MIB = 1 << 20
 _GIB = 1 << 30
