@@ -37,6 +37,7 @@ from tierd.engine.index import DurableIndex, ObjectMeta, ObjectRecord
 from tierd.engine.keys import namespace_of, user_key
 from tierd.engine.movement import Mover
 from tierd.engine.namespaces import NamespacePolicies
+from tierd.engine.placement import plan_put, staging_evicts
 from tierd.engine.remote_index import RemoteIndex
 from tierd.engine.stack import TIER_ORDER, TierStack
 from tierd.engine.trace import TraceWriter
@@ -225,10 +226,7 @@ class Engine:
         )
         staging = None
         if nbytes:
-            if top == "host" and not durable:
-                staging = self._moves.alloc_host(nbytes)  # its final place: make room
-            else:
-                staging = self._moves.alloc_host(nbytes, evict=stage)
+            staging = self._moves.alloc_host(nbytes, evict=staging_evicts(top, durable=durable, stage=stage))
         return PendingPut(rec, top, staging)
 
     def _check_quotas(self, key: str, ns: str, ns_quota: int | None, owner: int | None, nbytes: int) -> None:
@@ -271,9 +269,10 @@ class Engine:
                     self.host.copy_in(staging, src)
             elif src is None and nbytes:
                 raise InvalidArgument("finish_put needs the bytes: no staging extent was reserved")
-            # A durable object always gets its nvme copy (an empty one too: the
-            # LMDB entry points at it); a volatile one when it cannot stay on host.
-            if pending.top == "remote" and nbytes and not rec.durable:
+            plan = plan_put(pending.top, durable=rec.durable, staged=staging is not None, nbytes=nbytes,
+                            has_cxl=self.cxl is not None, has_remote=self.remote is not None,
+                            write_through=self.config.namespace(rec.namespace).write_through)
+            if plan.remote_only:
                 assert self.remote is not None  # "remote" is only a valid tier when configured
                 data_r = self.host.view(staging) if staging is not None else (
                     _tensor_of(src) if isinstance(src, memoryview) else src)
@@ -281,19 +280,14 @@ class Engine:
                 rec.remote = self.remote.write(data_r, codec=get_codec(rec.codec), itemsize=rec.meta.itemsize,
                                                durable=False)
             else:
-                stays_host = staging is not None and pending.top == "host"
-                if nbytes and not stays_host and pending.top in ("host", "cxl") and self.cxl is not None:
-                    # Host had no room, or cxl was asked for. A durable object
-                    # (whose home is nvme) is cached here only if asked to, or
-                    # if there is room without demoting anything.
+                if plan.try_cxl:
                     rec.cxl = self._moves.write_cxl(self.host.view(staging) if staging is not None else src,
-                                              nbytes, evict=pending.top == "cxl" or not rec.durable)
-                if rec.durable or (nbytes and not stays_host and rec.cxl is None):
+                                                    nbytes, evict=plan.cxl_evicts)
+                if plan.nvme == "always" or (plan.nvme == "if_no_cxl" and rec.cxl is None):
                     # Note [durability] in tiers/nvme.py: chunks fsync'ed here, then
                     # the LMDB entry committed in _commit, then acknowledged.
                     rec.nvme = self._moves.write_nvme(self._put_source(staging, src), rec, durable=rec.durable)
-            if (self.remote is not None and nbytes and rec.remote is None
-                    and self.config.namespace(rec.namespace).write_through):
+            if plan.write_through and self.remote is not None:
                 remote_src = self.host.view(staging) if staging is not None else (
                     _tensor_of(src) if isinstance(src, memoryview) else src)
                 assert remote_src is not None  # nbytes > 0 means bytes were given or staged
@@ -302,7 +296,7 @@ class Engine:
                                                    itemsize=rec.meta.itemsize, durable=False)
                 except TierdError as exc:  # the remote copy is a bonus: local tiers keep working
                     log.warning("write-through of %r to the remote tier failed: %s", user_key(rec.key), exc)
-            keep_staging = staging is not None and pending.top == "host"
+            keep_staging = plan.keep_host
             if keep_staging:
                 rec.host = staging  # volatile: its home; durable: a cached copy
             replaced = self._commit(rec)
