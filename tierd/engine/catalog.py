@@ -127,7 +127,6 @@ class Catalog:
                     self.tiers[tier].free(loc)
                 rec.graveyard.clear()
 
-    def expired_keys(self, now: float) -> list[str]:
-        """Keys whose ttl has run out (still indexed until the sweeper deletes them)."""
-        with self.lock:
-            return [k for k in self.expiring if (r := self.index.get(k)) and r.expires_at and r.expires_at <= now]
+    def expired_locked(self, now: float) -> list[str]:
+        """Keys whose ttl has run out by ``now`` (still indexed until the sweeper deletes them)."""
+        return [k for k in self.expiring if (r := self.index.get(k)) and r.expires_at and r.expires_at <= now]

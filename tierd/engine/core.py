@@ -605,7 +605,7 @@ class Engine:
         now = time.time()
         with self._lock:
             # Expired objects are gone for users even before the sweeper frees them.
-            expired = sum(1 for k in self._expiring if (r := self._index.get(k)) and r.expires_at and r.expires_at <= now)
+            expired = len(self._catalog.expired_locked(now))
             objects = len(self._index) - expired
             for name, tier in self.tiers.items():
                 use, c = tier.usage(), self._counters[name]

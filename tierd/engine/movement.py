@@ -236,7 +236,7 @@ class Mover:
     def _expire(self) -> None:
         now = time.time()
         with self._lock:
-            expired = [k for k in self._expiring if (r := self._index.get(k)) and r.expires_at and r.expires_at <= now]
+            expired = self._catalog.expired_locked(now)
         for key in expired:
             self.delete(key)
 

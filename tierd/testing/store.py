@@ -252,6 +252,13 @@ class StoreTests:
         with pytest.raises(tierd.InvalidArgument, match="ttl"):
             store.put("ttl/bad", torch.zeros(1), ttl=0)
 
+    def test_expired_objects_are_swept_without_being_touched(self, store: tierd.Store) -> None:
+        before = store.stats()["host"].used_bytes
+        store.put("ttl/big", torch.zeros(1 << 20, dtype=torch.uint8), ttl=0.05)
+        assert store.stats()["host"].used_bytes >= before + (1 << 20)
+        # The background sweeper frees it (about once a second), with no get or exists to notice it.
+        assert wait_until(lambda: store.stats()["host"].used_bytes < before + (1 << 20), timeout_s=10)
+
     def test_stats_count_hits_misses_and_bytes(self, store: tierd.Store) -> None:
         t = torch.arange(1000, dtype=torch.float32)
         store.put("s/h", t)
