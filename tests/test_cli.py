@@ -11,10 +11,11 @@ from typing import Any
 import tierd
 
 
-def _run(args: list[str], home: Path, **extra: str) -> subprocess.CompletedProcess[str]:
+def _run(args: list[str], home: Path, *, python: tuple[str, ...] = ("-m", "tierd"),
+         **extra: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TIERD_")}
-    env |= {"XDG_CACHE_HOME": str(home), "TIERD_TIERS_HOST_SIZE": "256MiB", **extra}
-    return subprocess.run([sys.executable, "-m", "tierd", *args], capture_output=True, text=True, timeout=300, env=env)
+    env |= {"XDG_CACHE_HOME": str(home), "XDG_RUNTIME_DIR": str(home), "TIERD_TIERS_HOST_SIZE": "256MiB", **extra}
+    return subprocess.run([sys.executable, *python, *args], capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_doctor_reports_a_table(tmp_path: Path) -> None:
@@ -38,10 +39,7 @@ _WITHOUT_REDIS = "import sys; sys.modules['redis'] = None; from tierd.cli import
 
 def _run_without_redis(args: list[str], home: Path, **env: str) -> subprocess.CompletedProcess[str]:
     """The CLI in a base install: importing redis-py fails as it does where it is not installed."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("TIERD_")}
-    clean |= {"XDG_CACHE_HOME": str(home), "XDG_RUNTIME_DIR": str(home), "TIERD_TIERS_HOST_SIZE": "64MiB", **env}
-    return subprocess.run([sys.executable, "-c", _WITHOUT_REDIS, *args], capture_output=True, text=True,
-                          timeout=120, env=clean)
+    return _run(args, home, python=("-c", _WITHOUT_REDIS), **env)
 
 
 def test_base_install_serves_and_checks_without_redis(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ def test_order_below_and_capabilities(nvme_dir: Path, redis_server: Any) -> None
         assert list(stack) == ["host", "nvme", "remote"]
         assert stack.below("host") == ("nvme", "remote") and stack.below("cxl") == ("nvme", "remote")
         assert stack.below("remote") == ()
-        assert stack.persistent == ("nvme", "remote") and stack.shared is stack.remote is stack["remote"]
+        assert stack.persistent == ("nvme", "remote") and stack.remote is stack["remote"]
         assert stack.arena("host") is stack.host
         with pytest.raises(KeyError):
             stack.arena("nvme")

@@ -93,11 +93,6 @@ class TierStack(Mapping[str, Tier]):
         """Tiers whose bytes outlive the process."""
         return tuple(n for n, t in self._tiers.items() if t.persistent)
 
-    @property
-    def shared(self) -> RemoteTier | None:
-        """The tier other stores read too, through its shared index (the remote tier), if configured."""
-        return self.remote
-
     def close(self) -> None:
         """Close every tier, slowest first (the nvme tier flushes before the arenas go)."""
         _close_all(reversed(list(self._tiers.values())))
