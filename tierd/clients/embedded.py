@@ -89,7 +89,7 @@ class EmbeddedStore(Store):
                 if flat is not None:
                     self._engine.read_into(rec, flat)
                     return out
-                if rec.host is not None:  # strided out: straight from the arena, one copy
+                if "host" in rec.copies:  # strided out: straight from the arena, one copy
                     loc = self._engine.read_location(rec)
                     if loc is not None:
                         out.copy_(typed_view(self._engine.host.view(loc), rec.meta))
@@ -104,7 +104,7 @@ class EmbeddedStore(Store):
 
     def _get_device(self, rec: Any, target: torch.Tensor) -> None:
         """Fill CUDA tensor ``target`` with leased ``rec``: one DMA from the arena, or nvme to device by GDS."""
-        gds = self._engine.nvme.gds and rec.nvme is not None
+        gds = self._engine.nvme.gds and "nvme" in rec.copies
         loc = self._engine.read_location(rec, promote=not gds)
         if loc is not None:
             self._copies.to_device(target, self._engine.host.view(loc))

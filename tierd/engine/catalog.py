@@ -10,10 +10,15 @@ Locking
     expect ``lock`` held.
 
 Copies and leases
-    A record names its copy on each tier (``rec.host``, ``rec.nvme``, ...). A
+    A record names its copy on each tier (``rec.copies``: tier -> location). A
     copy taken from a record that readers still lease waits in the record's
     graveyard until the last lease ends, so a reader always finds the bytes of
     the version it leased.
+
+Moves
+    One mover at a time owns a record's movement: :meth:`Catalog.claim_locked`
+    marks it ``moving`` and leases it, and the :class:`Move` it returns, used
+    as a context manager around the copy, clears both however the copy ends.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from tierd.engine.namespaces import NamespacePolicies
 from tierd.engine.stack import TIER_ORDER, TierStack
 from tierd.errors import NotFound
 
-__all__ = ["Catalog", "Counters"]
+__all__ = ["Catalog", "Counters", "Move"]
 
 
 class Counters:
@@ -56,16 +61,15 @@ class Catalog:
         self.expiring: set[str] = set()
 
     def set_location(self, rec: ObjectRecord, tier: str, loc: Any) -> None:
-        setattr(rec, tier, loc)
+        rec.copies[tier] = loc
         self.counters[tier].objects += 1
         self._policies.on_insert(rec, tier)
 
     def take_location(self, rec: ObjectRecord, tier: str) -> None:
         """Detach ``rec``'s copy on ``tier`` and free it once no one reads it."""
-        loc = getattr(rec, tier)
+        loc = rec.copies.pop(tier, None)
         if loc is None:
             return
-        setattr(rec, tier, None)
         self.counters[tier].objects -= 1
         self._policies.on_remove(rec, tier)
         if rec.readers:
@@ -82,11 +86,9 @@ class Catalog:
         self.owner_used[rec.owner] = self.owner_used.get(rec.owner, 0) + rec.nbytes
         if rec.expires_at is not None:
             self.expiring.add(rec.key)
-        for tier in TIER_ORDER:
-            loc = getattr(rec, tier)
-            if loc is not None:
-                setattr(rec, tier, None)
-                self.set_location(rec, tier, loc)
+        prepared, rec.copies = rec.copies, {}
+        for tier, loc in prepared.items():
+            self.set_location(rec, tier, loc)
 
     def retire_locked(self, rec: ObjectRecord) -> None:
         rec.live = False
@@ -95,7 +97,7 @@ class Catalog:
             self.expiring.discard(rec.key)
         self.ns_used[rec.namespace] -= rec.nbytes
         self.owner_used[rec.owner] -= rec.nbytes
-        for tier in TIER_ORDER:
+        for tier in list(rec.copies):
             self.take_location(rec, tier)
 
     def lookup_locked(self, key: str) -> ObjectRecord:
@@ -113,20 +115,52 @@ class Catalog:
         looks: the copies taken from it wait in its graveyard until the last
         lease ends, and they hold this very version's bytes.
         """
-        loc = getattr(rec, tier)
+        loc = rec.copies.get(tier)
         if loc is None:
             loc = next((old for t, old in reversed(rec.graveyard) if t == tier), None)
         return loc
 
+    def claim_locked(self, rec: ObjectRecord) -> Move:
+        """Own ``rec``'s movement: mark it moving and lease its copies until the returned :class:`Move` ends."""
+        assert not rec.moving, "one mover at a time (callers check rec.moving)"
+        rec.moving = True
+        rec.readers += 1
+        return Move(self, rec)
+
     def release(self, rec: ObjectRecord) -> None:
-        """End a lease taken with :meth:`acquire`."""
+        """End a lease (a reader's, or a move's)."""
         with self.lock:
-            rec.readers -= 1
-            if rec.readers == 0 and rec.graveyard:
-                for tier, loc in rec.graveyard:
-                    self.tiers[tier].free(loc)
-                rec.graveyard.clear()
+            self.release_locked(rec)
+
+    def release_locked(self, rec: ObjectRecord) -> None:
+        rec.readers -= 1
+        if rec.readers == 0 and rec.graveyard:
+            for tier, loc in rec.graveyard:
+                self.tiers[tier].free(loc)
+            rec.graveyard.clear()
 
     def expired_locked(self, now: float) -> list[str]:
         """Keys whose ttl has run out by ``now`` (still indexed until the sweeper deletes them)."""
         return [k for k in self.expiring if (r := self.index.get(k)) and r.expires_at and r.expires_at <= now]
+
+
+class Move:
+    """A claim on one record's movement (from :meth:`Catalog.claim_locked`), ended by ``with``.
+
+    Leaving the ``with`` block, however it is left, clears ``moving`` and ends
+    the move's lease (freeing copies the move or others detached meanwhile).
+    """
+
+    __slots__ = ("_catalog", "rec")
+
+    def __init__(self, catalog: Catalog, rec: ObjectRecord) -> None:
+        self._catalog = catalog
+        self.rec = rec
+
+    def __enter__(self) -> ObjectRecord:
+        return self.rec
+
+    def __exit__(self, *exc: object) -> None:
+        with self._catalog.lock:
+            self.rec.moving = False
+            self._catalog.release_locked(self.rec)

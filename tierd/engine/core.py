@@ -121,7 +121,7 @@ class Engine:
             rec = ObjectRecord(
                 key=key, namespace=namespace_of(key), meta=entry.meta, nbytes=entry.nbytes,
                 codec=entry.codec, durable=True, pinned=entry.pinned, expires_at=entry.expires_at,
-                nvme=entry.location, owner=entry.owner,
+                copies={"nvme": entry.location}, owner=entry.owner,
             )
             self._catalog.install_locked(rec)
         if stale:
@@ -277,53 +277,48 @@ class Engine:
                 data_r = self.host.view(staging) if staging is not None else (
                     _tensor_of(src) if isinstance(src, memoryview) else src)
                 assert data_r is not None
-                rec.remote = self.remote.write(data_r, codec=get_codec(rec.codec), itemsize=rec.meta.itemsize,
-                                               durable=False)
+                rec.copies["remote"] = self.remote.write(data_r, codec=get_codec(rec.codec),
+                                                         itemsize=rec.meta.itemsize, durable=False)
             else:
                 if plan.try_cxl:
-                    rec.cxl = self._moves.write_cxl(self.host.view(staging) if staging is not None else src,
+                    cxl_loc = self._moves.write_cxl(self.host.view(staging) if staging is not None else src,
                                                     nbytes, evict=plan.cxl_evicts)
-                if plan.nvme == "always" or (plan.nvme == "if_no_cxl" and rec.cxl is None):
+                    if cxl_loc is not None:
+                        rec.copies["cxl"] = cxl_loc
+                if plan.nvme == "always" or (plan.nvme == "if_no_cxl" and "cxl" not in rec.copies):
                     # Note [durability] in tiers/nvme.py: chunks fsync'ed here, then
                     # the LMDB entry committed in _commit, then acknowledged.
-                    rec.nvme = self._moves.write_nvme(self._put_source(staging, src), rec, durable=rec.durable)
+                    rec.copies["nvme"] = self._moves.write_nvme(self._put_source(staging, src), rec, durable=rec.durable)
             if plan.write_through and self.remote is not None:
                 remote_src = self.host.view(staging) if staging is not None else (
                     _tensor_of(src) if isinstance(src, memoryview) else src)
                 assert remote_src is not None  # nbytes > 0 means bytes were given or staged
                 try:
-                    rec.remote = self.remote.write(remote_src, codec=get_codec(rec.codec),
-                                                   itemsize=rec.meta.itemsize, durable=False)
+                    rec.copies["remote"] = self.remote.write(remote_src, codec=get_codec(rec.codec),
+                                                             itemsize=rec.meta.itemsize, durable=False)
                 except TierdError as exc:  # the remote copy is a bonus: local tiers keep working
                     log.warning("write-through of %r to the remote tier failed: %s", user_key(rec.key), exc)
             keep_staging = plan.keep_host
-            if keep_staging:
-                rec.host = staging  # volatile: its home; durable: a cached copy
+            if keep_staging and staging is not None:
+                rec.copies["host"] = staging  # volatile: its home; durable: a cached copy
             replaced = self._commit(rec)
         except BaseException:
-            if rec.nvme is not None:
-                self.nvme.free(rec.nvme)
-                rec.nvme = None
-            if rec.remote is not None and self.remote is not None:
-                self.remote.free(rec.remote)
-                rec.remote = None
-            if rec.cxl is not None and self.cxl is not None:
-                self.cxl.free(rec.cxl)
-                rec.cxl = None
-            rec.host = None
+            rec.copies.pop("host", None)  # the staging extent, freed below
+            for tier, loc in rec.copies.items():  # written before the failure: nothing indexes them
+                self.tiers[tier].free(loc)
+            rec.copies.clear()
             if staging is not None:
                 self.host.free(staging)
             raise
         if staging is not None and not keep_staging:
             self.host.free(staging)
-        if rec.remote is not None:
+        if "remote" in rec.copies:
             self._publish_remote(rec)
-        elif replaced is not None and replaced.remote is not None and self._shared is not None:
+        elif replaced is not None and "remote" in replaced.copies and self._shared is not None:
             self._shared.forget(rec.key)  # the old remote copy is gone
         with self._lock:
-            for name in TIER_ORDER:
-                if getattr(rec, name) is not None:
-                    self._counters[name].bytes_in += nbytes
+            for name in rec.copies:
+                self._counters[name].bytes_in += nbytes
         if self._moves.over_high_watermark():
             self._moves.wake()
 
@@ -391,7 +386,8 @@ class Engine:
         if entry is None:
             return False
         rec = ObjectRecord(key=key, namespace=namespace_of(key), meta=entry.meta, nbytes=entry.nbytes,
-                           codec=entry.codec, durable=False, pinned=False, expires_at=None, remote=entry.location)
+                           codec=entry.codec, durable=False, pinned=False, expires_at=None,
+                           copies={"remote": entry.location})
         with self._commit_lock, self._lock:
             if key in self._index:
                 return True  # someone installed it meanwhile
@@ -406,7 +402,7 @@ class Engine:
         out = []
         for k in self._policies.observe(namespace, key):
             rec = self._index.get(k)
-            if k != key and rec is not None and rec.host is None and rec.nbytes and not rec.moving:
+            if k != key and rec is not None and "host" not in rec.copies and rec.nbytes and not rec.moving:
                 out.append(k)
         return out
 
@@ -485,13 +481,13 @@ class Engine:
             raise InvalidArgument(f"unknown tier {tier!r}; choose one of {list(self.tiers)}")
         with self.lease(key) as rec:
             if tier in ("host", "cxl"):
-                if rec.nbytes and tier == "cxl" and rec.host is not None:
+                if rec.nbytes and tier == "cxl" and "host" in rec.copies:
                     self._moves.demote_leased(rec, "host", "cxl")
                 elif rec.nbytes and self._moves.promote(rec, evict=True, into=tier) is None:
                     raise OutOfSpace(f"{tier} tier has no room for {user_key(key)!r} ({rec.nbytes} bytes)")
                 return
             for source in ("host", "cxl"):
-                if getattr(rec, source) is not None and rec.nbytes:
+                if source in rec.copies and rec.nbytes:
                     self._moves.demote_leased(rec, source, "nvme")
 
     def prefetch(self, keys: Iterable[str], tier: str = "host") -> None:
@@ -507,7 +503,7 @@ class Engine:
     def _prefetch_one(self, key: str) -> None:
         try:
             with self.lease(key) as rec:
-                if rec.host is None and rec.nbytes:
+                if "host" not in rec.copies and rec.nbytes:
                     self._moves.promote(rec, evict=True)
         except TierdError as exc:
             log.debug("prefetch of %r skipped: %s", user_key(key), exc)
@@ -527,7 +523,7 @@ class Engine:
             with self._lock:
                 if self._index.get(key) is rec:
                     self._catalog.retire_locked(rec)
-        if rec.remote is not None and self._shared is not None:
+        if "remote" in rec.copies and self._shared is not None:
             self._shared.forget(key)  # other stores must not adopt it any more
         if self._trace is not None:
             self._trace.write("delete", key, rec.nbytes, rec.tier)
@@ -550,11 +546,11 @@ class Engine:
                 rec = self._index.get(key)
             if rec is None:
                 return False
-        if (rec.host is not None or rec.cxl is not None or rec.nvme is not None or rec.remote is None
-                or self.remote is None):
+        remote_loc = rec.on("remote")
+        if remote_loc is None or len(rec.copies) > 1 or self.remote is None:
             return True
         try:
-            if self.remote.present(rec.remote):
+            if self.remote.present(remote_loc):
                 return True
         except TierdError as exc:
             log.warning("remote check of %r failed: %s", user_key(key), exc)
@@ -575,7 +571,7 @@ class Engine:
         """
         with self._lock:
             rec = self._catalog.lookup_locked(key)
-            return {t: loc for t in TIER_ORDER if (loc := getattr(rec, t)) is not None}
+            return {t: rec.copies[t] for t in rec.tiers}
 
     def info(self, key: str) -> ObjectInfo:
         if not self.exists(key):
@@ -583,8 +579,9 @@ class Engine:
                 self._catalog.lookup_locked(key)  # raises the right NotFound
         with self._lock:
             rec = self._catalog.lookup_locked(key)
-            on = tuple(t for t in TIER_ORDER if getattr(rec, t) is not None)
-            stored = self.nvme.stored_nbytes(rec.nvme) if rec.nvme is not None else rec.nbytes
+            on = rec.tiers
+            nvme_loc = rec.on("nvme")
+            stored = self.nvme.stored_nbytes(nvme_loc) if nvme_loc is not None else rec.nbytes
             return ObjectInfo(
                 key=key, tier=rec.tier, nbytes=rec.nbytes, stored_nbytes=stored,
                 dtype="bytes" if rec.meta.kind == "bytes" else rec.meta.dtype,
@@ -621,7 +618,7 @@ class Engine:
         """Whether ``key`` holds at most ``max_bytes`` with a host copy (a get without I/O)."""
         with self._lock:
             rec = self._index.get(key)
-            return rec is not None and rec.nbytes <= max_bytes and (rec.host is not None or rec.nbytes == 0)
+            return rec is not None and rec.nbytes <= max_bytes and ("host" in rec.copies or rec.nbytes == 0)
 
     def healthy(self) -> bool:
         """False once background demotion has died or the engine is closed."""

@@ -19,8 +19,8 @@ import lmdb
 import msgspec
 
 from tierd.engine.keys import user_key
+from tierd.engine.stack import TIER_ORDER
 from tierd.errors import MediaError
-from tierd.tiers.host import HostLocation
 from tierd.tiers.nvme import NvmeLocation
 
 __all__ = ["ObjectMeta", "ObjectRecord", "DurableEntry", "DurableIndex"]
@@ -58,14 +58,20 @@ class DurableEntry(msgspec.Struct, frozen=True, array_like=True):
 
 @dataclass(slots=True, eq=False)
 class ObjectRecord:
-    """The engine's in-memory state of one object (guarded by the engine lock).
+    """The engine's in-memory state of one object (guarded by the catalog's lock).
 
-    ``host``, ``cxl``, ``nvme`` and ``remote`` say where copies are: a volatile
-    object has one (or a remote write-through copy besides); a durable object
-    always has ``nvme`` and may be cached on ``host`` or ``cxl``.
-    ``readers`` counts leases: while it is non-zero, locations taken away
-    from the record wait in ``graveyard`` instead of being freed (a lease
-    never blocks a delete, and a reader never sees its bytes reused).
+    ``copies`` maps a tier name (``TIER_ORDER``) to that tier's location of
+    the object's bytes: a volatile object has one copy (or a remote
+    write-through copy besides); a durable object always has ``nvme`` and
+    may be cached on ``host`` or ``cxl``. Copies of an indexed record change
+    only through the catalog (``set_location`` / ``take_location``), which
+    keeps counters and policies in step.
+
+    ``readers`` counts leases: while it is non-zero, copies taken away from
+    the record wait in ``graveyard`` instead of being freed (a lease never
+    blocks a delete, and a reader never sees its bytes reused). ``moving``
+    is set while one mover owns the record's movement (see
+    :meth:`tierd.engine.catalog.Catalog.claim_locked`).
     """
 
     key: str
@@ -77,29 +83,30 @@ class ObjectRecord:
     pinned: bool
     expires_at: float | None
     owner: int | None = None  # uid of the daemon client that put it; None: embedded or shared
-    host: HostLocation | None = None
-    cxl: HostLocation | None = None  # an extent of the cxl arena (same shape as a host one)
-    nvme: NvmeLocation | None = None
-    remote: Any = None  # RemoteLocation: a demoted object, a write-through copy, or one adopted from the remote index
+    copies: dict[str, Any] = field(default_factory=dict)
     readers: int = 0
     moving: bool = False
     live: bool = True
     graveyard: list[tuple[str, Any]] = field(default_factory=list)
 
+    def on(self, tier: str) -> Any:
+        """The location of the copy on ``tier``, or None."""
+        return self.copies.get(tier)
+
+    @property
+    def tiers(self) -> tuple[str, ...]:
+        """The tiers holding a copy, fastest first."""
+        return tuple(t for t in TIER_ORDER if t in self.copies)
+
     @property
     def tier(self) -> str:
-        """The fastest tier holding a copy."""
-        if self.host is not None:
-            return "host"
-        if self.cxl is not None:
-            return "cxl"
-        if self.nvme is not None:
-            return "nvme"
-        return "remote" if self.remote is not None else "host"
+        """The fastest tier holding a copy ("host" for an object without any: an empty one)."""
+        return next((t for t in TIER_ORDER if t in self.copies), "host")
 
     def durable_entry(self) -> DurableEntry:
-        assert self.nvme is not None, "a durable record always has an nvme copy"
-        return DurableEntry(self.meta, self.nbytes, self.codec, self.pinned, self.expires_at, self.nvme, self.owner)
+        nvme = self.copies.get("nvme")
+        assert nvme is not None, "a durable record always has an nvme copy"
+        return DurableEntry(self.meta, self.nbytes, self.codec, self.pinned, self.expires_at, nvme, self.owner)
 
 
 _encoder = msgspec.msgpack.Encoder()

@@ -9,9 +9,11 @@ from cxl or nvme promotes the object into host when there is room. Demotion
 never drops an object: if nvme is full the victim stays where it is and the
 put that needed room gets :class:`OutOfSpace`.
 
-Every move leases the record it moves (``readers``) and marks it ``moving``
-under the catalog's lock, copies with no lock held, then installs the new
-copy only if the record is still live; otherwise the new copy is freed.
+Every move claims the record it moves under the catalog's lock (a
+:class:`~tierd.engine.catalog.Move`: marked ``moving`` and leased), copies
+with no lock held, then installs the new copy only if the record is still
+live (otherwise the new copy is freed); the claim ends with its ``with``
+block, however the copy went.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 import torch
 
 from tierd.codecs import get_codec
-from tierd.engine.catalog import Catalog
+from tierd.engine.catalog import Catalog, Move
 from tierd.engine.index import ObjectRecord
 from tierd.engine.keys import user_key
 from tierd.engine.namespaces import NamespacePolicies
@@ -104,8 +106,8 @@ class Mover:
     def over_high_watermark(self) -> bool:
         return any(arena.used_bytes > high for arena, high, _ in self._watermarks)
 
-    def _pick_victim_locked(self, need_bytes: int = 0, tier: str = "host") -> ObjectRecord | None:
-        """The least valuable object of ``tier`` that may leave, leased for its demotion.
+    def _pick_victim_locked(self, need_bytes: int = 0, tier: str = "host") -> Move | None:
+        """The least valuable object of ``tier`` that may leave, claimed for its demotion.
 
         The order comes from the namespaces' policies; here, what may not move
         is skipped. On nvme, durable objects never leave (their nvme copy is the
@@ -113,13 +115,11 @@ class Mover:
         """
         for key in self._policies.victims(tier, need_bytes):
             rec = self._index.get(key)
-            if rec is None or rec.pinned or rec.moving or getattr(rec, tier) is None:
+            if rec is None or rec.pinned or rec.moving or rec.on(tier) is None:
                 continue
-            if tier == "nvme" and (rec.durable or rec.host is not None or rec.cxl is not None):
+            if tier == "nvme" and (rec.durable or "host" in rec.copies or "cxl" in rec.copies):
                 continue
-            rec.moving = True
-            rec.readers += 1  # the demotion reads this copy: keep it alive
-            return rec
+            return self._catalog.claim_locked(rec)  # its lease keeps the copy readable while it moves
         return None
 
     def write_nvme(self, src: torch.Tensor, rec: ObjectRecord, *, durable: bool) -> Any:
@@ -141,77 +141,68 @@ class Mover:
                 victim = self._pick_victim_locked(need_bytes - freed, tier="nvme")
             if victim is None:
                 return freed > 0
-            try:
-                loc = victim.nvme
-                assert loc is not None  # picked because it has an nvme copy; the lease keeps it
-                buf = torch.empty(victim.nbytes, dtype=torch.uint8)
-                self.nvme.read_into(loc, buf, itemsize=victim.meta.itemsize)
-                remote_loc = victim.remote or self.remote.write(buf, codec=get_codec(victim.codec),
-                                                                itemsize=victim.meta.itemsize, durable=False)
-            except TierdError as exc:
-                log.warning("cannot demote %r to the remote tier: %s", user_key(victim.key), exc)
+            with victim as rec:
+                had_remote = rec.on("remote")
+                try:
+                    loc = rec.on("nvme")
+                    assert loc is not None  # picked because it has an nvme copy; the claim keeps it
+                    buf = torch.empty(rec.nbytes, dtype=torch.uint8)
+                    self.nvme.read_into(loc, buf, itemsize=rec.meta.itemsize)
+                    remote_loc = had_remote or self.remote.write(buf, codec=get_codec(rec.codec),
+                                                                 itemsize=rec.meta.itemsize, durable=False)
+                except TierdError as exc:
+                    log.warning("cannot demote %r to the remote tier: %s", user_key(rec.key), exc)
+                    return freed > 0
                 with self._lock:
-                    victim.moving = False
-                self._catalog.release(victim)
-                return freed > 0
-            with self._lock:
-                victim.moving = False
-                if victim.live and victim.nvme is not None:
-                    if victim.remote is None:
-                        self._catalog.set_location(victim, "remote", remote_loc)
-                        self._counters["remote"].bytes_in += victim.nbytes
-                        self._counters["remote"].demoted += victim.nbytes
-                    self._catalog.take_location(victim, "nvme")
-                    freed += victim.nbytes
-                    indexed = True
-                else:
-                    indexed = False
-            if indexed:
-                self._publish_remote(victim)
-            elif victim.remote is None:
-                self.remote.free(remote_loc)
-            self._catalog.release(victim)
+                    indexed = rec.live and rec.on("nvme") is not None
+                    if indexed:
+                        if had_remote is None:
+                            self._catalog.set_location(rec, "remote", remote_loc)
+                            self._counters["remote"].bytes_in += rec.nbytes
+                            self._counters["remote"].demoted += rec.nbytes
+                        self._catalog.take_location(rec, "nvme")
+                        freed += rec.nbytes
+                if indexed:
+                    self._publish_remote(rec)
+                elif had_remote is None:
+                    self.remote.free(remote_loc)
         return True
 
-    def demote(self, rec: ObjectRecord, source: str = "host", dest: str | None = None) -> bool:
-        """Move ``rec`` (picked and leased by _pick_victim_locked) from ``source`` (host or cxl)
-        one tier down: host -> cxl (when configured) -> nvme. ``dest`` forces cxl or nvme.
+    def demote(self, move: Move, source: str = "host", dest: str | None = None) -> bool:
+        """Move the claimed record from ``source`` (host or cxl) one tier down: host -> cxl
+        (when configured) -> nvme. ``dest`` forces cxl or nvme. Ends the claim.
 
         A copy that a lower tier holds already (a durable object's nvme copy, a
         remote one) is not written again: the ``source`` copy is just dropped.
         """
         arena = self.tiers.arena(source)
         new_tier, new_loc = "nvme", None
-        try:
-            loc = getattr(rec, source)
-            if loc is not None:
-                below = rec.nvme is not None or rec.remote is not None
-                if source == "host" and self.cxl is not None and (dest == "cxl" or (dest is None and not below)):
-                    new_tier, new_loc = "cxl", self.write_cxl(arena.view(loc), rec.nbytes, evict=True)
-                    if new_loc is None and dest == "cxl":
-                        raise OutOfSpace(f"cxl tier has no room for {user_key(rec.key)!r} ({rec.nbytes} bytes)")
-                if new_loc is None and not below:
-                    new_tier, new_loc = "nvme", self.write_nvme(arena.view(loc), rec, durable=False)
-        except TierdError as exc:
-            log.debug("cannot demote %r: %s", user_key(rec.key), exc)
+        with move as rec:
+            try:
+                loc = rec.on(source)
+                if loc is not None:
+                    below = "nvme" in rec.copies or "remote" in rec.copies
+                    if source == "host" and self.cxl is not None and (dest == "cxl" or (dest is None and not below)):
+                        new_tier, new_loc = "cxl", self.write_cxl(arena.view(loc), rec.nbytes, evict=True)
+                        if new_loc is None and dest == "cxl":
+                            raise OutOfSpace(f"cxl tier has no room for {user_key(rec.key)!r} ({rec.nbytes} bytes)")
+                    if new_loc is None and not below:
+                        new_tier, new_loc = "nvme", self.write_nvme(arena.view(loc), rec, durable=False)
+            except TierdError as exc:
+                log.debug("cannot demote %r: %s", user_key(rec.key), exc)
+                return False
             with self._lock:
-                rec.moving = False
-            self._catalog.release(rec)
-            return False
-        with self._lock:
-            rec.moving = False
-            if rec.live and getattr(rec, source) is not None:
-                if new_loc is not None:
-                    self._catalog.set_location(rec, new_tier, new_loc)
-                    new_loc = None
-                    self._counters[source].bytes_out += rec.nbytes
-                    self._counters[new_tier].bytes_in += rec.nbytes
-                    self._counters[new_tier].demoted += rec.nbytes
-                # else: the copy below is already there: dropping this one costs no I/O.
-                self._catalog.take_location(rec, source)
-        if new_loc is not None:  # replaced or deleted while we copied
-            self.tiers[new_tier].free(new_loc)
-        self._catalog.release(rec)
+                if rec.live and rec.on(source) is not None:
+                    if new_loc is not None:
+                        self._catalog.set_location(rec, new_tier, new_loc)
+                        new_loc = None
+                        self._counters[source].bytes_out += rec.nbytes
+                        self._counters[new_tier].bytes_in += rec.nbytes
+                        self._counters[new_tier].demoted += rec.nbytes
+                    # else: the copy below is already there: dropping this one costs no I/O.
+                    self._catalog.take_location(rec, source)
+            if new_loc is not None:  # replaced or deleted while we copied
+                self.tiers[new_tier].free(new_loc)
         return True
 
     def _loop(self) -> None:
@@ -254,12 +245,12 @@ class Mover:
         """Bring leased ``rec`` up into ``into`` (host, or cxl); its location there, or None if no room."""
         arena = self.tiers.arena(into)
         with self._lock:
-            if getattr(rec, into) is not None:
-                return getattr(rec, into)  # type: ignore[no-any-return]
-            source = next((t for t in self.tiers.below(into) if getattr(rec, t) is not None), None)
+            if rec.on(into) is not None:
+                return rec.on(into)  # type: ignore[no-any-return]
+            source = next((t for t in self.tiers.below(into) if t in rec.copies), None)
             if source is None:
                 return None
-            loc = getattr(rec, source)  # our lease keeps it readable (graveyard) whatever happens to rec
+            loc = rec.on(source)  # our lease keeps it readable (graveyard) whatever happens to rec
         ext = self.alloc_arena(arena, rec.nbytes, evict=evict)
         if ext is None:
             self._wake.set()  # make room for next time
@@ -272,7 +263,7 @@ class Mover:
             raise
         with self._lock:
             self._counters[source].bytes_out += rec.nbytes
-            if not rec.live or getattr(rec, into) is not None:
+            if not rec.live or rec.on(into) is not None:
                 # Replaced, deleted or promoted meanwhile: our copy is still a
                 # correct image of this version; hand it to the reader and
                 # let the lease free it.
@@ -306,11 +297,10 @@ class Mover:
     def demote_leased(self, rec: ObjectRecord, source: str, dest: str) -> None:
         """``move``'s demotion of leased ``rec`` from ``source`` to ``dest``; OutOfSpace if no room there."""
         with self._lock:
-            if getattr(rec, source) is None:
+            if rec.on(source) is None:
                 return
             if rec.moving:
                 raise Busy(f"{user_key(rec.key)!r} is being moved already; try again")
-            rec.moving = True
-            rec.readers += 1
-        if not self.demote(rec, source, dest):
+            move = self._catalog.claim_locked(rec)
+        if not self.demote(move, source, dest):
             raise OutOfSpace(f"{dest} tier has no room for {user_key(rec.key)!r} ({rec.nbytes} bytes)")

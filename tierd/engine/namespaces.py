@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 from tierd.config import Config, NamespaceConfig
 from tierd.engine.index import ObjectRecord
-from tierd.engine.stack import TIER_ORDER
 from tierd.policies import (
     AdmissionPolicy,
     AdmitAll,
@@ -145,9 +144,8 @@ class NamespacePolicies:
         for rec in records:
             fresh = changed.get(rec.namespace)
             if fresh is not None:
-                for tier in TIER_ORDER:
-                    if getattr(rec, tier) is not None:
-                        fresh.track(rec, tier)
+                for tier in rec.tiers:
+                    fresh.track(rec, tier)
         for name, fresh in changed.items():
             self._namespaces[name] = fresh
             log.info("namespace %r now uses eviction %s, prefetch %s", name, fresh.config.eviction_policy,

@@ -45,10 +45,11 @@ class RemoteIndex:
 
     def publish(self, rec: ObjectRecord) -> None:
         """Describe ``rec``'s remote copy (other stores adopt it from here); logged if it fails."""
-        if rec.remote is None:
+        loc = rec.on("remote")
+        if loc is None:
             return
         try:
-            self.remote.index_put(rec.key, _encoder.encode(RemoteEntry(rec.meta, rec.nbytes, rec.codec, rec.remote)))
+            self.remote.index_put(rec.key, _encoder.encode(RemoteEntry(rec.meta, rec.nbytes, rec.codec, loc)))
         except TierdError as exc:
             log.warning("remote index update for %r failed: %s", user_key(rec.key), exc)
 
