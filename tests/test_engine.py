@@ -18,7 +18,7 @@ def test_a_lease_taken_before_retirement_still_reads_its_version(nvme_dir: Path,
         old = torch.full((1 << 20,), 7, dtype=torch.uint8)
         s.put("e/x", old)
         engine = s.engine
-        rec = engine.acquire("e/x")  # leased, not read yet
+        lease = engine.acquire("e/x")  # leased, not read yet
         try:
             if then == "overwrite":
                 s.put("e/x", torch.full((1 << 20,), 9, dtype=torch.uint8))
@@ -28,8 +28,8 @@ def test_a_lease_taken_before_retirement_still_reads_its_version(nvme_dir: Path,
                 s.move("e/x", "nvme")
             # Its copies wait in the record's graveyard until the lease ends: same bytes, still readable.
             out = torch.empty(1 << 20, dtype=torch.uint8)
-            engine.read_into(rec, tensor_bytes(out))
+            lease.read_into(tensor_bytes(out))
             assert torch.equal(out, old)
         finally:
-            engine.release(rec)
+            lease.release()
         assert s.stats()["host"].used_bytes <= (1 << 20 if then == "overwrite" else 0) + 4096

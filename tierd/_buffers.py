@@ -8,7 +8,7 @@ import mmap
 import numpy as np
 import torch
 
-__all__ = ["address_view", "aligned_buffer", "copy_bytes", "tensor_bytes", "view_address"]
+__all__ = ["address_view", "aligned_buffer", "copy_bytes", "tensor_bytes", "view_address", "writable_tensor"]
 
 
 def address_view(address: int, nbytes: int) -> memoryview:
@@ -34,6 +34,13 @@ def aligned_buffer(nbytes: int) -> mmap.mmap:
 def tensor_bytes(t: torch.Tensor) -> torch.Tensor:
     """A flat uint8 view of a contiguous CPU tensor (any dtype, any shape, 0-d too)."""
     return t.reshape(-1).view(torch.uint8)
+
+
+def writable_tensor(view: memoryview) -> torch.Tensor:
+    """A flat uint8 tensor over a writable byte memoryview, or over a copy of a read-only one."""
+    if view.readonly:
+        view = memoryview(bytearray(view))
+    return torch.frombuffer(view, dtype=torch.uint8) if view.nbytes else torch.empty(0, dtype=torch.uint8)
 
 
 SMALL_COPY_BYTES = 256 << 10

@@ -9,19 +9,11 @@ from typing import Any
 import torch
 
 from tierd.clients.base import Staging, Store, prefetch_keys, staging_key
-from tierd.clients.values import (
-    Value,
-    check_out,
-    device_target,
-    direct_source,
-    encode_value,
-    fill_extent,
-    new_value,
-    tensor_meta,
-    typed_view,
-)
+from tierd.clients.transfer import Outgoing, read_value
+from tierd.clients.values import Value
 from tierd.config import Config, load_config
 from tierd.engine.core import Engine
+from tierd.engine.handles import Lease
 from tierd.engine.index import ObjectMeta
 from tierd.engine.keys import validate_key
 from tierd.tiers.gpu import CopyEngine
@@ -52,78 +44,36 @@ class EmbeddedStore(Store):
         codec: str | None = None, pin: bool = False, ttl: float | None = None,
     ) -> None:
         opts: dict[str, Any] = {"tier": tier, "durable": durable, "codec": codec, "pin": pin, "ttl": ttl}
-        direct = direct_source(value)
-        if direct is not None:
-            # A CUDA tensor or a slice of a larger one: copy it straight into the
-            # staging extent (one DMA, or one strided copy) instead of encoding
-            # it into a temporary first and copying again.
-            meta = tensor_meta(direct)
-            pending = self._engine.prepare_put(validate_key(key), direct.numel() * direct.element_size(), meta,
-                                               **opts)
-            try:
-                # An nvme-bound CUDA tensor skips the arena when GPUDirect Storage can take it.
-                to_file = direct.device.type == "cuda" and pending.top == "nvme" and self._engine.device_source_ok(pending)
-                if pending.staging is not None and not to_file:
-                    fill_extent(self._copies, self._engine.host.view(pending.staging), direct, meta)
-                    src = None
-                else:
-                    self._engine.abort_put(pending)  # no staging: nvme-bound (GDS), or no room
-                    src = (direct.contiguous().reshape(-1).view(torch.uint8) if direct.device.type == "cuda"
-                           else encode_value(direct)[0])
-            except BaseException:
-                self._engine.abort_put(pending)
-                raise
-            self._engine.finish_put(pending, src)
+        value_out = Outgoing(value)
+        key = validate_key(key)
+        if value_out.direct is None:
+            self._engine.put(key, value_out.flat(), value_out.meta, **opts)
             return
-        src, meta = encode_value(value)
-        self._engine.put(validate_key(key), src, meta, **opts)
+        # A CUDA tensor or a slice of a larger one: copied straight into the reserved
+        # arena bytes (one DMA, or one strided copy), not encoded into a temporary first.
+        with self._engine.reserve(key, value_out.nbytes, value_out.meta, **opts) as res:
+            view = res.view
+            # An nvme-bound CUDA tensor skips the arena when GPUDirect Storage can take it.
+            if view is not None and not (value_out.on_cuda and res.top == "nvme" and res.device_direct):
+                value_out.write_into(self._copies, view)
+                res.commit()
+            else:
+                res.unstage()  # nvme-bound (GDS), or no room in the arena
+                res.commit(value_out.source())
 
     def get(self, key: str, *, device: str | torch.device | None = None, out: torch.Tensor | None = None) -> Any:
-        with self._engine.lease(validate_key(key)) as rec:
-            target = device_target(rec.meta, key, device, out)
-            if target is not None:
-                self._get_device(rec, target)
-                return target
-            if out is not None:
-                flat = check_out(out, rec.meta, key)
-                if flat is not None:
-                    self._engine.read_into(rec, flat)
-                    return out
-                if "host" in rec.copies:  # strided out: straight from the arena, one copy
-                    loc = self._engine.read_location(rec)
-                    if loc is not None:
-                        out.copy_(typed_view(self._engine.host.view(loc), rec.meta))
-                        return out
-                tmp, tmp_flat = new_value(rec.meta)
-                self._engine.read_into(rec, tmp_flat)
-                out.copy_(tmp)
-                return out
-            value, dest = new_value(rec.meta)
-            self._engine.read_into(rec, dest)
-        return finish_value(value, device)
-
-    def _get_device(self, rec: Any, target: torch.Tensor) -> None:
-        """Fill CUDA tensor ``target`` with leased ``rec``: one DMA from the arena, or nvme to device by GDS."""
-        gds = self._engine.nvme.gds and "nvme" in rec.copies
-        loc = self._engine.read_location(rec, promote=not gds)
-        if loc is not None:
-            self._copies.to_device(target, self._engine.host.view(loc))
-        elif gds and target.is_contiguous():
-            self._engine.read_into(rec, target.reshape(-1).view(torch.uint8), promote=False)
-        else:
-            tmp, tmp_flat = new_value(rec.meta)
-            self._engine.read_into(rec, tmp_flat)
-            self._copies.to_device(target, tmp_flat)
+        with self._engine.lease(validate_key(key)) as lease:
+            return read_value(_LeaseSource(lease, self._engine.nvme.gds), key, self._copies, device=device, out=out)
 
     def stage(self, nbytes: int) -> Staging | None:
         if nbytes <= 0:
             return None
-        pending = self._engine.prepare_put(staging_key(), nbytes, ObjectMeta("bytes", "uint8", (nbytes,), 1),
-                                           stage=True)
-        if pending.staging is None:
-            self._engine.abort_put(pending)
+        res = self._engine.reserve(staging_key(), nbytes, ObjectMeta("bytes", "uint8", (nbytes,), 1), stage=True)
+        view = res.view
+        if view is None:
+            res.abort()
             return None
-        return Staging(self._engine.host.view(pending.staging), lambda: self._engine.abort_put(pending))
+        return Staging(view, res.abort)
 
     def prefetch(self, keys: Iterable[str] | str, *, tier: str = "host") -> None:
         self._engine.prefetch(prefetch_keys(keys), tier)
@@ -155,15 +105,39 @@ class EmbeddedStore(Store):
         self._engine.close()
 
 
-def finish_value(value: Any, device: str | torch.device | None) -> Any:
-    """What get() returns for a freshly read value: bytes for bytes, the tensor on ``device``."""
-    if isinstance(value, bytearray):
-        return bytes(value)
-    if device is not None and torch.device(device).type != "cpu":
-        return value.to(device)
-    return value
-
-
 def open_store(config: str | os.PathLike[str] | Mapping[str, Any] | Config | None = None) -> EmbeddedStore:
     """Open the embedded store (see ``tierd.open``)."""
     return EmbeddedStore(Engine(load_config(config), in_process=True))
+
+
+class _LeaseSource:
+    """A get's :class:`~tierd.clients.transfer.Source` over an engine lease."""
+
+    __slots__ = ("_lease", "_gds")
+
+    def __init__(self, lease: Lease, gds: bool) -> None:
+        self._lease = lease
+        self._gds = gds and lease.on("nvme")  # nvme can read straight into device memory
+
+    @property
+    def meta(self) -> ObjectMeta:
+        return self._lease.meta
+
+    def arena_view(self) -> torch.Tensor | None:
+        return self._lease.host_view() if self._lease.on("host") else None
+
+    def read_into(self, dest: torch.Tensor) -> None:
+        self._lease.read_into(dest)
+
+    def device_view(self) -> torch.Tensor | None:
+        # With GPUDirect Storage, an nvme copy goes to the device directly: no promotion for it.
+        return self._lease.host_view(promote=not self._gds)
+
+    def read_device(self, target: torch.Tensor) -> bool:
+        if not (self._gds and target.is_contiguous()):
+            return False
+        self._lease.read_into(target.reshape(-1).view(torch.uint8), promote=False)
+        return True
+
+    def inline_bytes(self) -> bytes | None:
+        return None

@@ -30,18 +30,8 @@ from tierd import errors
 from tierd import protocol as p
 from tierd._buffers import copy_bytes
 from tierd.clients.base import Staging, Store, prefetch_keys, staging_key
-from tierd.clients.embedded import finish_value
-from tierd.clients.values import (
-    Value,
-    check_out,
-    device_target,
-    direct_source,
-    encode_value,
-    fill_extent,
-    new_value,
-    tensor_meta,
-    typed_view,
-)
+from tierd.clients.transfer import Outgoing, read_value
+from tierd.clients.values import Value
 from tierd.config import default_socket_path
 from tierd.engine.keys import validate_key
 from tierd.errors import DaemonUnavailable, ProtocolError, StoreClosed, TierdError
@@ -245,36 +235,23 @@ class RemoteStore(Store):
             self._call(p.Put, key=key, nbytes=len(value), meta=meta, tier=tier, durable=durable, codec=codec,
                        pin=pin, ttl=ttl, data=value)
             return
-        direct = direct_source(value)
-        if direct is not None:
-            src, meta = None, tensor_meta(direct)  # copied straight into the arena (strided, or one DMA)
-            n = direct.numel() * direct.element_size()
-        else:
-            src, meta = encode_value(value)
-            n = src.numel()
-        opts = {"key": key, "nbytes": n, "meta": meta, "tier": tier, "durable": durable, "codec": codec,
+        value_out = Outgoing(value)
+        n = value_out.nbytes
+        opts = {"key": key, "nbytes": n, "meta": value_out.meta, "tier": tier, "durable": durable, "codec": codec,
                 "pin": pin, "ttl": ttl}
-        if src is None and (n <= self._inline_max):
-            src, _ = encode_value(value)
         if n <= self._inline_max:
-            assert src is not None
-            self._call(p.Put, data=src.numpy().tobytes(), **opts)
+            self._call(p.Put, data=value_out.flat().numpy().tobytes(), **opts)
             return
         ready, _ = self._call(p.Put, **opts)
         arena = self._arena
         try:
             if ready.offset is not None and arena is None:
                 raise ProtocolError("the daemon named an arena offset to a client it gave no arena")
-            if ready.offset is not None and src is None:
-                assert direct is not None and arena is not None
-                fill_extent(self._copies, arena[ready.offset : ready.offset + n], direct, meta)
-            elif ready.offset is not None:
-                assert src is not None and arena is not None
-                copy_bytes(arena[ready.offset : ready.offset + n], src)
+            if ready.offset is not None:
+                assert arena is not None
+                value_out.write_into(self._copies, arena[ready.offset : ready.offset + n])
             else:  # no room to stage in the arena: the bytes go through the socket
-                if src is None:
-                    src, _ = encode_value(value)
-                view = src.numpy()
+                view = value_out.flat().numpy()
                 for start in range(0, n, self._chunk_bytes):
                     self._send(p.PutChunk(id=0, put_id=ready.put_id, offset=start,
                                           data=view[start : start + self._chunk_bytes].tobytes()))
@@ -300,45 +277,13 @@ class RemoteStore(Store):
 
     def get(self, key: str, *, device: str | torch.device | None = None, out: torch.Tensor | None = None) -> Any:
         ready, chunks = self._call(p.Get, key=validate_key(key))
-        arena = self._arena
         try:
-            if ready.offset is not None and arena is None:
+            if ready.offset is not None and self._arena is None:
                 raise ProtocolError("the daemon named an arena offset to a client it gave no arena")
-            target = device_target(ready.meta, key, device, out)
-            if target is not None:
-                if ready.offset is not None and arena is not None:  # one DMA from the pinned arena
-                    self._copies.to_device(target, arena[ready.offset : ready.offset + ready.meta.nbytes])
-                else:
-                    tmp, tmp_flat = new_value(ready.meta)
-                    _fill(tmp_flat, ready, chunks)
-                    self._copies.to_device(target, tmp_flat)
-                return target
-            if out is not None:
-                flat = check_out(out, ready.meta, key)
-                if flat is None:  # strided out: one copy, from the arena or the frame
-                    if ready.offset is not None:
-                        assert arena is not None
-                        out.copy_(typed_view(arena[ready.offset : ready.offset + out.numel()
-                                                   * out.element_size()], ready.meta))
-                    else:
-                        tmp, tmp_flat = new_value(ready.meta)
-                        _fill(tmp_flat, ready, chunks)
-                        out.copy_(tmp)
-                    return out
-                value, dest = out, flat
-            else:
-                value, dest = new_value(ready.meta)
-            if ready.offset is not None:
-                assert arena is not None
-                copy_bytes(dest, arena[ready.offset : ready.offset + dest.numel()])
-            elif ready.data is not None and out is None and ready.meta.kind == "bytes":
-                return ready.data
-            else:
-                _fill(dest, ready, chunks)
+            return read_value(_ReplySource(ready, chunks, self._arena), key, self._copies, device=device, out=out)
         finally:
             if ready.lease_id:
                 self._send(p.Release(id=0, lease_id=ready.lease_id))
-        return value if out is not None else finish_value(value, device)
 
     def prefetch(self, keys: Iterable[str] | str, *, tier: str = "host") -> None:
         self._call(p.Prefetch, keys=prefetch_keys(keys), tier=tier)
@@ -389,16 +334,49 @@ class RemoteStore(Store):
                 pass  # a tensor still aliases the mapping; it goes with the last one
 
 
-def _fill(dest: torch.Tensor, ready: p.GetReady, chunks: list[bytes]) -> None:
-    """Copy bytes that came in the frames (inline, or streamed in chunks) into ``dest``."""
-    if ready.data is not None:
-        if ready.data:
-            dest.copy_(torch.frombuffer(bytearray(ready.data), dtype=torch.uint8))
-        return
-    pos = 0
-    for data in chunks:
-        dest[pos : pos + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        pos += len(data)
+class _ReplySource:
+    """A get's :class:`~tierd.clients.transfer.Source` over the daemon's reply: the arena
+    (``ready.offset``, leased until Release) or the bytes in the frames."""
+
+    __slots__ = ("_ready", "_chunks", "_arena")
+
+    def __init__(self, ready: p.GetReady, chunks: list[bytes], arena: torch.Tensor | None) -> None:
+        self._ready = ready
+        self._chunks = chunks
+        self._arena = arena
+
+    @property
+    def meta(self) -> p.ObjectMeta:
+        return self._ready.meta
+
+    def arena_view(self) -> torch.Tensor | None:
+        offset = self._ready.offset
+        if offset is None or self._arena is None:
+            return None
+        return self._arena[offset : offset + self._ready.meta.nbytes]
+
+    device_view = arena_view
+
+    def read_into(self, dest: torch.Tensor) -> None:
+        view = self.arena_view()
+        if view is not None:
+            copy_bytes(dest, view)
+            return
+        ready = self._ready
+        if ready.data is not None:
+            if ready.data:
+                dest.copy_(torch.frombuffer(bytearray(ready.data), dtype=torch.uint8))
+            return
+        pos = 0
+        for data in self._chunks:
+            dest[pos : pos + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            pos += len(data)
+
+    def read_device(self, target: torch.Tensor) -> bool:
+        return False
+
+    def inline_bytes(self) -> bytes | None:
+        return self._ready.data
 
 
 def connect(socket_path: str | os.PathLike[str] | None = None) -> RemoteStore:

@@ -10,10 +10,8 @@ import torch
 from tierd._buffers import tensor_bytes
 from tierd.engine.index import ObjectMeta
 from tierd.errors import InvalidArgument
-from tierd.tiers.gpu import CopyEngine
 
-__all__ = ["Value", "encode_value", "new_value", "check_out", "dtype_from_name", "typed_view", "tensor_meta",
-           "direct_source", "device_target"]
+__all__ = ["Value", "encode_value", "new_value", "check_out", "dtype_from_name", "typed_view", "tensor_meta"]
 
 Value = torch.Tensor | bytes | bytearray | memoryview
 
@@ -105,44 +103,3 @@ def typed_view(raw: torch.Tensor, meta: ObjectMeta) -> torch.Tensor:
 
 def tensor_meta(t: torch.Tensor) -> ObjectMeta:
     return ObjectMeta("tensor", str(t.dtype).removeprefix("torch."), tuple(t.shape), t.element_size())
-
-
-def direct_source(value: Any) -> torch.Tensor | None:
-    """``value`` if a store should copy it straight into an arena extent instead of encoding it first.
-
-    That is a CUDA tensor (one DMA into the pinned arena, no host temporary)
-    or a large, non-contiguous CPU tensor (copied with its strides, no
-    contiguous temporary); see :func:`fill_extent`.
-    """
-    if not isinstance(value, torch.Tensor) or value.layout != torch.strided or value.is_quantized:
-        return None
-    if value.device.type == "cuda":
-        return value.detach()
-    if (value.device.type == "cpu" and not value.is_contiguous()
-            and value.numel() * value.element_size() >= STRIDED_MIN_BYTES):
-        return value.detach()
-    return None
-
-
-def fill_extent(copies: CopyEngine, extent: torch.Tensor, src: torch.Tensor, meta: ObjectMeta) -> None:
-    """Copy a :func:`direct_source` into ``extent`` (flat arena bytes)."""
-    if src.device.type == "cuda":
-        copies.to_host(extent, src)
-    else:
-        typed_view(extent, meta).copy_(src)
-
-
-def device_target(meta: ObjectMeta, key: str, device: str | torch.device | None,
-                  out: torch.Tensor | None) -> torch.Tensor | None:
-    """The CUDA tensor a get fills (a CUDA ``out=``, or a new tensor for ``device="cuda:N"``), else None."""
-    if out is not None:
-        if out.device.type != "cuda":
-            return None
-        check_out(out, meta, key)
-        return out
-    if device is None or meta.kind != "tensor" or torch.device(device).type != "cuda":
-        return None
-    return torch.empty(meta.shape, dtype=dtype_from_name(meta.dtype), device=device)
-
-
-STRIDED_MIN_BYTES = 64 << 10  # below this, a contiguous temporary costs less than the bookkeeping

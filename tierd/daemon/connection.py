@@ -24,8 +24,8 @@ import torch
 
 from tierd import protocol as p
 from tierd._buffers import address_view
-from tierd.engine.core import Engine, PendingPut
-from tierd.engine.index import ObjectRecord
+from tierd.engine.core import Engine
+from tierd.engine.handles import Lease, Reservation
 from tierd.engine.keys import user_key
 from tierd.errors import InvalidArgument, OutOfSpace, ProtocolError, TierdError
 
@@ -44,7 +44,7 @@ _QUICK = (p.Release, p.PutChunk, p.PutAbort, p.Exists, p.Info, p.Keys, p.GetStat
 class StreamedPut:
     """A prepared put whose bytes come in PutChunk frames (Note [arena trust])."""
 
-    pending: PendingPut
+    res: Reservation
     buffer: torch.Tensor | None  # where chunks land: the staging extent, or daemon memory; None: the client
     # writes into the arena itself (trusted)
     received: int = 0
@@ -67,7 +67,7 @@ class Connection:
         self.send_lock = threading.Lock()
         self.state_lock = threading.Lock()
         self.puts: dict[int, StreamedPut] = {}
-        self.leases: dict[int, tuple[ObjectRecord, float]] = {}
+        self.leases: dict[int, tuple[Lease, float]] = {}
         self.ids = itertools.count(1)
         self.welcomed = False
         self.closed = False
@@ -88,10 +88,10 @@ class Connection:
         """Release leases held longer than ``lease_s`` (a client that never sent Release)."""
         with self.state_lock:
             expired = [lid for lid, (_, t) in self.leases.items() if now - t > lease_s]
-            recs = [self.leases.pop(lid)[0] for lid in expired]
-        for rec in recs:
-            log.warning("lease on %r by pid %d expired after %.0f s", user_key(rec.key), self.pid, lease_s)
-            self.engine.release(rec)
+            gone = [self.leases.pop(lid)[0] for lid in expired]
+        for lease in gone:
+            log.warning("lease on %r by pid %d expired after %.0f s", user_key(lease.key), self.pid, lease_s)
+            lease.release()
 
     def serve(self) -> None:
         """Read and answer requests until the client goes away or breaks the protocol; then clean up."""
@@ -181,9 +181,9 @@ class Connection:
             self.leases.clear()
         # A dead client's uncommitted allocations and leases go back at once.
         for put in puts:
-            self.engine.abort_put(put.pending)
-        for rec, _ in leases:
-            self.engine.release(rec)
+            put.res.abort()
+        for lease, _ in leases:
+            lease.release()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -237,20 +237,21 @@ class Connection:
                 raise InvalidArgument(f"inline data holds {len(req.data)} bytes, nbytes says {req.nbytes}")
             self.engine.put(key, memoryview(req.data), req.meta, **opts)
             return p.Ok(id=req.id)
-        pending = self.engine.prepare_put(key, req.nbytes, req.meta, stage=True, **opts)
-        buffer: torch.Tensor | None = None
-        if pending.staging is not None:
-            # Untrusted: the chunks go straight into the staging extent.
-            buffer = None if self.trusted else self.engine.host.view(pending.staging)
+        res = self.engine.reserve(key, req.nbytes, req.meta, stage=True, **opts)
+        buffer = res.view
+        if buffer is not None:
+            # Trusted: the client writes into the arena itself; untrusted: the chunks go straight there.
+            if self.trusted:
+                buffer = None
         elif req.nbytes:
             buffer = torch.empty(req.nbytes, dtype=torch.uint8)
         put_id = next(self.ids)
         with self.state_lock:
             if self.closed:
-                self.engine.abort_put(pending)
+                res.abort()
                 return None
-            self.puts[put_id] = StreamedPut(pending, buffer)
-        offset = pending.staging.offset if pending.staging is not None and buffer is None else None
+            self.puts[put_id] = StreamedPut(res, buffer)
+        offset = res.offset if buffer is None else None
         return p.PutReady(id=req.id, put_id=put_id, offset=offset)
 
     def _put_chunk(self, req: p.PutChunk) -> None:
@@ -278,50 +279,48 @@ class Connection:
         if put.buffer is not None and put.error is None and put.received != put.buffer.numel():
             put.error = f"only {put.received} of {put.buffer.numel()} bytes were sent before the commit"
         if put.error is not None:
-            self.engine.abort_put(put.pending)
-            raise InvalidArgument(f"put of {user_key(put.pending.rec.key)!r} refused: {put.error}")
+            put.res.abort()
+            raise InvalidArgument(f"put of {user_key(put.res.key)!r} refused: {put.error}")
         # Bytes written into the staging extent are already in place.
-        src = put.buffer if put.pending.staging is None else None
-        self.engine.finish_put(put.pending, src)
+        put.res.commit(put.buffer if put.res.view is None else None)
         return p.Ok(id=req.id)
 
     def _put_abort(self, req: p.PutAbort) -> Any:
         with self.state_lock:
             put = self.puts.pop(req.put_id, None)
         if put is not None:
-                self.engine.abort_put(put.pending)
+            put.res.abort()
         return p.Ok(id=req.id)
 
     def _get(self, req: p.Get) -> Any:
-        engine = self.engine
-        rec = engine.acquire(self.server.identity.scope(req.key, self.uid))
+        lease = self.engine.acquire(self.server.identity.scope(req.key, self.uid))
         keep = False
         try:
-            n = rec.nbytes
+            n = lease.nbytes
             if n <= self.server.config.daemon.inline_max_bytes and req.inline_ok:
                 buf = bytearray(n)
-                engine.read_into(rec, memoryview(buf))
-                return p.GetReady(id=req.id, meta=rec.meta, data=bytes(buf))
+                lease.read_into(memoryview(buf))
+                return p.GetReady(id=req.id, meta=lease.meta, data=bytes(buf))
             # A client without the arena still promotes (for the next reader),
             # but never makes room for it by demoting others.
-            loc = engine.read_location(rec, promote=True, evict=self.trusted)
+            loc = lease.host_location(promote=True, evict=self.trusted)
             if loc is not None and self.trusted:
                 lease_id = next(self.ids)
                 with self.state_lock:
                     if self.closed:
                         return None
-                    self.leases[lease_id] = (rec, time.monotonic())
+                    self.leases[lease_id] = (lease, time.monotonic())
                     keep = True
-                return p.GetReady(id=req.id, meta=rec.meta, offset=loc.offset, lease_id=lease_id)
+                return p.GetReady(id=req.id, meta=lease.meta, offset=loc.offset, lease_id=lease_id)
             if loc is not None:
-                data = engine.host.view(loc)  # valid while our lease on rec lasts (until finally)
+                data = self.engine.host.view(loc)  # valid while our lease lasts (until finally)
             else:  # larger than the arena can take now
                 data = torch.empty(n, dtype=torch.uint8)
-                engine.read_into(rec, data, promote=False)
+                lease.read_into(data, promote=False)
             # Stream it in frames.
             step = max(1, self.server.config.daemon.max_frame_bytes // 2)
             chunks = -(-n // step)
-            self.send(p.GetReady(id=req.id, meta=rec.meta, chunks=chunks))
+            self.send(p.GetReady(id=req.id, meta=lease.meta, chunks=chunks))
             view = address_view(data.data_ptr(), n)  # data (and our lease) outlive the loop
             for i in range(chunks):
                 # A memoryview is encoded as msgpack bin like bytes, without copying it first.
@@ -329,13 +328,13 @@ class Connection:
             return None
         finally:
             if not keep:
-                engine.release(rec)
+                lease.release()
 
     def _release(self, req: p.Release) -> None:
         with self.state_lock:
             entry = self.leases.pop(req.lease_id, None)
         if entry is not None:
-                self.engine.release(entry[0])
+            entry[0].release()
         return None
 
     def _delete(self, req: p.Delete) -> Any:

@@ -5,8 +5,9 @@ The library's core: ``tierd.open()`` runs it inside the calling process and
 and ``policies/``, never on ``daemon/`` or ``clients/``.
 """
 
-from tierd.engine.core import Engine, PendingPut
+from tierd.engine.core import Engine
+from tierd.engine.handles import Lease, Reservation
 from tierd.engine.index import ObjectMeta, ObjectRecord
 from tierd.engine.keys import validate_key
 
-__all__ = ["Engine", "ObjectMeta", "ObjectRecord", "PendingPut", "validate_key"]
+__all__ = ["Engine", "Lease", "ObjectMeta", "ObjectRecord", "Reservation", "validate_key"]

@@ -20,59 +20,38 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import torch
 
-from tierd.codecs import get_codec
 from tierd.config import Config
 from tierd.engine.catalog import Catalog
+from tierd.engine.handles import Lease, Reservation
 from tierd.engine.index import DurableIndex, ObjectMeta, ObjectRecord
 from tierd.engine.keys import namespace_of, user_key
 from tierd.engine.movement import Mover
 from tierd.engine.namespaces import NamespacePolicies
-from tierd.engine.placement import plan_put, staging_evicts
 from tierd.engine.remote_index import RemoteIndex
-from tierd.engine.stack import TIER_ORDER, TierStack
+from tierd.engine.stack import TierStack
 from tierd.engine.trace import TraceWriter
+from tierd.engine.writes import Writer
 from tierd.errors import (
-    InternalError,
     InvalidArgument,
     NotFound,
     OutOfSpace,
-    QuotaExceeded,
     StoreClosed,
     TierdError,
 )
 from tierd.policies import CostModel
-from tierd.tiers.host import HostLocation
 from tierd.types import ObjectInfo, Stats, TierStats
 
-__all__ = ["Engine", "PendingPut"]
+__all__ = ["Engine"]
 
 log = logging.getLogger("tierd.engine")
-
-@dataclass(slots=True, eq=False)
-class PendingPut:
-    """A put between its two phases (see :meth:`Engine.prepare_put`)."""
-
-    rec: ObjectRecord
-    top: str
-    staging: HostLocation | None
-
-
-def _tensor_of(view: memoryview) -> torch.Tensor:
-    """A uint8 tensor over a writable byte memoryview, or over a copy of a read-only one."""
-    if view.readonly:
-        view = memoryview(bytearray(view))
-    return torch.frombuffer(view, dtype=torch.uint8) if view.nbytes else torch.empty(0, dtype=torch.uint8)
-
 
 class Engine:
     """Owns the tiers and the index. Thread-safe."""
@@ -94,6 +73,8 @@ class Engine:
         self._trace = TraceWriter(config.trace.path) if config.trace.path else None
         self._closed = False
         self._shared = RemoteIndex(self.remote) if self.remote is not None else None
+        self._writer = Writer(lambda: self.config, self.tiers, self._catalog, self._policies, self._moves,
+                              self._shared, commit=self._commit)
         try:
             self._durable = DurableIndex(Path(config.tiers.nvme.path) / "index.lmdb")
             self._load_durable()
@@ -134,20 +115,22 @@ class Engine:
 
     # -- leases ----------------------------------------------------------------
 
-    def acquire(self, key: str) -> ObjectRecord:
-        """Lease ``key``'s current version: its bytes stay readable until :meth:`release`.
+    def acquire(self, key: str) -> Lease:
+        """Lease ``key``'s current version: its bytes stay readable until ``lease.release()``.
 
         A key missing here is looked up in the remote tier's shared index.
+        The lease is also a context manager (see :meth:`lease`).
 
         Raises:
             NotFound: no such key (or it expired).
         """
         try:
-            return self._acquire_local(key)
+            rec = self._acquire_local(key)
         except NotFound:
             if not self._adopt_quietly(key):
                 raise
-        return self._acquire_local(key)
+            rec = self._acquire_local(key)
+        return Lease(self._catalog, self._moves, rec)
 
     def _adopt_quietly(self, key: str) -> bool:
         """Remote fallback of a lookup: an unreachable server is a miss, not an error."""
@@ -170,188 +153,36 @@ class Engine:
             self.prefetch(upcoming)  # overlaps the next objects' promotion with this one's use
         return rec
 
-    def release(self, rec: ObjectRecord) -> None:
-        """End a lease taken with :meth:`acquire`."""
-        self._catalog.release(rec)
-
-    @contextmanager
-    def lease(self, key: str) -> Iterator[ObjectRecord]:
-        """``acquire`` / ``release`` around a ``with`` body."""
-        rec = self.acquire(key)
-        try:
-            yield rec
-        finally:
-            self._catalog.release(rec)
+    def lease(self, key: str) -> Lease:
+        """``with engine.lease(key) as lease:``, released when the block ends (same as :meth:`acquire`)."""
+        return self.acquire(key)
 
     # -- put -------------------------------------------------------------------
 
-    def prepare_put(
-        self, key: str, nbytes: int, meta: ObjectMeta, *, tier: str | None = None,
-        durable: bool | None = None, codec: str | None = None, pin: bool = False,
-        ttl: float | None = None, owner: int | None = None, stage: bool = False,
-    ) -> PendingPut:
-        """First phase of a put: check everything and reserve a host staging extent.
+    def reserve(self, key: str, nbytes: int, meta: ObjectMeta, **options: Any) -> Reservation:
+        """First phase of a put: check everything and reserve room in the host arena.
 
-        The caller writes the object's bytes into ``host.view(pending.staging)``
-        (when it is not None) and then calls :meth:`finish_put`, or
-        :meth:`abort_put` to give the extent back. ``stage=True`` demotes other
-        objects to find a staging extent even for durable or nvme-bound puts
-        (a client of the daemon has no other way to hand over large bytes).
+        The caller writes the object's bytes into ``reservation.view`` (when it
+        is not None) and calls ``reservation.commit()``, or hands the bytes to
+        ``commit(src)``; ``abort()`` gives the room back. ``options``: ``tier``,
+        ``durable``, ``codec``, ``pin``, ``ttl``, ``owner`` (a daemon client's
+        uid, for its quota) and ``stage`` (demote others to find staging room
+        even for durable or nvme-bound puts: a daemon client has no other way to
+        hand over large bytes).
 
         Raises:
             InvalidArgument, QuotaExceeded, StoreClosed.
         """
         self._check_open()
-        ns = namespace_of(key)
-        ns_cfg = self.config.namespace(ns)
-        durable = ns_cfg.durable if durable is None else bool(durable)
-        codec_name = get_codec(codec if codec is not None else ns_cfg.codec).name
-        top = tier if tier is not None else (ns_cfg.tier or "host")
-        if top == "gpu":  # handled above the store by GpuTierStore when the tier is on
-            raise InvalidArgument("the gpu tier is off: it needs CUDA and [tiers.gpu] budget (or fraction); "
-                                  "`tierd doctor` says which is missing")
-        if top not in self.tiers:
-            raise InvalidArgument(f"unknown tier {top!r}; choose one of {list(self.tiers)}")
-        if ttl is not None and not ttl > 0:
-            raise InvalidArgument(f"ttl must be > 0 seconds, got {ttl!r}")
-        self._check_quotas(key, ns, ns_cfg.quota, owner, nbytes)
-        if top == "host" and tier is None:
-            with self._lock:
-                admitted = self._policies.admit(ns, key, "host", nbytes)
-            if not admitted:
-                top = "cxl" if self.cxl is not None else "nvme"  # one tier down
-        rec = ObjectRecord(
-            key=key, namespace=ns, meta=meta, nbytes=nbytes, codec=codec_name, durable=durable,
-            pinned=pin, expires_at=None if ttl is None else time.time() + ttl, owner=owner,
-        )
-        staging = None
-        if nbytes:
-            staging = self._moves.alloc_host(nbytes, evict=staging_evicts(top, durable=durable, stage=stage))
-        return PendingPut(rec, top, staging)
-
-    def _check_quotas(self, key: str, ns: str, ns_quota: int | None, owner: int | None, nbytes: int) -> None:
-        uid_quota = self.config.daemon.uid_quota if owner is not None else None
-        if ns_quota is None and uid_quota is None:
-            return
-        with self._lock:
-            old = self._index.get(key)
-            old_bytes = old.nbytes if old is not None else 0
-            ns_used = self._ns_used.get(ns, 0) - old_bytes
-            owner_used = self._owner_used.get(owner, 0) - old_bytes
-        if ns_quota is not None and ns_used + nbytes > ns_quota:
-            raise QuotaExceeded(
-                f"namespace {ns!r} would hold {ns_used + nbytes} bytes, over its quota of "
-                f"{ns_quota}; delete objects or raise namespaces.{ns}.quota"
-            )
-        if uid_quota is not None and owner_used + nbytes > uid_quota:
-            raise QuotaExceeded(
-                f"uid {owner} would hold {owner_used + nbytes} bytes, over the per-uid quota of "
-                f"{uid_quota}; delete objects or raise daemon.uid_quota"
-            )
-
-    def finish_put(self, pending: PendingPut, src: torch.Tensor | memoryview | None = None) -> None:
-        """Second phase: store the bytes (``src``, or those already written to the
-        staging extent) and commit. Returns when readable, and for durable objects
-        once chunks and index entry are fsync'ed.
-
-        Raises:
-            OutOfSpace (nothing already stored is lost), MediaError.
-        """
-        rec, staging = pending.rec, pending.staging
-        nbytes = rec.nbytes
-        keep_staging = False
-        if (isinstance(src, torch.Tensor) and src.device.type != "cpu"
-                and (staging is not None or not self.device_source_ok(pending))):
-            src = src.cpu()  # only nvme writes straight from device memory (Note [GPUDirect Storage])
-        try:
-            if staging is not None:
-                if src is not None:
-                    self.host.copy_in(staging, src)
-            elif src is None and nbytes:
-                raise InvalidArgument("finish_put needs the bytes: no staging extent was reserved")
-            plan = plan_put(pending.top, durable=rec.durable, staged=staging is not None, nbytes=nbytes,
-                            has_cxl=self.cxl is not None, has_remote=self.remote is not None,
-                            write_through=self.config.namespace(rec.namespace).write_through)
-            if plan.remote_only:
-                assert self.remote is not None  # "remote" is only a valid tier when configured
-                data_r = self.host.view(staging) if staging is not None else (
-                    _tensor_of(src) if isinstance(src, memoryview) else src)
-                assert data_r is not None
-                rec.copies["remote"] = self.remote.write(data_r, codec=get_codec(rec.codec),
-                                                         itemsize=rec.meta.itemsize, durable=False)
-            else:
-                if plan.try_cxl:
-                    cxl_loc = self._moves.write_cxl(self.host.view(staging) if staging is not None else src,
-                                                    nbytes, evict=plan.cxl_evicts)
-                    if cxl_loc is not None:
-                        rec.copies["cxl"] = cxl_loc
-                if plan.nvme == "always" or (plan.nvme == "if_no_cxl" and "cxl" not in rec.copies):
-                    # Note [durability] in tiers/nvme.py: chunks fsync'ed here, then
-                    # the LMDB entry committed in _commit, then acknowledged.
-                    rec.copies["nvme"] = self._moves.write_nvme(self._put_source(staging, src), rec, durable=rec.durable)
-            if plan.write_through and self.remote is not None:
-                remote_src = self.host.view(staging) if staging is not None else (
-                    _tensor_of(src) if isinstance(src, memoryview) else src)
-                assert remote_src is not None  # nbytes > 0 means bytes were given or staged
-                try:
-                    rec.copies["remote"] = self.remote.write(remote_src, codec=get_codec(rec.codec),
-                                                             itemsize=rec.meta.itemsize, durable=False)
-                except TierdError as exc:  # the remote copy is a bonus: local tiers keep working
-                    log.warning("write-through of %r to the remote tier failed: %s", user_key(rec.key), exc)
-            keep_staging = plan.keep_host
-            if keep_staging and staging is not None:
-                rec.copies["host"] = staging  # volatile: its home; durable: a cached copy
-            replaced = self._commit(rec)
-        except BaseException:
-            rec.copies.pop("host", None)  # the staging extent, freed below
-            for tier, loc in rec.copies.items():  # written before the failure: nothing indexes them
-                self.tiers[tier].free(loc)
-            rec.copies.clear()
-            if staging is not None:
-                self.host.free(staging)
-            raise
-        if staging is not None and not keep_staging:
-            self.host.free(staging)
-        if "remote" in rec.copies:
-            self._publish_remote(rec)
-        elif replaced is not None and "remote" in replaced.copies and self._shared is not None:
-            self._shared.forget(rec.key)  # the old remote copy is gone
-        with self._lock:
-            for name in rec.copies:
-                self._counters[name].bytes_in += nbytes
-        if self._moves.over_high_watermark():
-            self._moves.wake()
-
-    def _put_source(self, staging: HostLocation | None, src: torch.Tensor | memoryview | None) -> torch.Tensor:
-        """A put's bytes as a flat uint8 tensor: the staging extent, or ``src``."""
-        if staging is not None:
-            # The staging extent is page-aligned: O_DIRECT writes go
-            # straight from it (Note [O_DIRECT alignment] in tiers/nvme.py).
-            return self.host.view(staging)
-        if isinstance(src, memoryview):
-            return _tensor_of(src)  # the nvme path works on tensors
-        return src if src is not None else torch.empty(0, dtype=torch.uint8)
-
-    def device_source_ok(self, pending: PendingPut) -> bool:
-        """Whether :meth:`finish_put` can store a CUDA source without staging it: straight to nvme by
-        GPUDirect Storage (Note [GPUDirect Storage] in tiers/nvme.py), with no remote copy to write."""
-        rec = pending.rec
-        return (self.nvme.gds and rec.codec == "none" and pending.top != "remote"
-                and not (self.remote is not None and self.config.namespace(rec.namespace).write_through))
-
-    def abort_put(self, pending: PendingPut) -> None:
-        """Give back a prepared put's staging extent (the client went away, or failed)."""
-        if pending.staging is not None:
-            self.host.free(pending.staging)
-            pending.staging = None
+        return self._writer.reserve(key, nbytes, meta, **options)
 
     def put(self, key: str, src: torch.Tensor | memoryview, meta: ObjectMeta, **options: Any) -> None:
         """Store ``src`` (a flat uint8 tensor, or a byte memoryview) under ``key``: both phases at once.
 
-        ``options`` are those of :meth:`prepare_put`.
+        ``options`` are those of :meth:`reserve`.
         """
-        nbytes = src.nbytes if isinstance(src, memoryview) else src.numel()
-        self.finish_put(self.prepare_put(key, nbytes, meta, **options), src)
+        self._check_open()
+        self._writer.put(key, src, meta, **options)
 
     def _commit(self, rec: ObjectRecord) -> ObjectRecord | None:
         """Install ``rec`` (LMDB first for durable objects); returns the record it replaced."""
@@ -414,63 +245,6 @@ class Engine:
         with self._lock:
             self._policies.declare_schedule(by_ns, cyclic=cyclic)
 
-    def read_location(self, rec: ObjectRecord, *, promote: bool = True, evict: bool = False) -> HostLocation | None:
-        """The host copy of leased ``rec`` to read from, promoting it when there is room.
-
-        None when the object is only on a lower tier (read it with :meth:`read_into`).
-        The location stays valid while the lease is held, even if the object
-        is demoted, replaced or deleted meanwhile (see :meth:`_copy_locked`).
-        """
-        with self._lock:
-            host_loc = self._catalog.copy_locked(rec, "host")
-            lower = next((t for t in self.tiers if t != "host" and self._catalog.copy_locked(rec, t) is not None), None)
-            if host_loc is not None or lower is None:
-                self._counters["host"].hits += 1
-                self._counters["host"].bytes_out += rec.nbytes
-                return host_loc
-            # A miss on every tier above the one that has it.
-            for tier in self.tiers:
-                if tier == lower:
-                    self._counters[tier].hits += 1
-                    break
-                self._counters[tier].misses += 1
-        if promote and rec.nbytes and rec.live:
-            loc = self._moves.promote(rec, evict=evict)
-            if loc is not None:
-                with self._lock:
-                    self._counters["host"].bytes_out += rec.nbytes
-            return loc
-        return None
-
-    def read_into(self, rec: ObjectRecord, dest: torch.Tensor | memoryview, *, promote: bool = True) -> None:
-        """Copy leased ``rec``'s bytes into the flat uint8 tensor ``dest``.
-
-        Raises:
-            CorruptObject: the nvme copy fails its checksum.
-        """
-        if rec.nbytes == 0:
-            return
-        loc = self.read_location(rec, promote=promote)
-        if loc is not None:
-            self.host.copy_out(loc, dest)
-            return
-        if isinstance(dest, memoryview):
-            dest = _tensor_of(dest)
-        with self._lock:
-            # Promoted meanwhile by someone else: the host copy; else the lower one.
-            for source in TIER_ORDER:
-                loc = self._catalog.copy_locked(rec, source)
-                if loc is not None:
-                    break
-            else:
-                raise InternalError(f"leased object {user_key(rec.key)!r} has no copy on any tier")
-        if source == "host":
-            self.host.copy_out(loc, dest)
-            return
-        self._moves.read_lower(source, loc, dest, rec)
-        with self._lock:
-            self._counters[source].bytes_out += rec.nbytes
-
     def move(self, key: str, tier: str) -> None:
         """Promote or demote ``key`` to ``tier`` now.
 
@@ -479,7 +253,8 @@ class Engine:
         """
         if tier not in self.tiers:
             raise InvalidArgument(f"unknown tier {tier!r}; choose one of {list(self.tiers)}")
-        with self.lease(key) as rec:
+        with self.lease(key) as lease:
+            rec = lease.rec
             if tier in ("host", "cxl"):
                 if rec.nbytes and tier == "cxl" and "host" in rec.copies:
                     self._moves.demote_leased(rec, "host", "cxl")
@@ -502,9 +277,9 @@ class Engine:
 
     def _prefetch_one(self, key: str) -> None:
         try:
-            with self.lease(key) as rec:
-                if "host" not in rec.copies and rec.nbytes:
-                    self._moves.promote(rec, evict=True)
+            with self.lease(key) as lease:
+                if not lease.on("host") and lease.nbytes:
+                    self._moves.promote(lease.rec, evict=True)
         except TierdError as exc:
             log.debug("prefetch of %r skipped: %s", user_key(key), exc)
 
