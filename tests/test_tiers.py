@@ -5,11 +5,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import torch
 from conftest import flip_byte
 
-from tierd.codecs import get_codec
+from tierd import checksums
+from tierd.codecs import Chunk, get_codec
 from tierd.errors import CorruptObject, TierdError
 from tierd.testing import TierTests, payload
 from tierd.tiers.host import HostLocation, HostTier
@@ -117,3 +119,21 @@ def test_buffered_fallback_warns_on_tmpfs(caplog: pytest.LogCaptureFixture) -> N
             assert torch.equal(src, dest)
         finally:
             t.close()
+
+
+def test_one_chunk_record_keeps_the_durable_index_layout() -> None:
+    # An nvme location as the durable index has always stored it:
+    # [[slab, offset, stored, raw, mode, checksum, kind], ...], positional msgpack.
+    stored = msgspec.msgpack.encode([[[3, 8192, 100, 200, 1, 12345, checksums.XXH3]]])
+    loc = msgspec.msgpack.decode(stored, type=NvmeLocation)
+    assert loc.chunks == (Chunk(slab=3, offset=8192, stored=100, raw=200, mode=1, checksum=12345),)
+    assert msgspec.msgpack.encode(loc) == stored
+
+
+def test_a_chunk_knows_its_stored_bytes() -> None:
+    data = bytearray(os.urandom(1000))
+    c = Chunk(0, 0, len(data), len(data), 0, checksums.xxh3(bytes(data)))
+    assert c.intact(bytes(data)) and c.intact(memoryview(data))
+    assert not c.intact(bytes(data[:-1]))  # short
+    data[500] ^= 1
+    assert not c.intact(bytes(data))  # one bit flipped

@@ -24,12 +24,15 @@ from abc import ABC, abstractmethod
 from enum import IntEnum
 from typing import ClassVar
 
+import msgspec
 import numpy as np
+import torch
 import zstandard
 
+from tierd import checksums
 from tierd.errors import CorruptObject, InvalidArgument
 
-__all__ = ["Codec", "ChunkMode", "get_codec", "decode_chunk", "CODECS", "GIVE_UP_RATIO"]
+__all__ = ["Chunk", "Codec", "ChunkMode", "get_codec", "decode_chunk", "CODECS", "GIVE_UP_RATIO"]
 
 GIVE_UP_RATIO = 0.95
 
@@ -125,6 +128,38 @@ def get_codec(name: str | None) -> Codec:
     if codec is None:
         raise InvalidArgument(f"unknown codec {name!r}; choose one of {sorted(CODECS)}")
     return codec
+
+
+class Chunk(msgspec.Struct, frozen=True, array_like=True):
+    """One stored chunk of an object, on any medium: nvme, the remote tier, a checkpoint shard.
+
+    ``slab`` and ``offset`` say where it is (nvme: slab file and byte offset
+    in it; remote: 0 and the chunk's position in the object, its Redis key
+    being ``<oid>:<index>``; checkpoint: 0 and the offset in the shard file);
+    ``stored`` bytes there decode with ``mode`` to ``raw`` bytes; ``checksum``
+    of ``kind`` (:mod:`tierd.checksums`) covers the stored bytes (checkpoints
+    check whole tensors instead and leave it 0).
+
+    The field order is the durable index's encoding of nvme chunks (msgpack,
+    positional): it must not change.
+    """
+
+    slab: int
+    offset: int
+    stored: int
+    raw: int
+    mode: int
+    checksum: int = 0
+    kind: int = checksums.XXH3
+
+    def intact(self, stored: torch.Tensor | memoryview | bytes) -> bool:
+        """Whether ``stored``, as read back, is this chunk's stored bytes (length and checksum)."""
+        n = stored.numel() if isinstance(stored, torch.Tensor) else len(stored)
+        return n == self.stored and checksums.checksum(self.kind, stored) == self.checksum
+
+    def decode_into(self, stored: memoryview, out: memoryview, itemsize: int) -> None:
+        """Decode the stored bytes into ``out`` (this chunk's ``raw`` bytes); see :func:`decode_chunk`."""
+        decode_chunk(self.mode, stored, out, itemsize)
 
 
 def decode_chunk(mode: int, stored: memoryview, out: memoryview, itemsize: int) -> None:

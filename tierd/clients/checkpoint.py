@@ -55,7 +55,7 @@ from tierd._buffers import address_view, aligned_buffer, tensor_bytes
 from tierd._io import fsync_dir, pread_all, pwrite_all
 from tierd.clients.base import Store
 from tierd.clients.values import dtype_from_name
-from tierd.codecs import decode_chunk, get_codec
+from tierd.codecs import Chunk, get_codec
 from tierd.errors import CorruptObject, InvalidArgument, MediaError, NotFound, TierdError
 from tierd.tiers.nvme import probe_direct
 
@@ -156,7 +156,7 @@ class TensorEntry(msgspec.Struct, kw_only=True):
     shape: list[int]
     checksum: str  # xxh3-64 of the raw bytes, hex
     rank: int = 0
-    chunks: list[list[int]] = []  # compressed: [offset, stored, raw, mode] per chunk
+    chunks: list[list[int]] = []  # compressed: [offset, stored, raw, mode] of each Chunk (format v1)
 
 
 class ShardEntry(msgspec.Struct, kw_only=True):
@@ -378,15 +378,15 @@ def _write_compressed(fd: int, shard: _Shard, tensors: dict[str, torch.Tensor], 
         itemsize = t.element_size()
         pieces = list(_writer.map(lambda s, raw=raw, k=itemsize: enc.encode(raw[s : s + CHUNK], k),
                                   range(0, n, CHUNK)))
-        chunks: list[list[int]] = []
+        chunks: list[Chunk] = []
         for mode, payload in pieces:
             pwrite_all(fd, memoryview(payload), file_pos)
-            chunks.append([file_pos, len(payload), min(CHUNK, n - len(chunks) * CHUNK), int(mode)])
+            chunks.append(Chunk(0, file_pos, len(payload), min(CHUNK, n - len(chunks) * CHUNK), int(mode)))
             file_pos += len(payload)
         entries[_entry_key(name, rank, world)] = TensorEntry(
-            shard=shard_name, offset=chunks[0][0] if chunks else file_pos, nbytes=n,
-            stored=sum(c[1] for c in chunks), dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape),
-            checksum=checksums.xxh3_hex(raw), rank=rank, chunks=chunks,
+            shard=shard_name, offset=chunks[0].offset if chunks else file_pos, nbytes=n,
+            stored=sum(c.stored for c in chunks), dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape),
+            checksum=checksums.xxh3_hex(raw), rank=rank, chunks=[[c.offset, c.stored, c.raw, c.mode] for c in chunks],
         )
         pos += n
     return file_pos
@@ -605,11 +605,12 @@ def _read_tensor(directory: Path, entry: TensorEntry, shard: ShardEntry, name: s
             else:
                 pos = 0
                 for file_off, stored, rawlen, mode in entry.chunks:
-                    payload = os.pread(fd, stored, file_off)
-                    if len(payload) != stored:
+                    c = Chunk(0, file_off, stored, rawlen, mode)  # the tensor's xxh3 covers its chunks
+                    payload = os.pread(fd, c.stored, c.offset)
+                    if len(payload) != c.stored:
                         raise CorruptObject(f"tensor {name!r}: shard {path.name} is truncated")
-                    decode_chunk(mode, memoryview(payload), dest[pos : pos + rawlen], out.element_size())
-                    pos += rawlen
+                    c.decode_into(memoryview(payload), dest[pos : pos + c.raw], out.element_size())
+                    pos += c.raw
     except FileNotFoundError:
         raise CorruptObject(f"tensor {name!r}: shard {path.name} is missing") from None
     except CorruptObject as exc:

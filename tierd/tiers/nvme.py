@@ -30,7 +30,7 @@ Note [GPUDirect Storage]
     (compatibility mode) otherwise; either way no tierd host copy. Their
     bytes never pass the CPU, so xxh3 cannot cover them: those chunks carry
     a device checksum (``device_checksum`` in tiers/gpu.py, computed with torch
-    where the bytes are), marked by ``NvmeChunk.kind``. Raw chunks written
+    where the bytes are), marked by ``Chunk.kind``. Raw chunks written
     from host memory while ``gds`` is on get the device checksum too, so a
     GPU can read them without the CPU; a POSIX read verifies either kind.
     Compressed chunks stay on the POSIX path (decoding runs on the CPU).
@@ -70,37 +70,27 @@ import torch
 from tierd import checksums
 from tierd._buffers import address_view, aligned_buffer
 from tierd._io import pread_all, pwrite_all
-from tierd.codecs import ChunkMode, Codec, decode_chunk
+from tierd.codecs import Chunk, ChunkMode, Codec
 from tierd.errors import Busy, CorruptObject, InvalidArgument, MediaError, OutOfSpace, StoreClosed, TierdError
 from tierd.tiers.alloc import ExtentAllocator
 from tierd.tiers.base import Tier, TierUsage
 from tierd.tiers.gpu import gds_status
 
-__all__ = ["NvmeTier", "NvmeLocation", "NvmeChunk"]
+__all__ = ["NvmeTier", "NvmeLocation", "CHECKSUM_XXH3", "CHECKSUM_DEVICE"]
 
 log = logging.getLogger("tierd.tiers.nvme")
 
 BLOCK = 4096
 
 
-class NvmeChunk(msgspec.Struct, frozen=True, array_like=True):
-    """One stored chunk: ``stored`` bytes at ``offset`` of slab ``slab``."""
-
-    slab: int
-    offset: int
-    stored: int
-    raw: int
-    mode: int
-    checksum: int
-    kind: int = 0  # CHECKSUM_XXH3 or CHECKSUM_DEVICE (Note [GPUDirect Storage])
-
-
-CHECKSUM_XXH3 = checksums.XXH3  # the kinds of NvmeChunk.kind
+CHECKSUM_XXH3 = checksums.XXH3  # the kinds of Chunk.kind
 CHECKSUM_DEVICE = checksums.DEVICE
 
 
 class NvmeLocation(msgspec.Struct, frozen=True, array_like=True):
-    chunks: tuple[NvmeChunk, ...]
+    """An object's chunks on nvme (the durable index stores this, positionally: keep the layout)."""
+
+    chunks: tuple[Chunk, ...]
 
 
 def _padded(n: int) -> int:
@@ -243,7 +233,7 @@ class NvmeTier(Tier):
             "raise tiers.nvme.size or delete objects"
         )
 
-    def _free_chunks(self, chunks: list[NvmeChunk]) -> None:
+    def _free_chunks(self, chunks: list[Chunk]) -> None:
         with self._lock:
             for c in chunks:
                 self._allocs[c.slab].free(c.offset)
@@ -254,7 +244,7 @@ class NvmeTier(Tier):
         Raises:
             ValueError: the location overlaps another or lies outside the tier.
         """
-        done: list[NvmeChunk] = []
+        done: list[Chunk] = []
         with self._lock:
             try:
                 for c in location.chunks:
@@ -305,7 +295,7 @@ class NvmeTier(Tier):
                 "there (objects already there stay readable); remount it read-write"
             )
 
-    def _check_linked(self, chunks: list[NvmeChunk]) -> None:
+    def _check_linked(self, chunks: list[Chunk]) -> None:
         for slab in sorted({c.slab for c in chunks}):
             if os.fstat(self._fds[slab]).st_nlink == 0:
                 raise MediaError(
@@ -343,8 +333,8 @@ class NvmeTier(Tier):
             raise error
         return NvmeLocation(tuple(chunks))
 
-    def _gather(self, futures: list[Future[NvmeChunk]]) -> tuple[list[NvmeChunk], BaseException | None]:
-        chunks: list[NvmeChunk] = []
+    def _gather(self, futures: list[Future[Chunk]]) -> tuple[list[Chunk], BaseException | None]:
+        chunks: list[Chunk] = []
         error: BaseException | None = None
         for fut in futures:  # wait for all, even after a failure: none may still write
             try:
@@ -353,7 +343,7 @@ class NvmeTier(Tier):
                 error = error or exc
         return chunks, error
 
-    def _write_chunk(self, src: torch.Tensor, codec: Codec, itemsize: int) -> NvmeChunk:
+    def _write_chunk(self, src: torch.Tensor, codec: Codec, itemsize: int) -> Chunk:
         raw_len = src.numel()
         data = address_view(src.data_ptr(), raw_len)
         mode, payload = codec.encode(data, itemsize)
@@ -365,7 +355,7 @@ class NvmeTier(Tier):
             kind = CHECKSUM_XXH3
             checksum = checksums.xxh3(payload)
         slab, offset = self._alloc_extent(stored)
-        chunk = NvmeChunk(slab, offset, stored, raw_len, int(mode), checksum, kind)
+        chunk = Chunk(slab, offset, stored, raw_len, int(mode), checksum, kind)
         try:
             fd = self._fds[slab]
             if not self.direct:
@@ -393,10 +383,10 @@ class NvmeTier(Tier):
                 self._cufiles[slab] = handle
             return handle
 
-    def _write_chunk_device(self, src: torch.Tensor, codec: Codec, itemsize: int) -> NvmeChunk:
+    def _write_chunk_device(self, src: torch.Tensor, codec: Codec, itemsize: int) -> Chunk:
         raw_len = src.numel()
         slab, offset = self._alloc_extent(raw_len)
-        chunk = NvmeChunk(slab, offset, raw_len, raw_len, int(ChunkMode.RAW), checksums.device_checksum(src),
+        chunk = Chunk(slab, offset, raw_len, raw_len, int(ChunkMode.RAW), checksums.device_checksum(src),
                           CHECKSUM_DEVICE)
         try:
             written = self._cufile(slab).pwrite(src, raw_len, offset).get()
@@ -407,7 +397,7 @@ class NvmeTier(Tier):
             raise _io_error(exc, "writing a chunk from the GPU", self.path) from exc
         return chunk
 
-    def _read_chunk_device(self, c: NvmeChunk, dest: torch.Tensor, itemsize: int) -> None:
+    def _read_chunk_device(self, c: Chunk, dest: torch.Tensor, itemsize: int) -> None:
         if c.mode != ChunkMode.RAW or c.kind != CHECKSUM_DEVICE:  # POSIX into host memory, then one copy
             staged = torch.empty(c.raw, dtype=torch.uint8, pin_memory=True)
             self._read_chunk(c, staged, itemsize)
@@ -419,7 +409,7 @@ class NvmeTier(Tier):
             raise _io_error(exc, "reading a chunk into the GPU", self.path) from exc
         if got != c.raw:
             raise MediaError(f"nvme tier {str(self.path)!r}: short GDS read ({got} of {c.raw} bytes)")
-        self._verify(c, checksums.device_checksum(dest))
+        self._verify(c, dest)
 
     def read_into(self, location: NvmeLocation, dest: torch.Tensor, *, itemsize: int) -> None:
         """Fill flat uint8 ``dest`` (host memory; device memory too when :attr:`gds` is on)."""
@@ -438,7 +428,7 @@ class NvmeTier(Tier):
         for fut in futures:
             fut.result()
 
-    def _read_chunk(self, c: NvmeChunk, dest: torch.Tensor, itemsize: int) -> None:
+    def _read_chunk(self, c: Chunk, dest: torch.Tensor, itemsize: int) -> None:
         fd = self._fds.get(c.slab)
         if fd is None:
             raise MediaError(f"nvme tier {str(self.path)!r}: slab {c.slab} is not open")
@@ -453,27 +443,23 @@ class NvmeTier(Tier):
                     bounce = self._bounce()
                     pread_all(fd, bounce[:BLOCK], c.offset + whole)
                     out[whole:] = bounce[: c.raw - whole]
-                self._verify(c, self._checksum(c, dest))
+                self._verify(c, dest)
                 return
             bounce = self._bounce()
             span = _padded(c.stored) if self.direct else c.stored
             pread_all(fd, bounce[:span], c.offset)
             stored = bounce[: c.stored]
-            self._verify(c, self._checksum(c, stored))
-            decode_chunk(c.mode, stored, out, itemsize)
+            self._verify(c, stored)
+            c.decode_into(stored, out, itemsize)
         except OSError as exc:
             raise _io_error(exc, "reading a chunk", self.path) from exc
 
-    @staticmethod
-    def _checksum(c: NvmeChunk, stored: torch.Tensor | memoryview) -> int:
-        """The checksum of kind ``c.kind`` of chunk ``c``'s stored bytes as read."""
-        return checksums.checksum(c.kind, stored)
-
-    def _verify(self, c: NvmeChunk, checksum: int) -> None:
-        if checksum != c.checksum:
+    def _verify(self, c: Chunk, stored: torch.Tensor | memoryview) -> None:
+        """Raise CorruptObject unless ``stored`` (chunk ``c``'s bytes as read) is intact."""
+        if not c.intact(stored):
             raise CorruptObject(
                 f"checksum mismatch in {self._slab_path(c.slab)} at offset {c.offset} "
-                f"({c.stored} bytes): stored {c.checksum:016x}, read {checksum:016x}"
+                f"({c.stored} bytes): stored {c.checksum:016x}, read {checksums.checksum(c.kind, stored):016x}"
             )
 
     def free(self, location: NvmeLocation) -> None:

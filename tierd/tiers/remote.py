@@ -33,28 +33,23 @@ import torch
 from tierd import checksums
 from tierd._buffers import address_view
 from tierd._optional import require
-from tierd.codecs import Codec, decode_chunk
+from tierd.codecs import Chunk, Codec
 from tierd.engine.keys import user_key
 from tierd.errors import CorruptObject, MediaError, OutOfSpace
 from tierd.tiers.base import Tier, TierUsage
 
-__all__ = ["RemoteTier", "RemoteLocation", "RemoteChunk"]
+__all__ = ["RemoteTier", "RemoteLocation"]
 
 log = logging.getLogger("tierd.tiers.remote")
 
 _BATCH = 32  # chunks per pipeline round trip: bounds client memory for huge objects
 
 
-class RemoteChunk(msgspec.Struct, frozen=True, array_like=True):
-    stored: int
-    raw: int
-    mode: int
-    checksum: int
-
-
 class RemoteLocation(msgspec.Struct, frozen=True, array_like=True):
+    """An object on the server: chunk ``i`` is key ``<prefix>:<oid>:<i>`` (see :class:`~tierd.codecs.Chunk`)."""
+
     oid: str
-    chunks: tuple[RemoteChunk, ...]
+    chunks: tuple[Chunk, ...]
 
 
 class RemoteTier(Tier):
@@ -106,7 +101,7 @@ class RemoteTier(Tier):
                 raise OutOfSpace(f"remote tier at {self.url} is full ({self._capacity} bytes counted)")
             self._used += n
         oid = uuid.uuid4().hex
-        chunks: list[RemoteChunk] = []
+        chunks: list[Chunk] = []
         written = 0
         try:
             data = address_view(src.data_ptr(), n)
@@ -116,7 +111,7 @@ class RemoteTier(Tier):
                     raw = data[start : start + self.chunk_size]
                     mode, payload = codec.encode(raw, itemsize)
                     payload = bytes(payload)
-                    chunks.append(RemoteChunk(len(payload), len(raw), int(mode), checksums.xxh3(payload)))
+                    chunks.append(Chunk(0, start, len(payload), len(raw), int(mode), checksums.xxh3(payload)))
                     pipe.set(self._key(oid, len(chunks) - 1), payload,
                              px=int(self.ttl_s * 1000) if self.ttl_s else None)
                 pipe.execute()
@@ -144,10 +139,10 @@ class RemoteTier(Tier):
                     if payload is None:
                         raise MediaError(f"remote tier at {self.url}: chunk {i} of object {location.oid} is gone "
                                          "(expired by its TTL or evicted by the server's maxmemory policy)")
-                    if len(payload) != c.stored or checksums.xxh3(payload) != c.checksum:
+                    if not c.intact(payload):
                         raise CorruptObject(f"remote tier at {self.url}: chunk {i} of object {location.oid} fails "
                                             "its checksum")
-                    decode_chunk(c.mode, memoryview(payload), out[pos : pos + c.raw], itemsize)
+                    c.decode_into(memoryview(payload), out[pos : pos + c.raw], itemsize)
                     pos += c.raw
         except self._errors as exc:
             raise self._fail(exc, "reading") from exc
