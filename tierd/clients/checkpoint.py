@@ -30,12 +30,9 @@ the data section starts on a 4 KiB boundary, which is what O_DIRECT needs.
 
 from __future__ import annotations
 
-import base64
 import logging
-import math
 import mmap
 import os
-import shutil
 import struct
 import threading
 import time
@@ -47,25 +44,37 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import numpy as np
 import torch
 
 from tierd import checksums
 from tierd._buffers import address_view, aligned_buffer, tensor_bytes
-from tierd._io import fsync_dir, pread_all, pwrite_all
+from tierd._io import fsync_dir, pwrite_all
 from tierd.clients.base import Store
+from tierd.clients.checkpoint_format import (
+    MANIFEST,
+    Manifest,
+    MissingAsNone,
+    ShardEntry,
+    TensorEntry,
+    atomic_write,
+    entry_key,
+    flatten,
+    latest,
+    read_manifest,
+    read_tensor,
+    read_then_copy,
+    retain,
+    unflatten,
+)
 from tierd.clients.values import dtype_from_name
 from tierd.codecs import Chunk, get_codec
-from tierd.errors import CorruptObject, InvalidArgument, MediaError, NotFound, TierdError
+from tierd.errors import InvalidArgument, MediaError, TierdError
 from tierd.tiers.nvme import probe_direct
 
 __all__ = ["save", "async_save", "load", "latest", "PendingSave", "MANIFEST"]
 
 log = logging.getLogger("tierd.checkpoint")
 
-MANIFEST = "manifest.json"
-FORMAT = "tierd-checkpoint"
-VERSION = 1
 BLOCK = 4096
 CHUNK = 4 << 20  # unit of parallel writes and of compression
 DEFAULT_SHARD_BYTES = 2 << 30
@@ -80,136 +89,6 @@ _ST_DTYPES = {
     **{d: n for n, d in (("U16", getattr(torch, "uint16", None)), ("U32", getattr(torch, "uint32", None)),
                           ("U64", getattr(torch, "uint64", None))) if d is not None},
 }
-
-
-# -- the state dict <-> (tensors, JSON tree) ------------------------------------------
-
-
-def _join(path: str, key: object) -> str:
-    return f"{path}.{key}" if path else str(key)
-
-
-def _entry_key(name: str, rank: int, world: int) -> str:
-    """Manifest key of a tensor: ranks may hold tensors of the same name."""
-    return name if world == 1 else f"rank{rank}:{name}"
-
-
-def _flatten(obj: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
-    """A JSON-able tree of ``obj`` with tensors moved into ``tensors`` by path."""
-    if isinstance(obj, torch.Tensor):
-        if obj.layout != torch.strided:
-            raise InvalidArgument(f"{path}: only dense tensors can be checkpointed, got {obj.layout}")
-        tensors[path] = obj  # the object itself: load(into=...) fills these very tensors
-        return {"__tensor__": path}
-    if isinstance(obj, np.ndarray):
-        tensors[path] = torch.from_numpy(np.ascontiguousarray(obj))
-        return {"__ndarray__": path}
-    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else {"__float__": repr(obj)}
-    if isinstance(obj, (bytes, bytearray)):
-        return {"__bytes__": base64.b64encode(bytes(obj)).decode()}
-    if isinstance(obj, Mapping):
-        # Keys may be ints (optimizer state) or strings: keep their type.
-        return {"__dict__": [[_flatten(k, _join(path, f"__key{i}"), tensors), _flatten(v, _join(path, k), tensors)]
-                             for i, (k, v) in enumerate(obj.items())]}
-    if isinstance(obj, (list, tuple)):
-        items = [_flatten(v, _join(path, i), tensors) for i, v in enumerate(obj)]
-        return {"__tuple__": items} if isinstance(obj, tuple) else items
-    if isinstance(obj, (np.integer, np.floating)):
-        return _flatten(obj.item(), path, tensors)
-    raise InvalidArgument(f"{path}: cannot checkpoint a {type(obj).__name__}; use tensors, numbers, strings, "
-                          "bytes, lists, tuples and dicts")
-
-
-def _unflatten(tree: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
-    if isinstance(tree, list):
-        return [_unflatten(v, tensors) for v in tree]
-    if not isinstance(tree, dict):
-        return tree
-    if "__tensor__" in tree:
-        return tensors[tree["__tensor__"]]
-    if "__ndarray__" in tree:
-        t = tensors[tree["__ndarray__"]]
-        return None if t is None else t.numpy()
-    if "__float__" in tree:
-        return float(tree["__float__"])
-    if "__bytes__" in tree:
-        return base64.b64decode(tree["__bytes__"])
-    if "__tuple__" in tree:
-        return tuple(_unflatten(v, tensors) for v in tree["__tuple__"])
-    if "__dict__" in tree:
-        return {_unflatten(k, tensors): _unflatten(v, tensors) for k, v in tree["__dict__"]}
-    raise CorruptObject(f"manifest holds an unknown node {sorted(tree)!r}")
-
-
-# -- manifest -------------------------------------------------------------------------
-
-
-class TensorEntry(msgspec.Struct, kw_only=True):
-    shard: str
-    offset: int  # in the shard's data section (safetensors) or file (compressed)
-    nbytes: int
-    stored: int  # bytes in the file (== nbytes unless compressed)
-    dtype: str
-    shape: list[int]
-    checksum: str  # xxh3-64 of the raw bytes, hex
-    rank: int = 0
-    chunks: list[list[int]] = []  # compressed: [offset, stored, raw, mode] of each Chunk (format v1)
-
-
-class ShardEntry(msgspec.Struct, kw_only=True):
-    bytes: int
-    data_start: int
-    rank: int = 0
-
-
-class Manifest(msgspec.Struct, kw_only=True):
-    format: str = FORMAT
-    version: int = VERSION
-    step: int | None = None
-    created: float = 0.0
-    world_size: int = 1
-    codec: str = "none"
-    metadata: dict[str, Any] = {}
-    tensors: dict[str, TensorEntry] = {}
-    shards: dict[str, ShardEntry] = {}
-    tree: Any = None  # per rank: the non-tensor structure, see _flatten
-    trees: dict[str, Any] = {}
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Temp file, write, fsync, rename, fsync the directory (Note [checkpoint durability])."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def _read_manifest(path: Path) -> Manifest:
-    try:
-        raw = (path / MANIFEST).read_bytes()
-    except FileNotFoundError:
-        raise NotFound(f"{path} is not a complete checkpoint: it has no {MANIFEST}") from None
-    try:
-        manifest = msgspec.json.decode(raw, type=Manifest)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise CorruptObject(f"{path / MANIFEST} does not parse: {exc}") from None
-    if manifest.format != FORMAT or manifest.version > VERSION:
-        raise CorruptObject(f"{path / MANIFEST} is format {manifest.format!r} v{manifest.version}, not ours")
-    # Shard names come from the file: each must name a file in this very
-    # directory, never a path out of it.
-    for name in manifest.shards:
-        if not name or name in (".", "..") or "/" in name or "\x00" in name:
-            raise CorruptObject(f"{path / MANIFEST} names a shard {name!r} outside its directory")
-    for key, entry in manifest.tensors.items():
-        if entry.shard not in manifest.shards:
-            raise CorruptObject(f"{path / MANIFEST}: tensor {key!r} lies in shard {entry.shard!r}, which it does not list")
-    return manifest
 
 
 # -- staging pool ---------------------------------------------------------------------
@@ -351,7 +230,7 @@ def _write_shard(directory: Path, shard: _Shard, tensors: dict[str, torch.Tensor
             for name in shard.names:
                 t = tensors[name]
                 n = t.numel() * t.element_size()
-                entries[_entry_key(name, rank, world)] = TensorEntry(
+                entries[entry_key(name, rank, world)] = TensorEntry(
                     shard=path.name, offset=pos, nbytes=n, stored=n, dtype=str(t.dtype).removeprefix("torch."),
                     shape=list(t.shape), checksum=checksums.xxh3_hex(address_view(region.data_ptr() + pos, n)),
                     rank=rank,
@@ -383,7 +262,7 @@ def _write_compressed(fd: int, shard: _Shard, tensors: dict[str, torch.Tensor], 
             pwrite_all(fd, memoryview(payload), file_pos)
             chunks.append(Chunk(0, file_pos, len(payload), min(CHUNK, n - len(chunks) * CHUNK), int(mode)))
             file_pos += len(payload)
-        entries[_entry_key(name, rank, world)] = TensorEntry(
+        entries[entry_key(name, rank, world)] = TensorEntry(
             shard=shard_name, offset=chunks[0].offset if chunks else file_pos, nbytes=n,
             stored=sum(c.stored for c in chunks), dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape),
             checksum=checksums.xxh3_hex(raw), rank=rank, chunks=[[c.offset, c.stored, c.raw, c.mode] for c in chunks],
@@ -438,7 +317,7 @@ def async_save(
     codec_name = get_codec(codec).name
     directory = Path(path)
     tensors: dict[str, torch.Tensor] = {}
-    tree = _flatten(dict(state_dict), "", tensors)
+    tree = flatten(dict(state_dict), "", tensors)
     rank, world, group = _dist()
     if keep_last is not None and keep_last < 1:
         raise InvalidArgument(f"keep_last must be >= 1, got {keep_last}")
@@ -517,7 +396,7 @@ def _finish(pending: PendingSave, shards: list[_Shard], tensors: dict[str, torch
         fsync_dir(directory)
         if world > 1:
             # Each rank's part is durable before rank 0 may commit the whole.
-            _atomic_write(directory / f"rank{rank:05d}.part.json", msgspec.json.encode(manifest))
+            atomic_write(directory / f"rank{rank:05d}.part.json", msgspec.json.encode(manifest))
             _barrier(group, "parts written")
             if rank == 0:
                 for r in range(1, world):
@@ -526,11 +405,11 @@ def _finish(pending: PendingSave, shards: list[_Shard], tensors: dict[str, torch
                     manifest.shards.update(part.shards)
                     manifest.trees.update(part.trees)
         if rank == 0:
-            _atomic_write(directory / MANIFEST, msgspec.json.encode(manifest))  # the commit point
+            atomic_write(directory / MANIFEST, msgspec.json.encode(manifest))  # the commit point
         if world > 1:
             _barrier(group, "manifest committed")
         if keep_last is not None and rank == 0:
-            _retain(directory.parent, keep_last)
+            retain(directory.parent, keep_last)
     except BaseException as exc:  # noqa: BLE001 - delivered through the future
         _release(release)
         pending.durable.set_exception(exc)
@@ -542,81 +421,6 @@ def _finish(pending: PendingSave, shards: list[_Shard], tensors: dict[str, torch
 def save(state_dict: Mapping[str, Any], path: str | os.PathLike[str], **kwargs: Any) -> Path:
     """Save ``state_dict`` and return once it is durable (the blocking :func:`async_save`)."""
     return async_save(state_dict, path, **kwargs).durable.result()
-
-
-# -- finding and loading --------------------------------------------------------------
-
-
-def _complete(path: Path) -> Manifest | None:
-    try:
-        manifest = _read_manifest(path)
-    except TierdError:
-        return None
-    for name, shard in manifest.shards.items():
-        try:
-            if (path / name).stat().st_size != shard.bytes:
-                return None
-        except OSError:
-            return None
-    return manifest
-
-
-def _checkpoints(root: Path) -> list[tuple[tuple[int, float], Path]]:
-    found = []
-    for child in root.iterdir() if root.is_dir() else []:
-        if child.is_dir():
-            manifest = _complete(child)
-            if manifest is not None:
-                found.append(((manifest.step if manifest.step is not None else -1, manifest.created), child))
-    return sorted(found)
-
-
-def latest(root: str | os.PathLike[str]) -> Path | None:
-    """The newest complete checkpoint under ``root`` (by step, then time), or None.
-
-    Directories without a committed manifest, or whose shards are missing or
-    of the wrong size, are not complete and are never returned.
-    """
-    found = _checkpoints(Path(root))
-    return found[-1][1] if found else None
-
-
-def _retain(root: Path, keep_last: int) -> None:
-    found = _checkpoints(root)
-    for _, path in found[:-keep_last]:
-        log.info("keep_last=%d: deleting %s", keep_last, path)
-        (path / MANIFEST).unlink()  # first: a half-deleted checkpoint is already incomplete
-        fsync_dir(path)
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _read_tensor(directory: Path, entry: TensorEntry, shard: ShardEntry, name: str, out: torch.Tensor) -> None:
-    path = directory / entry.shard
-    raw = tensor_bytes(out)
-    dest = address_view(raw.data_ptr(), entry.nbytes)
-    try:
-        with open(path, "rb", buffering=0) as fh:
-            fd = fh.fileno()
-            if not entry.chunks:
-                try:
-                    pread_all(fd, dest, shard.data_start + entry.offset)
-                except OSError as exc:
-                    raise CorruptObject(f"tensor {name!r}: shard {path.name} is truncated") from exc
-            else:
-                pos = 0
-                for file_off, stored, rawlen, mode in entry.chunks:
-                    c = Chunk(0, file_off, stored, rawlen, mode)  # the tensor's xxh3 covers its chunks
-                    payload = os.pread(fd, c.stored, c.offset)
-                    if len(payload) != c.stored:
-                        raise CorruptObject(f"tensor {name!r}: shard {path.name} is truncated")
-                    c.decode_into(memoryview(payload), dest[pos : pos + c.raw], out.element_size())
-                    pos += c.raw
-    except FileNotFoundError:
-        raise CorruptObject(f"tensor {name!r}: shard {path.name} is missing") from None
-    except CorruptObject as exc:
-        raise CorruptObject(f"tensor {name!r} in shard {path.name}: {exc}") from None
-    if checksums.xxh3_hex(dest) != entry.checksum:
-        raise CorruptObject(f"tensor {name!r} in shard {path.name} fails its checksum: the shard is corrupt")
 
 
 def load(path: str | os.PathLike[str], *, map_location: Any = None, into: Mapping[str, Any] | None = None) -> Any:
@@ -636,14 +440,14 @@ def load(path: str | os.PathLike[str], *, map_location: Any = None, into: Mappin
         CorruptObject: a shard is missing, truncated, or fails a checksum (names tensor and shard).
     """
     directory = Path(path)
-    manifest = _read_manifest(directory)
+    manifest = read_manifest(directory)
     rank, world, _ = _dist()
     if world != manifest.world_size and manifest.world_size > 1:
         raise InvalidArgument(f"{directory} was saved by {manifest.world_size} ranks; load it with as many")
     tree = manifest.trees.get(str(rank), manifest.tree)
     wanted: dict[str, torch.Tensor] = {}
     if into is not None:
-        _flatten(dict(into), "", wanted)
+        flatten(dict(into), "", wanted)
     device = torch.device(map_location) if map_location is not None else torch.device("cpu")
     tensors: dict[str, torch.Tensor] = {}
     reads: list[Future[None]] = []  # tensors are read (and checked) in parallel
@@ -659,30 +463,18 @@ def load(path: str | os.PathLike[str], *, map_location: Any = None, into: Mappin
                 raise InvalidArgument(f"into[{name!r}] is {target.dtype} {tuple(target.shape)}, the checkpoint "
                                       f"holds {dtype} {shape}")
             if target.device.type == "cpu" and target.is_contiguous():
-                reads.append(_writer.submit(_read_tensor, directory, entry, manifest.shards[entry.shard], name, target))
+                reads.append(_writer.submit(read_tensor, directory, entry, manifest.shards[entry.shard], name, target))
             else:
-                reads.append(_writer.submit(_read_then_copy, directory, entry, manifest.shards[entry.shard], name,
+                reads.append(_writer.submit(read_then_copy, directory, entry, manifest.shards[entry.shard], name,
                                             target))
             tensors[name] = target
         elif into is None:
             fresh = torch.empty(shape, dtype=dtype)
-            reads.append(_writer.submit(_read_tensor, directory, entry, manifest.shards[entry.shard], name, fresh))
+            reads.append(_writer.submit(read_tensor, directory, entry, manifest.shards[entry.shard], name, fresh))
             tensors[name] = fresh
     for fut in reads:
         fut.result()
     if into is None and device.type != "cpu":
         tensors = {k: v.to(device) for k, v in tensors.items()}
-    return _unflatten(tree, _MissingAsNone(tensors))
+    return unflatten(tree, MissingAsNone(tensors))
 
-
-def _read_then_copy(directory: Path, entry: TensorEntry, shard: ShardEntry, name: str, target: torch.Tensor) -> None:
-    tmp = torch.empty(tuple(entry.shape), dtype=target.dtype)
-    _read_tensor(directory, entry, shard, name, tmp)
-    target.copy_(tmp)
-
-
-class _MissingAsNone(dict):  # type: ignore[type-arg]
-    """Tensors not read (``into`` did not ask for them) come back as None."""
-
-    def __missing__(self, key: str) -> None:
-        return None
