@@ -1,17 +1,17 @@
-"""The engine: index, placement, movement between tiers, leases, durability.
+"""The engine's front: the calls ``tierd.open()`` and the daemon make.
 
 Keys reaching the engine are trusted: the embedded store and the daemon
-validate what users send (:func:`tierd.engine.keys.validate_key`) before calling in; the
-daemon also scopes keys to their uid.
+validate what users send (:func:`tierd.engine.keys.validate_key`) before
+calling in; the daemon also scopes keys to their uid. The engine stores byte
+strings (flat uint8 tensors) under keys; turning values into bytes and back
+is the clients' job (:mod:`tierd.clients.transfer`).
 
-It stores byte strings (flat uint8 tensors) under keys; turning tensors into
-bytes and back is the client's job. One engine runs inside ``tierd.open()``
-and, later, inside the daemon.
-
-The front of the engine package: the calls ``tierd.open()`` and the daemon
-make (put in two phases, leases, reads, move, prefetch, queries, reload).
-Its parts: the tiers (stack.py, a TierStack), the records and their
-bookkeeping under one lock (catalog.py, Note there on locking and leases),
+It hands out handles, not internals: ``reserve`` gives a
+:class:`~tierd.engine.handles.Reservation` (a put between its phases),
+``acquire``/``lease`` a :class:`~tierd.engine.handles.Lease` (a read). Its
+parts: the tiers (stack.py, a TierStack, fastest first), the records and
+their bookkeeping under one lock (catalog.py, Note there on locking, leases
+and moves), the put path (writes.py, carrying out placement.py's plan),
 moving bytes between tiers (movement.py), the remote tier's shared index
 (remote_index.py) and the durable LMDB index (index.py).
 """
