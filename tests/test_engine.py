@@ -33,3 +33,43 @@ def test_a_lease_taken_before_retirement_still_reads_its_version(nvme_dir: Path,
         finally:
             lease.release()
         assert s.stats()["host"].used_bytes <= (1 << 20 if then == "overwrite" else 0) + 4096
+
+
+def test_a_reservation_gives_its_room_back_unless_committed(nvme_dir: Path) -> None:
+    from tierd.engine import ObjectMeta
+    from tierd.errors import InvalidArgument, NotFound
+
+    with tierd.open(small_config(nvme_dir)) as s:
+        engine = s.engine
+        meta = ObjectMeta("bytes", "uint8", (1 << 20,), 1)
+        with engine.reserve("e/r", 1 << 20, meta) as res:
+            assert res.view is not None and res.offset is not None and res.offset % 4096 == 0
+            assert s.stats()["host"].used_bytes >= 1 << 20
+        # Left without commit: the room is back and nothing was stored.
+        assert s.stats()["host"].used_bytes == 0
+        with pytest.raises(NotFound):
+            s.get("e/r")
+        res = engine.reserve("e/r", 1 << 20, meta)
+        view = res.view
+        assert view is not None
+        view.fill_(5)
+        res.commit()
+        with pytest.raises(InvalidArgument, match="committed or aborted"):
+            res.commit()
+        res.abort()  # after commit: nothing to give back, and the object stays
+        assert s.get("e/r") == bytes([5]) * (1 << 20)
+
+
+def test_a_lease_is_released_once(nvme_dir: Path) -> None:
+    with tierd.open(small_config(nvme_dir)) as s:
+        s.put("e/l", b"x" * 10000)
+        lease = s.engine.acquire("e/l")
+        assert lease.meta.shape == (10000,) and lease.on("host") and lease.host_offset() is not None
+        lease.release()
+        lease.release()  # a second release must not end someone else's lease
+        with s.engine.lease("e/l") as other:
+            s.delete("e/l")
+            out = bytearray(10000)
+            other.read_into(memoryview(out))  # deleted, but this lease still reads its version
+            assert bytes(out) == b"x" * 10000
+        assert s.stats()["host"].used_bytes == 0  # freed when the last lease ended

@@ -87,8 +87,9 @@ class Catalog:
         if rec.expires_at is not None:
             self.expiring.add(rec.key)
         prepared, rec.copies = rec.copies, {}
-        for tier, loc in prepared.items():
-            self.set_location(rec, tier, loc)
+        for tier in TIER_ORDER:  # fastest first, whatever order the put wrote them in
+            if tier in prepared:
+                self.set_location(rec, tier, prepared[tier])
 
     def retire_locked(self, rec: ObjectRecord) -> None:
         rec.live = False
