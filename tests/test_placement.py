@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from tierd.engine.placement import plan_put, staging_evicts
+from tierd.engine.placement import demotion_targets, plan_put, put_tier, staging_evicts
 
 TOPS = ("host", "cxl", "nvme", "remote")
 
@@ -61,3 +61,39 @@ def test_staging_demotes_others_only_for_its_final_place_or_a_daemon_client() ->
     assert not staging_evicts("host", durable=True, stage=False)
     assert not staging_evicts("nvme", durable=False, stage=False)
     assert staging_evicts("nvme", durable=True, stage=True)
+
+
+def test_put_tier_asks_admission_only_for_a_default_host_put() -> None:
+    asked: list[int] = []
+
+    def admit(answer: bool):
+        def ask() -> bool:
+            asked.append(1)
+            return answer
+        return ask
+
+    assert put_tier(None, None, admit=admit(True), has_cxl=True) == "host" and len(asked) == 1
+    assert put_tier(None, None, admit=admit(False), has_cxl=True) == "cxl"
+    assert put_tier(None, None, admit=admit(False), has_cxl=False) == "nvme"
+    assert put_tier(None, "host", admit=admit(False), has_cxl=False) == "nvme"  # the namespace's default, too
+    asked.clear()
+    assert put_tier("host", None, admit=admit(False), has_cxl=True) == "host"  # asked for: never refused
+    assert put_tier(None, "nvme", admit=admit(False), has_cxl=True) == "nvme"
+    assert asked == []
+
+
+@pytest.mark.parametrize(("source", "dest", "has_cxl", "below", "targets"), [
+    ("host", None, True, False, ("cxl", "nvme")),  # one tier down, nvme if cxl is full
+    ("host", None, True, True, ()),  # a copy below serves it: dropped without I/O
+    ("host", None, False, False, ("nvme",)),
+    ("host", None, False, True, ()),
+    ("host", "cxl", True, False, ("cxl",)),  # move(key, "cxl"): cxl or nothing
+    ("host", "cxl", True, True, ("cxl",)),
+    ("host", "nvme", True, False, ("nvme",)),  # move(key, "nvme") skips cxl
+    ("host", "nvme", True, True, ()),
+    ("cxl", None, True, False, ("nvme",)),
+    ("cxl", None, True, True, ()),
+])
+def test_demotion_targets(source: str, dest: str | None, has_cxl: bool, below: bool,
+                          targets: tuple[str, ...]) -> None:
+    assert demotion_targets(source, dest, has_cxl=has_cxl, below=below) == targets

@@ -31,6 +31,7 @@ from tierd.engine.catalog import Catalog, Move
 from tierd.engine.index import ObjectRecord
 from tierd.engine.keys import user_key
 from tierd.engine.namespaces import NamespacePolicies
+from tierd.engine.placement import demotion_targets
 from tierd.engine.stack import TierStack
 from tierd.errors import Busy, OutOfSpace, TierdError
 from tierd.policies import CostModel
@@ -180,14 +181,19 @@ class Mover:
         with move as rec:
             try:
                 loc = rec.on(source)
+                targets: tuple[str, ...] = ()
                 if loc is not None:
-                    below = "nvme" in rec.copies or "remote" in rec.copies
-                    if source == "host" and self.cxl is not None and (dest == "cxl" or (dest is None and not below)):
-                        new_tier, new_loc = "cxl", self.write_cxl(arena.view(loc), rec.nbytes, evict=True)
-                        if new_loc is None and dest == "cxl":
-                            raise OutOfSpace(f"cxl tier has no room for {user_key(rec.key)!r} ({rec.nbytes} bytes)")
-                    if new_loc is None and not below:
-                        new_tier, new_loc = "nvme", self.write_nvme(arena.view(loc), rec, durable=False)
+                    targets = demotion_targets(source, dest, has_cxl=self.cxl is not None,
+                                               below="nvme" in rec.copies or "remote" in rec.copies)
+                for new_tier in targets:
+                    if new_tier == "cxl":
+                        new_loc = self.write_cxl(arena.view(loc), rec.nbytes, evict=True)
+                    else:
+                        new_loc = self.write_nvme(arena.view(loc), rec, durable=False)
+                    if new_loc is not None:
+                        break
+                if targets and new_loc is None:
+                    raise OutOfSpace(f"{targets[-1]} tier has no room for {user_key(rec.key)!r} ({rec.nbytes} bytes)")
             except TierdError as exc:
                 log.debug("cannot demote %r: %s", user_key(rec.key), exc)
                 return False

@@ -1,10 +1,12 @@
-"""Placement: which tiers a put writes, decided from the request alone (a pure function, tested like a policy).
+"""Placement: where a put goes and which tiers it writes, where a demoted copy goes (pure functions, tested like policies).
 
 The engine executes a :class:`PutPlan`; the one thing it learns only while
 executing is whether a cxl copy found room, which decides an ``if_no_cxl``
 nvme copy.
 
 Rules
+    * A put names its tier, or gets its namespace's, or host; a host put by
+      default that admission refuses goes one tier down (cxl, else nvme).
     * A volatile put to ``tier="remote"`` lives only there.
     * A put whose staging extent is in the host tier and that may stay
       there keeps it as its host copy.
@@ -16,14 +18,38 @@ Rules
       LMDB entry points at it).
     * A namespace with ``write_through`` also writes a remote copy when a
       remote tier is configured.
+    * A copy demoted from host goes to cxl when configured and nothing
+      below holds the object, else to nvme; one that a lower tier already
+      holds (a durable nvme copy, a remote one) is dropped without I/O.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["PutPlan", "plan_put", "staging_evicts"]
+__all__ = ["PutPlan", "plan_put", "put_tier", "staging_evicts", "demotion_targets"]
+
+
+def put_tier(requested: str | None, namespace_tier: str | None, *, admit: Callable[[], bool], has_cxl: bool) -> str:
+    """The tier a put aims at. ``admit`` (the namespace's admission policy) is asked only for a
+    put that lands in host by default, and at most once (it may count the request)."""
+    top = requested if requested is not None else (namespace_tier or "host")
+    if top == "host" and requested is None and not admit():
+        return "cxl" if has_cxl else "nvme"  # one tier down
+    return top
+
+
+def demotion_targets(source: str, dest: str | None, *, has_cxl: bool, below: bool) -> tuple[str, ...]:
+    """Where a copy leaving ``source`` (host or cxl) is written, in order of preference.
+
+    ``dest`` forces cxl or nvme (``move``); ``below``: nvme or remote holds the
+    object already. Empty: the copy is dropped, the one below serves it.
+    """
+    if source == "host" and has_cxl and (dest == "cxl" or (dest is None and not below)):
+        return ("cxl",) if dest == "cxl" or below else ("cxl", "nvme")
+    return () if below else ("nvme",)
 
 
 @dataclass(frozen=True, slots=True)

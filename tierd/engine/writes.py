@@ -27,7 +27,7 @@ from tierd.engine.index import ObjectMeta, ObjectRecord
 from tierd.engine.keys import namespace_of, user_key
 from tierd.engine.movement import Mover
 from tierd.engine.namespaces import NamespacePolicies
-from tierd.engine.placement import plan_put, staging_evicts
+from tierd.engine.placement import plan_put, put_tier, staging_evicts
 from tierd.engine.remote_index import RemoteIndex
 from tierd.engine.stack import TierStack
 from tierd.errors import InvalidArgument, QuotaExceeded, TierdError
@@ -63,7 +63,7 @@ class Writer:
         ns_cfg = self._config().namespace(ns)
         durable = ns_cfg.durable if durable is None else bool(durable)
         codec_name = get_codec(codec if codec is not None else ns_cfg.codec).name
-        top = tier if tier is not None else (ns_cfg.tier or "host")
+        top = tier if tier is not None else (ns_cfg.tier or "host")  # checked before admission counts it
         if top == "gpu":  # handled above the store by GpuTierStore when the tier is on
             raise InvalidArgument("the gpu tier is off: it needs CUDA and [tiers.gpu] budget (or fraction); "
                                   "`tierd doctor` says which is missing")
@@ -72,11 +72,12 @@ class Writer:
         if ttl is not None and not ttl > 0:
             raise InvalidArgument(f"ttl must be > 0 seconds, got {ttl!r}")
         self._check_quotas(key, ns, ns_cfg.quota, owner, nbytes)
-        if top == "host" and tier is None:
+
+        def admit() -> bool:
             with self._catalog.lock:
-                admitted = self._policies.admit(ns, key, "host", nbytes)
-            if not admitted:
-                top = "cxl" if self.cxl is not None else "nvme"  # one tier down
+                return self._policies.admit(ns, key, "host", nbytes)
+
+        top = put_tier(tier, ns_cfg.tier, admit=admit, has_cxl=self.cxl is not None)
         rec = ObjectRecord(
             key=key, namespace=ns, meta=meta, nbytes=nbytes, codec=codec_name, durable=durable,
             pinned=pin, expires_at=None if ttl is None else time.time() + ttl, owner=owner,
