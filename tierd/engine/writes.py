@@ -127,24 +127,30 @@ class Writer:
                     self.host.copy_in(staging, src)
             elif src is None and nbytes:
                 raise InvalidArgument("the put needs the bytes: no staging extent was reserved")
-            data = self._source(staging, src)
             plan = plan_put(res.top, durable=rec.durable, staged=staging is not None, nbytes=nbytes,
                             has_cxl=self.cxl is not None, has_remote=self.remote is not None,
                             write_through=self._config().namespace(rec.namespace).write_through)
+            # The bytes as a tensor only for a tier below host (a view costs microseconds).
+            below = plan.remote_only or plan.try_cxl or plan.nvme != "never" or plan.write_through
+            data = self._source(staging, src) if below else None
             if plan.remote_only:
                 assert self.remote is not None  # "remote" is only a valid tier when configured
+                assert data is not None
                 rec.copies["remote"] = self.remote.write(data, codec=get_codec(rec.codec),
                                                          itemsize=rec.meta.itemsize, durable=False)
             else:
                 if plan.try_cxl:
+                    assert data is not None
                     cxl_loc = self._moves.write_cxl(data, nbytes, evict=plan.cxl_evicts)
                     if cxl_loc is not None:
                         rec.copies["cxl"] = cxl_loc
                 if plan.nvme == "always" or (plan.nvme == "if_no_cxl" and "cxl" not in rec.copies):
                     # Note [durability] in tiers/nvme.py: chunks fsync'ed here, then
                     # the LMDB entry committed in commit, then acknowledged.
+                    assert data is not None
                     rec.copies["nvme"] = self._moves.write_nvme(data, rec, durable=rec.durable)
             if plan.write_through and self.remote is not None:
+                assert data is not None
                 try:
                     rec.copies["remote"] = self.remote.write(data, codec=get_codec(rec.codec),
                                                              itemsize=rec.meta.itemsize, durable=False)
