@@ -182,7 +182,8 @@ class Engine:
         ``options`` are those of :meth:`reserve`.
         """
         self._check_open()
-        self._writer.put(key, src, meta, **options)
+        nbytes = src.nbytes if isinstance(src, memoryview) else src.numel()
+        self._writer.reserve(key, nbytes, meta, **options).commit(src)
 
     def _commit(self, rec: ObjectRecord) -> ObjectRecord | None:
         """Install ``rec`` (LMDB first for durable objects); returns the record it replaced."""

@@ -15,7 +15,6 @@ anywhere (``read_into``), valid whatever happens to the key meanwhile, until
 
 from __future__ import annotations
 
-import threading
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -103,14 +102,13 @@ class Reservation:
 class Lease:
     """One version of an object held readable; see the module's docstring."""
 
-    __slots__ = ("_catalog", "_moves", "rec", "_released", "_release_lock")
+    __slots__ = ("_catalog", "_moves", "rec", "_released")
 
     def __init__(self, catalog: Catalog, moves: Mover, rec: ObjectRecord) -> None:
         self._catalog = catalog
         self._moves = moves
         self.rec = rec  # the leased record (already counted in rec.readers)
-        self._released = False
-        self._release_lock = threading.Lock()
+        self._released = False  # guarded by the catalog's lock
 
     @property
     def key(self) -> str:
@@ -200,11 +198,12 @@ class Lease:
 
     def release(self) -> None:
         """End the lease; later calls do nothing."""
-        with self._release_lock:
-            if self._released:
-                return
-            self._released = True
-        self._catalog.release(self.rec)
+        if self._released:
+            return
+        with self._catalog.lock:
+            if not self._released:
+                self._released = True
+                self._catalog.release_locked(self.rec)
 
     def __enter__(self) -> Lease:
         return self

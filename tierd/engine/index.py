@@ -96,12 +96,17 @@ class ObjectRecord:
     @property
     def tiers(self) -> tuple[str, ...]:
         """The tiers holding a copy, fastest first."""
-        return tuple(t for t in TIER_ORDER if t in self.copies)
+        copies = self.copies
+        return tuple([t for t in TIER_ORDER if t in copies])
 
     @property
     def tier(self) -> str:
         """The fastest tier holding a copy ("host" for an object without any: an empty one)."""
-        return next((t for t in TIER_ORDER if t in self.copies), "host")
+        copies = self.copies
+        for t in TIER_ORDER:  # a loop, not a generator: this is on every get's path
+            if t in copies:
+                return t
+        return "host"
 
     def durable_entry(self) -> DurableEntry:
         nvme = self.copies.get("nvme")

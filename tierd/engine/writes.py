@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
@@ -199,8 +198,3 @@ class Writer:
         rec = res.rec
         return (self.nvme.gds and rec.codec == "none" and res.top != "remote"
                 and not (self.remote is not None and self._config().namespace(rec.namespace).write_through))
-
-    def put(self, key: str, src: torch.Tensor | memoryview, meta: ObjectMeta, **options: Any) -> None:
-        """Both phases at once."""
-        nbytes = src.nbytes if isinstance(src, memoryview) else src.numel()
-        self.reserve(key, nbytes, meta, **options).commit(src)
