@@ -5,13 +5,15 @@ from __future__ import annotations
 import itertools
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Self
 
 import torch
 
+from tierd.clients.batch import BatchLease, Completions, Results
 from tierd.clients.values import Value
+from tierd.errors import InvalidArgument, NotFound, TierdError
 from tierd.types import ObjectInfo, Stats
 
 __all__ = ["Staging", "Store"]
@@ -138,6 +140,105 @@ class Store(ABC):
     def stats(self) -> Stats:
         """Per-tier counters (see :class:`tierd.TierStats`)."""
 
+    # -- batches -----------------------------------------------------------------
+    #
+    # Defaults here loop over the single calls, so every Store has them; the
+    # embedded and daemon stores answer each batch in one engine pass (and,
+    # through the daemon, one frame each way).
+
+    def put_many(self, items: Mapping[str, Value] | Iterable[tuple[str, Value]], *, tier: str | None = None,
+                 durable: bool | None = None, codec: str | None = None, pin: bool = False,
+                 ttl: float | None = None) -> Results:
+        """Store every ``key -> value``; options as :meth:`put`, for all.
+
+        Returns:
+            True per item stored, False per item refused (``errors`` says why); one
+            failure never stops the others.
+        """
+        pairs = pairs_of(items)
+        errors: dict[str, TierdError] = {}
+        for key, value in pairs:
+            try:
+                self.put(key, value, tier=tier, durable=durable, codec=codec, pin=pin, ttl=ttl)
+            except TierdError as exc:
+                errors[key] = exc
+        return Results([key not in errors for key, _ in pairs], errors)
+
+    def get_many(self, keys: Sequence[str], *, outs: Sequence[torch.Tensor | None] | None = None,
+                 device: str | torch.device | None = None) -> Results:
+        """The values of ``keys``, None for each missing one.
+
+        Args:
+            outs: one tensor (or None) per key, filled in place like ``get(out=)``:
+                one copy from the host arena into the caller's memory (its pinned
+                pool, its KV buffer).
+
+        Returns:
+            Values (``outs[i]`` itself where given), None where a key is missing, expired,
+            or failed (a corrupt block: ``errors`` says which; never bad data).
+        """
+        keys = list(keys)
+        check_outs(keys, outs)
+        values: list[Any] = []
+        errors: dict[str, TierdError] = {}
+        for i, key in enumerate(keys):
+            try:
+                values.append(self.get(key, device=device, out=outs[i] if outs is not None else None))
+            except NotFound:
+                values.append(None)
+            except TierdError as exc:
+                errors[key] = exc
+                values.append(None)
+        return Results(values, errors)
+
+    def exists_many(self, keys: Sequence[str], *, lease: bool = False) -> Results:
+        """Whether each key is stored; ``lease=True`` also pins what was found (``results.lease``,
+        a :class:`BatchLease` to read them from and release)."""
+        keys = list(keys)
+        if not lease:
+            return Results([self.exists(key) for key in keys])
+        found = [self.exists(key) for key in keys]
+        held = [key if ok else None for key, ok in zip(keys, found, strict=True)]
+
+        def read(outs: Sequence[torch.Tensor | None] | None, device: Any) -> Results:
+            return self.get_many([k or "" for k in held], outs=outs, device=device) if any(held) else \
+                Results([None] * len(held))
+
+        results = Results(found)
+        results.lease = BatchLease(keys, found, read=read, release=lambda: None)
+        return results
+
+    def prefix_length(self, keys: Sequence[str]) -> int:
+        """How many of ``keys``, from the first, are stored (a prefix cache's hit length, in keys)."""
+        n = 0
+        for key in keys:
+            if not self.exists(key):
+                break
+            n += 1
+        return n
+
+    def delete_many(self, keys: Sequence[str]) -> list[bool]:
+        """Remove each key; True for each that existed."""
+        return [self.delete(key) for key in keys]
+
+    def put_many_async(self, items: Any, **kwargs: Any) -> Future[Results]:
+        """:meth:`put_many` on the store's threads; do not modify the values until done."""
+        return self._async.submit(self.put_many, pairs_of(items), **kwargs)
+
+    def get_many_async(self, keys: Sequence[str], **kwargs: Any) -> Future[Results]:
+        return self._async.submit(self.get_many, list(keys), **kwargs)
+
+    def exists_many_async(self, keys: Sequence[str], **kwargs: Any) -> Future[Results]:
+        return self._async.submit(self.exists_many, list(keys), **kwargs)
+
+    def delete_many_async(self, keys: Sequence[str]) -> Future[list[bool]]:
+        return self._async.submit(self.delete_many, list(keys))
+
+    def completions(self) -> Completions:
+        """A queue that runs batched calls on this store's threads and signals an eventfd when done
+        (see :class:`tierd.Completions`): for event loops."""
+        return Completions(self)
+
     def stage(self, nbytes: int) -> Staging | None:
         """Reserve ``nbytes`` of the store's host arena for the caller, or None.
 
@@ -164,3 +265,12 @@ class Store(ABC):
 
 def prefetch_keys(keys: Iterable[str] | str) -> list[str]:
     return [keys] if isinstance(keys, str) else list(keys)
+
+
+def pairs_of(items: Mapping[str, Value] | Iterable[tuple[str, Value]]) -> list[tuple[str, Value]]:
+    return list(items.items()) if isinstance(items, Mapping) else list(items)
+
+
+def check_outs(keys: Sequence[str], outs: Sequence[Any] | None) -> None:
+    if outs is not None and len(outs) != len(keys):
+        raise InvalidArgument(f"outs= has {len(outs)} entries for {len(keys)} keys")

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from tierd.clients.base import Staging, Store, prefetch_keys, staging_key
+from tierd.clients.base import Staging, Store, check_outs, pairs_of, prefetch_keys, staging_key
+from tierd.clients.batch import BatchLease, Results
 from tierd.clients.transfer import Outgoing, read_value
 from tierd.clients.values import Value
 from tierd.config import Config, load_config
@@ -16,6 +17,7 @@ from tierd.engine.core import Engine
 from tierd.engine.handles import Lease
 from tierd.engine.index import ObjectMeta
 from tierd.engine.keys import validate_key
+from tierd.errors import TierdError
 from tierd.tiers.gpu import CopyEngine
 from tierd.types import ObjectInfo, Stats
 
@@ -64,6 +66,87 @@ class EmbeddedStore(Store):
     def get(self, key: str, *, device: str | torch.device | None = None, out: torch.Tensor | None = None) -> Any:
         with self._engine.lease(validate_key(key)) as lease:
             return read_value(_LeaseSource(lease, self._engine.nvme.gds), key, self._copies, device=device, out=out)
+
+    # -- batches: one engine pass each ------------------------------------------
+
+    def put_many(self, items: Mapping[str, Value] | Iterable[tuple[str, Value]], *, tier: str | None = None,
+                 durable: bool | None = None, codec: str | None = None, pin: bool = False,
+                 ttl: float | None = None) -> Results:
+        pairs = pairs_of(items)
+        batch, where = [], []
+        errors: dict[str, TierdError] = {}
+        for key, value in pairs:
+            try:
+                validate_key(key)
+                if isinstance(value, bytes):  # no tensor for bytes: the engine takes a memoryview
+                    src: Any = memoryview(value)
+                    meta = ObjectMeta("bytes", "uint8", (len(value),), 1)
+                else:
+                    value_out = Outgoing(value)
+                    src, meta = value_out.source(), value_out.meta
+            except TierdError as exc:
+                errors[key] = exc
+                continue
+            batch.append((key, src, meta))
+            where.append(key)
+        results = self._engine.put_many(batch, tier=tier, durable=durable, codec=codec, pin=pin, ttl=ttl)
+        for key, err in zip(where, results, strict=True):
+            if err is not None:
+                errors[key] = err
+        return Results([key not in errors for key, _ in pairs], errors)
+
+    def get_many(self, keys: Sequence[str], *, outs: Sequence[torch.Tensor | None] | None = None,
+                 device: str | torch.device | None = None) -> Results:
+        keys = list(keys)
+        check_outs(keys, outs)
+        leases = self._engine.acquire_many([validate_key(k) for k in keys])
+        try:
+            return self._read_leased(keys, leases, outs, device)
+        finally:
+            for lease in leases:
+                if lease is not None:
+                    lease.release()
+
+    def _read_leased(self, keys: Sequence[str], leases: Sequence[Lease | None],
+                     outs: Sequence[torch.Tensor | None] | None, device: Any) -> Results:
+        values: list[Any] = []
+        errors: dict[str, TierdError] = {}
+        gds = self._engine.nvme.gds
+        for i, (key, lease) in enumerate(zip(keys, leases, strict=True)):
+            if lease is None:
+                values.append(None)
+                continue
+            try:
+                values.append(read_value(_LeaseSource(lease, gds), key, self._copies, device=device,
+                                         out=outs[i] if outs is not None else None))
+            except TierdError as exc:  # a corrupt block is this key's miss, never bad data
+                errors[key] = exc
+                values.append(None)
+        return Results(values, errors)
+
+    def exists_many(self, keys: Sequence[str], *, lease: bool = False) -> Results:
+        keys = list(keys)
+        scoped = [validate_key(k) for k in keys]
+        if not lease:
+            return Results(self._engine.exists_many(scoped))
+        leases = self._engine.acquire_many(scoped)
+        found = [held is not None for held in leases]
+
+        def release() -> None:
+            for held in leases:
+                if held is not None:
+                    held.release()
+
+        results = Results(found)
+        results.lease = BatchLease(keys, found, read=lambda outs, device: self._read_leased(keys, leases, outs, device),
+                                   release=release)
+        return results
+
+    def prefix_length(self, keys: Sequence[str]) -> int:
+        return self._engine.prefix_length([validate_key(k) for k in keys])
+
+    def delete_many(self, keys: Sequence[str]) -> list[bool]:
+        return self._engine.delete_many([validate_key(k) for k in keys])
 
     def stage(self, nbytes: int) -> Staging | None:
         if nbytes <= 0:

@@ -29,6 +29,7 @@ import msgspec
 import torch
 
 from tierd.config import Config
+from tierd.engine.batch import BatchCalls
 from tierd.engine.catalog import Catalog
 from tierd.engine.handles import Lease, Reservation
 from tierd.engine.index import DurableIndex, ObjectMeta, ObjectRecord
@@ -53,7 +54,7 @@ __all__ = ["Engine"]
 
 log = logging.getLogger("tierd.engine")
 
-class Engine:
+class Engine(BatchCalls):
     """Owns the tiers and the index. Thread-safe."""
 
     def __init__(self, config: Config, *, in_process: bool = False) -> None:
@@ -185,24 +186,31 @@ class Engine:
         nbytes = src.nbytes if isinstance(src, memoryview) else src.numel()
         self._writer.reserve(key, nbytes, meta, **options).commit(src)
 
-    def _commit(self, rec: ObjectRecord) -> ObjectRecord | None:
-        """Install ``rec`` (LMDB first for durable objects); returns the record it replaced."""
+    def _commit(self, recs: list[ObjectRecord]) -> list[ObjectRecord | None]:
+        """Install ``recs`` (LMDB first for durable objects, one transaction); the records they replaced."""
         with self._commit_lock:
             with self._lock:
                 self._check_open()
-                old = self._index.get(rec.key)
-            if rec.durable:
-                self._durable.put(rec.key, rec.durable_entry())
-            elif old is not None and old.durable:
-                self._durable.delete(rec.key)
+                olds = [self._index.get(rec.key) for rec in recs]
+            # LMDB ends as the last record of each key says (a batch may name a key twice).
+            last = {rec.key: rec for rec in recs}
+            was_durable = {rec.key for rec in recs if rec.durable}
+            was_durable.update(old.key for old in olds if old is not None and old.durable)
+            puts = {k: r.durable_entry() for k, r in last.items() if r.durable}
+            gone = [k for k, r in last.items() if not r.durable and k in was_durable]
+            if puts or gone:
+                self._durable.write(puts, gone)
+            upcoming: list[str] = []
             with self._lock:
-                self._catalog.install_locked(rec)
-                upcoming = self._observe_locked(rec.namespace, rec.key)
+                for rec in recs:
+                    self._catalog.install_locked(rec)
+                    upcoming += self._observe_locked(rec.namespace, rec.key)
         if self._trace is not None:
-            self._trace.write("put", rec.key, rec.nbytes, rec.tier)
+            for rec in recs:
+                self._trace.write("put", rec.key, rec.nbytes, rec.tier)
         if upcoming:
             self.prefetch(upcoming)
-        return old
+        return olds
 
     # -- movement --------------------------------------------------------------
 

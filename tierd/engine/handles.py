@@ -81,10 +81,14 @@ class Reservation:
         Raises:
             OutOfSpace (nothing stored before is lost), MediaError, InvalidArgument (used already).
         """
+        self.take()
+        self._writer.finish(self, src)
+
+    def take(self) -> None:
+        """Mark the reservation used by a commit (the engine's batch path commits without :meth:`commit`)."""
         if self._done:
             raise InvalidArgument(f"the put of {user_key(self.key)!r} was committed or aborted already")
         self._done = True
-        self._writer.finish(self, src)
 
     def abort(self) -> None:
         """Give the reservation back; a no-op after commit or a first abort."""

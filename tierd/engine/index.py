@@ -142,7 +142,8 @@ class DurableIndex:
                     log.error("durable index entry %r does not decode (%s); skipped", user_key(key), exc)
                     yield key, None
 
-    def _write(self, puts: dict[str, DurableEntry], deletes: list[str]) -> None:
+    def write(self, puts: dict[str, DurableEntry], deletes: list[str]) -> None:
+        """Apply ``deletes`` then ``puts`` in one transaction (one fsync)."""
         try:
             with self._env.begin(write=True) as txn:
                 for key in deletes:
@@ -152,15 +153,15 @@ class DurableIndex:
         except lmdb.MapFullError:
             # The map is virtual address space, not disk: grow it and retry.
             self._env.set_mapsize(self._env.info()["map_size"] * 2)
-            self._write(puts, deletes)
+            self.write(puts, deletes)
         except lmdb.Error as exc:
             raise MediaError(f"durable index {self.path!r}: write failed: {exc}") from exc
 
     def put(self, key: str, entry: DurableEntry) -> None:
-        self._write({key: entry}, [])
+        self.write({key: entry}, [])
 
     def delete(self, *keys: str) -> None:
-        self._write({}, list(keys))
+        self.write({}, list(keys))
 
     def close(self) -> None:
         self._env.close()

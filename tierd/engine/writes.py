@@ -38,11 +38,11 @@ log = logging.getLogger("tierd.engine")
 
 
 class Writer:
-    """Carries out puts for the engine; ``commit`` installs a finished record and returns the one it replaced."""
+    """Carries out puts for the engine; ``commit`` installs finished records and returns those they replaced."""
 
     def __init__(self, config: Callable[[], Config], tiers: TierStack, catalog: Catalog,
                  policies: NamespacePolicies, moves: Mover, shared: RemoteIndex | None, *,
-                 commit: Callable[[ObjectRecord], ObjectRecord | None]) -> None:
+                 commit: Callable[[list[ObjectRecord]], list[ObjectRecord | None]]) -> None:
         self._config = config  # the engine's current config (namespaces change on reload)
         self.tiers = tiers
         self.host, self.cxl, self.nvme, self.remote = tiers.host, tiers.cxl, tiers.nvme, tiers.remote
@@ -114,9 +114,50 @@ class Writer:
         Raises:
             OutOfSpace (nothing already stored is lost), MediaError.
         """
+        keep = self._write(res, src)
+        try:
+            (replaced,) = self._commit([res.rec])
+        except BaseException:
+            self._undo(res)
+            raise
+        self._installed(res, keep, replaced)
+        if self._moves.over_high_watermark():
+            self._moves.wake()
+
+    def finish_many(self, batch: list[tuple[Reservation, torch.Tensor | memoryview | None]]) -> list[TierdError | None]:
+        """:meth:`finish` for many puts: each writes its tiers, then all commit together (one LMDB
+        transaction, one pass under the catalog's lock). A put that fails gets its error in the
+        result (and stores nothing); the others are stored."""
+        results: list[TierdError | None] = [None] * len(batch)
+        written: list[tuple[int, Reservation, bool]] = []
+        for i, (res, src) in enumerate(batch):
+            res.take()
+            try:
+                written.append((i, res, self._write(res, src)))
+            except TierdError as exc:
+                results[i] = exc
+        if written:
+            try:
+                replaced = self._commit([res.rec for _, res, _ in written])
+            except BaseException as exc:
+                for i, res, _ in written:
+                    self._undo(res)
+                    if isinstance(exc, TierdError):
+                        results[i] = exc
+                if not isinstance(exc, TierdError):
+                    raise
+            else:
+                for (_, res, keep), old in zip(written, replaced, strict=True):
+                    self._installed(res, keep, old)
+        if self._moves.over_high_watermark():
+            self._moves.wake()
+        return results
+
+    def _write(self, res: Reservation, src: torch.Tensor | memoryview | None) -> bool:
+        """Write the tiers placement names for ``res`` (all but its host copy); True: the staging extent
+        becomes the host copy. On failure nothing is left written, and the error is raised."""
         rec, staging = res.rec, res.staging
         nbytes = rec.nbytes
-        keep_staging = False
         if (isinstance(src, torch.Tensor) and src.device.type != "cpu"
                 and (staging is not None or not self.device_source_ok(res))):
             src = src.cpu()  # only nvme writes straight from device memory (Note [GPUDirect Storage])
@@ -155,21 +196,29 @@ class Writer:
                                                              itemsize=rec.meta.itemsize, durable=False)
                 except TierdError as exc:  # the remote copy is a bonus: local tiers keep working
                     log.warning("write-through of %r to the remote tier failed: %s", user_key(rec.key), exc)
-            keep_staging = plan.keep_host
-            if keep_staging and staging is not None:
+            if plan.keep_host and staging is not None:
                 rec.copies["host"] = staging  # volatile: its home; durable: a cached copy
-            replaced = self._commit(rec)
+            return plan.keep_host
         except BaseException:
-            rec.copies.pop("host", None)  # the staging extent, freed below
-            for tier, loc in rec.copies.items():  # written before the failure: nothing indexes them
-                self.tiers[tier].free(loc)
-            rec.copies.clear()
-            if staging is not None:
-                self.host.free(staging)
-            res.staging = None
+            self._undo(res)
             raise
-        if staging is not None and not keep_staging:
-            self.host.free(staging)
+
+    def _undo(self, res: Reservation) -> None:
+        """Free what a put wrote before it failed (nothing indexes it) and its staging extent."""
+        rec = res.rec
+        rec.copies.pop("host", None)  # the staging extent, freed below
+        for tier, loc in rec.copies.items():
+            self.tiers[tier].free(loc)
+        rec.copies.clear()
+        if res.staging is not None:
+            self.host.free(res.staging)
+        res.staging = None
+
+    def _installed(self, res: Reservation, keep: bool, replaced: ObjectRecord | None) -> None:
+        """After the commit: the staging extent freed unless kept, the shared index told, counters."""
+        rec = res.rec
+        if res.staging is not None and not keep:
+            self.host.free(res.staging)
         res.staging = None
         if "remote" in rec.copies:
             if self._shared is not None:
@@ -178,9 +227,7 @@ class Writer:
             self._shared.forget(rec.key)  # the old remote copy is gone
         with self._catalog.lock:
             for name in rec.copies:
-                self._catalog.counters[name].bytes_in += nbytes
-        if self._moves.over_high_watermark():
-            self._moves.wake()
+                self._catalog.counters[name].bytes_in += rec.nbytes
 
     def _source(self, staging: HostLocation | None, src: torch.Tensor | memoryview | None) -> torch.Tensor:
         """A put's bytes as a flat uint8 tensor: the staging extent, or ``src``."""

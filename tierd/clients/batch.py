@@ -1,0 +1,158 @@
+"""What batched Store calls return, and completion by file descriptor for event loops.
+
+:class:`Results` is a list aligned with the keys of the call (a value or
+None for ``get_many``, a bool for ``exists_many``, ...) whose ``errors``
+says why a key failed when it was not simply absent (a corrupt block, a full
+tier): the key's result is then a miss, never bad data.
+
+:class:`BatchLease` pins what ``exists_many(..., lease=True)`` found: those
+versions stay readable (``get_many`` on the lease reads them, whatever
+happened to the keys since) until ``release()``, which never fails, or the
+store closes.
+
+:class:`Completions` serves event loops (LMCache's and SGLang's connectors
+poll a file descriptor): ``submit_*`` run batched calls on the store's own
+threads and return a ticket at once; the eventfd ``fd`` becomes readable
+when results are ready; ``drain()`` returns ``(ticket, result)`` pairs (a
+result is the call's return value, or the exception it raised).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from tierd.errors import StoreClosed, TierdError
+
+if TYPE_CHECKING:
+    from tierd.clients.base import Store
+
+__all__ = ["Results", "BatchLease", "Completions"]
+
+
+class Results(list):  # type: ignore[type-arg]
+    """Per-key results of a batched call, in the order of its keys; see the module's docstring.
+
+    Attributes:
+        errors: key -> the error that made its result a miss or a failure
+            (absence is not an error: it is not listed).
+        lease: for ``exists_many(..., lease=True)``, the :class:`BatchLease` on what was found.
+    """
+
+    def __init__(self, values: Sequence[Any] = (), errors: dict[str, TierdError] | None = None) -> None:
+        super().__init__(values)
+        self.errors: dict[str, TierdError] = errors or {}
+        self.lease: BatchLease | None = None
+
+
+class BatchLease:
+    """Found versions of a batch of keys, pinned until :meth:`release`; a context manager.
+
+    ``found[i]`` says whether ``keys[i]`` was found (and is pinned).
+    """
+
+    def __init__(self, keys: Sequence[str], found: Sequence[bool], *,
+                 read: Callable[[Sequence[torch.Tensor | None] | None, Any], Results],
+                 release: Callable[[], None]) -> None:
+        self.keys = list(keys)
+        self.found = list(found)
+        self._read = read
+        self._release: Callable[[], None] | None = release
+        self._lock = threading.Lock()
+
+    def get_many(self, *, outs: Sequence[torch.Tensor | None] | None = None, device: Any = None) -> Results:
+        """The pinned values, aligned with :attr:`keys` (None where not found); ``outs`` as in
+        :meth:`Store.get_many`."""
+        if self._release is None:
+            raise StoreClosed("the batch lease was released")
+        if outs is not None and len(outs) != len(self.keys):
+            from tierd.errors import InvalidArgument
+
+            raise InvalidArgument(f"outs= has {len(outs)} entries for {len(self.keys)} keys")
+        return self._read(outs, device)
+
+    def release(self) -> None:
+        """Unpin; later calls do nothing, and it never raises."""
+        with self._lock:
+            release, self._release = self._release, None
+        if release is not None:
+            try:
+                release()
+            except (TierdError, OSError):
+                pass  # the store or its connection is gone: its leases went with it
+
+    def __enter__(self) -> BatchLease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class Completions:
+    """Batched calls completed on a store's threads, signalled on an eventfd; see the module's docstring."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._ready: collections.deque[tuple[int, Any]] = collections.deque()
+        self._tickets = itertools.count(1)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _submit(self, future: Future[Any]) -> int:
+        ticket = next(self._tickets)
+
+        def done(f: Future[Any]) -> None:
+            exc = f.exception()
+            self._ready.append((ticket, exc if exc is not None else f.result()))
+            with self._lock:
+                if not self._closed:
+                    os.eventfd_write(self.fd, 1)
+
+        future.add_done_callback(done)
+        return ticket
+
+    def submit_get_many(self, keys: Sequence[str], **kwargs: Any) -> int:
+        return self._submit(self._store.get_many_async(keys, **kwargs))
+
+    def submit_put_many(self, items: Any, **kwargs: Any) -> int:
+        return self._submit(self._store.put_many_async(items, **kwargs))
+
+    def submit_exists_many(self, keys: Sequence[str], **kwargs: Any) -> int:
+        return self._submit(self._store.exists_many_async(keys, **kwargs))
+
+    def submit_delete_many(self, keys: Sequence[str]) -> int:
+        return self._submit(self._store.delete_many_async(keys))
+
+    def drain(self) -> list[tuple[int, Any]]:
+        """Every completion so far, oldest first (and the fd read back to not readable)."""
+        with self._lock:
+            if not self._closed:
+                try:
+                    os.eventfd_read(self.fd)
+                except BlockingIOError:
+                    pass
+        out = []
+        while self._ready:
+            out.append(self._ready.popleft())
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            os.close(self.fd)
+
+    def __enter__(self) -> Completions:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
