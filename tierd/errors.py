@@ -80,3 +80,9 @@ class Busy(TierdError, RuntimeError):
 
 class InternalError(TierdError, RuntimeError):
     """tierd broke one of its own invariants: a bug to report, with the message and the daemon's log."""
+
+
+def error_class(name: str) -> type[TierdError]:
+    """The error class named ``name`` (as the daemon's replies spell it); TierdError for an unknown name."""
+    cls = globals().get(name)
+    return cls if isinstance(cls, type) and issubclass(cls, TierdError) else TierdError

@@ -20,6 +20,10 @@ Get: Get -> GetReady with the bytes inline, or an arena ``offset`` under a
     lease that the client ends with Release (no reply) after copying, or
     ``chunks`` > 0: that many Chunk frames with the bytes follow (always, for
     a client without the arena, when the object is too large to go inline).
+Batches: PutMany (inline items) -> Ok(per-item errors); GetMany -> GetManyReady
+    (per key: inline bytes, an arena offset under one lease for the batch, a
+    miss, or "too large: use Get"); ExistsMany (optionally leasing what it
+    found, for a later GetMany(lease_id=...)), DeleteMany, PrefixLength -> Ok.
 
 New fields get defaults so that an older client and a newer daemon still
 talk; the handshake carries :data:`PROTOCOL_VERSION` and a daemon refuses a
@@ -41,6 +45,7 @@ __all__ = [
     "ObjectMeta", "PROTOCOL_VERSION", "HEADER", "Request", "Reply", "Hello", "Put", "PutCommit", "PutAbort", "PutChunk",
     "Get", "Release", "Delete", "Exists", "Info", "Keys", "GetStats", "Move", "Prefetch", "Status", "DeclareSchedule",
     "Welcome", "Ok", "Fail", "PutReady", "GetReady", "Chunk", "FrameReader", "encode_frame",
+    "PutItem", "PutMany", "GetMany", "ExistsMany", "DeleteMany", "PrefixLength", "ItemReady", "GetManyReady",
 ]
 
 PROTOCOL_VERSION = 1
@@ -130,13 +135,56 @@ class DeclareSchedule(_Req, frozen=True, kw_only=True):
     cyclic: bool = True
 
 
+class PutItem(msgspec.Struct, frozen=True, array_like=True):
+    """One object of a PutMany: its bytes always inline."""
+
+    key: str
+    meta: ObjectMeta
+    data: bytes
+
+
+class PutMany(_Req, frozen=True, kw_only=True):
+    """Store every item (options for all); reply Ok(value=[None or "Kind: message" per item])."""
+
+    items: list[PutItem]
+    tier: str | None = None
+    durable: bool | None = None
+    codec: str | None = None
+    pin: bool = False
+    ttl: float | None = None
+
+
+class GetMany(_Req, frozen=True, kw_only=True):
+    """Read ``keys`` (or, with ``lease_id``, the versions an ExistsMany leased); reply GetManyReady."""
+
+    keys: list[str]
+    lease_id: int = 0
+    inline_ok: bool = True
+
+
+class ExistsMany(_Req, frozen=True, kw_only=True):
+    """Reply Ok(value=[bool per key]); with ``lease``, Ok(value={"found": [...], "lease_id": n}):
+    what was found stays pinned until Release(lease_id) or the connection closes."""
+
+    keys: list[str]
+    lease: bool = False
+
+
+class DeleteMany(_Req, frozen=True, kw_only=True):
+    keys: list[str]
+
+
+class PrefixLength(_Req, frozen=True, kw_only=True):
+    keys: list[str]
+
+
 class Status(_Req, frozen=True, kw_only=True):
     """Everything ``tierd status`` shows: tiers, namespaces, clients."""
 
 
 Request = (
     Hello | Put | PutCommit | PutAbort | PutChunk | Get | Release | Delete | Exists | Info | Keys | GetStats
-    | Move | Prefetch | Status | DeclareSchedule
+    | Move | Prefetch | Status | DeclareSchedule | PutMany | GetMany | ExistsMany | DeleteMany | PrefixLength
 )
 
 
@@ -180,11 +228,27 @@ class GetReady(_Rep, frozen=True, kw_only=True):
     chunks: int = 0
 
 
+class ItemReady(msgspec.Struct, frozen=True, array_like=True):
+    """One key of a GetManyReady: ``meta`` None for a miss (``error`` says why when it is not plain
+    absence); else its bytes inline (``data``) or in the arena at ``offset`` (under the reply's
+    lease), or neither: too large for the batch, read it with Get."""
+
+    meta: ObjectMeta | None = None
+    data: bytes | None = None
+    offset: int | None = None
+    error: str | None = None
+
+
+class GetManyReady(_Rep, frozen=True, kw_only=True):
+    items: list[ItemReady]
+    lease_id: int = 0  # > 0: items with an offset are leased until Release(lease_id)
+
+
 class Chunk(_Rep, frozen=True, kw_only=True):
     data: bytes
 
 
-Reply = Welcome | Ok | Fail | PutReady | GetReady | Chunk
+Reply = Welcome | Ok | Fail | PutReady | GetReady | GetManyReady | Chunk
 
 _encoder = msgspec.msgpack.Encoder()
 

@@ -26,23 +26,19 @@ from typing import Any
 import msgspec
 import torch
 
-from tierd import errors
 from tierd import protocol as p
-from tierd._buffers import copy_bytes
 from tierd.clients.base import Staging, Store, prefetch_keys, staging_key
+from tierd.clients.remote_batch import RemoteBatches, ReplySource
 from tierd.clients.transfer import Outgoing, read_value
 from tierd.clients.values import Value
 from tierd.config import default_socket_path
 from tierd.engine.keys import validate_key
-from tierd.errors import DaemonUnavailable, ProtocolError, StoreClosed, TierdError
+from tierd.errors import DaemonUnavailable, ProtocolError, StoreClosed, error_class
 from tierd.tiers.gpu import CopyEngine
 from tierd.types import ObjectInfo, Stats
 
 __all__ = ["RemoteStore", "connect"]
 
-_ERRORS: dict[str, type[TierdError]] = {
-    name: cls for name in errors.__all__ if isinstance(cls := getattr(errors, name), type)
-}
 
 
 class _Call:
@@ -57,7 +53,7 @@ class _Call:
         self.expected = 0
 
 
-class RemoteStore(Store):
+class RemoteStore(RemoteBatches, Store):
     """The :class:`Store` of a running daemon; see :func:`connect`.
 
     ``has_arena`` says whether the daemon trusted this uid with its host
@@ -113,7 +109,7 @@ class RemoteStore(Store):
         if isinstance(reply, p.Fail):
             for fd in fds:
                 os.close(fd)
-            raise _ERRORS.get(reply.kind, TierdError)(reply.message)
+            raise error_class(reply.kind)(reply.message)
         if not isinstance(reply, p.Welcome) or len(fds) != (1 if reply.arena else 0):
             for fd in fds:
                 os.close(fd)
@@ -219,7 +215,7 @@ class RemoteStore(Store):
             raise
         reply, chunks = self._wait(call)
         if isinstance(reply, p.Fail):
-            raise _ERRORS.get(reply.kind, TierdError)(reply.message)
+            raise error_class(reply.kind)(reply.message)
         return reply, chunks
 
     # -- Store -----------------------------------------------------------------
@@ -280,7 +276,7 @@ class RemoteStore(Store):
         try:
             if ready.offset is not None and self._arena is None:
                 raise ProtocolError("the daemon named an arena offset to a client it gave no arena")
-            return read_value(_ReplySource(ready, chunks, self._arena), key, self._copies, device=device, out=out)
+            return read_value(ReplySource(ready, chunks, self._arena), key, self._copies, device=device, out=out)
         finally:
             if ready.lease_id:
                 self._send(p.Release(id=0, lease_id=ready.lease_id))
@@ -332,51 +328,6 @@ class RemoteStore(Store):
                 self._map.close()
             except BufferError:
                 pass  # a tensor still aliases the mapping; it goes with the last one
-
-
-class _ReplySource:
-    """A get's :class:`~tierd.clients.transfer.Source` over the daemon's reply: the arena
-    (``ready.offset``, leased until Release) or the bytes in the frames."""
-
-    __slots__ = ("_ready", "_chunks", "_arena")
-
-    def __init__(self, ready: p.GetReady, chunks: list[bytes], arena: torch.Tensor | None) -> None:
-        self._ready = ready
-        self._chunks = chunks
-        self._arena = arena
-
-    @property
-    def meta(self) -> p.ObjectMeta:
-        return self._ready.meta
-
-    def arena_view(self) -> torch.Tensor | None:
-        offset = self._ready.offset
-        if offset is None or self._arena is None:
-            return None
-        return self._arena[offset : offset + self._ready.meta.nbytes]
-
-    device_view = arena_view
-
-    def read_into(self, dest: torch.Tensor) -> None:
-        view = self.arena_view()
-        if view is not None:
-            copy_bytes(dest, view)
-            return
-        ready = self._ready
-        if ready.data is not None:
-            if ready.data:
-                dest.copy_(torch.frombuffer(bytearray(ready.data), dtype=torch.uint8))
-            return
-        pos = 0
-        for data in self._chunks:
-            dest[pos : pos + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            pos += len(data)
-
-    def read_device(self, target: torch.Tensor) -> bool:
-        return False
-
-    def inline_bytes(self) -> bytes | None:
-        return self._ready.data
 
 
 def connect(socket_path: str | os.PathLike[str] | None = None) -> RemoteStore:

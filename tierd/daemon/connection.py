@@ -24,8 +24,10 @@ import torch
 
 from tierd import protocol as p
 from tierd._buffers import address_view
+from tierd.daemon import batches
+from tierd.daemon.batches import Held, release_held
 from tierd.engine.core import Engine
-from tierd.engine.handles import Lease, Reservation
+from tierd.engine.handles import Reservation
 from tierd.engine.keys import user_key
 from tierd.errors import InvalidArgument, OutOfSpace, ProtocolError, TierdError
 
@@ -67,7 +69,7 @@ class Connection:
         self.send_lock = threading.Lock()
         self.state_lock = threading.Lock()
         self.puts: dict[int, StreamedPut] = {}
-        self.leases: dict[int, tuple[Lease, float]] = {}
+        self.leases: dict[int, tuple[Held, float]] = {}  # a get's lease, or a batch's leases
         self.ids = itertools.count(1)
         self.welcomed = False
         self.closed = False
@@ -89,9 +91,10 @@ class Connection:
         with self.state_lock:
             expired = [lid for lid, (_, t) in self.leases.items() if now - t > lease_s]
             gone = [self.leases.pop(lid)[0] for lid in expired]
-        for lease in gone:
-            log.warning("lease on %r by pid %d expired after %.0f s", user_key(lease.key), self.pid, lease_s)
-            lease.release()
+        for held in gone:
+            what = f"{len(held)} keys" if isinstance(held, list) else repr(user_key(held.key))
+            log.warning("lease on %s by pid %d expired after %.0f s", what, self.pid, lease_s)
+            release_held(held)
 
     def serve(self) -> None:
         """Read and answer requests until the client goes away or breaks the protocol; then clean up."""
@@ -146,7 +149,7 @@ class Connection:
             except TierdError:
                 return True  # the error reply is quick too
             return self.engine.is_small_on_host(key, self.server.config.daemon.inline_max_bytes)
-        return False
+        return batches.is_quick(self, req)
 
     def _run_pooled(self, req: Any) -> None:
         try:
@@ -182,8 +185,8 @@ class Connection:
         # A dead client's uncommitted allocations and leases go back at once.
         for put in puts:
             put.res.abort()
-        for lease, _ in leases:
-            lease.release()
+        for held, _ in leases:
+            release_held(held)
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -334,7 +337,7 @@ class Connection:
         with self.state_lock:
             entry = self.leases.pop(req.lease_id, None)
         if entry is not None:
-            entry[0].release()
+            release_held(entry[0])
         return None
 
     def _delete(self, req: p.Delete) -> Any:
@@ -390,6 +393,7 @@ _HANDLERS: dict[type, Callable[[Connection, Any], Any]] = {
     p.Delete: Connection._delete, p.Exists: Connection._exists, p.Info: Connection._info, p.Keys: Connection._keys,
     p.GetStats: Connection._stats, p.Move: Connection._move, p.Prefetch: Connection._prefetch,
     p.Status: Connection._status, p.DeclareSchedule: Connection._declare_schedule,
+    **batches.HANDLERS,
 }
 
 

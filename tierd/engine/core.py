@@ -404,6 +404,15 @@ class Engine(BatchCalls):
             rec = self._index.get(key)
             return rec is not None and rec.nbytes <= max_bytes and ("host" in rec.copies or rec.nbytes == 0)
 
+    def all_small_on_host(self, keys: list[str], max_bytes: int) -> bool:
+        """:meth:`is_small_on_host` for every key (one pass)."""
+        with self._lock:
+            for key in keys:
+                rec = self._index.get(key)
+                if rec is not None and (rec.nbytes > max_bytes or ("host" not in rec.copies and rec.nbytes)):
+                    return False  # (a miss is quick too)
+        return True
+
     def healthy(self) -> bool:
         """False once background demotion has died or the engine is closed."""
         return not self._closed and self._moves.alive()

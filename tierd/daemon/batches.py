@@ -1,0 +1,162 @@
+"""The daemon's batched requests: one frame in, one engine pass, one frame out.
+
+A GetMany answers each key with its bytes inline, or, for a client holding
+the arena, with the offset of its host copy; those copies stay leased as
+one group until the client's Release (or until it disconnects, or its leases
+expire). An ExistsMany with ``lease`` leases what it found the same way, and
+a later GetMany names that group to read exactly those versions.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from tierd import protocol as p
+from tierd.engine.handles import Lease
+from tierd.errors import InvalidArgument, ProtocolError, TierdError
+
+if TYPE_CHECKING:
+    from tierd.daemon.connection import Connection
+
+__all__ = ["HANDLERS", "release_held"]
+
+Held = Lease | list[Lease | None]  # what a lease id holds: one get's lease, or a batch's
+
+
+def release_held(held: Held) -> None:
+    """End a lease id's leases; never raises."""
+    for lease in held if isinstance(held, list) else [held]:
+        if lease is not None:
+            lease.release()
+
+
+def _why(exc: TierdError) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _scoped(conn: Connection, keys: list[str]) -> list[str]:
+    scope, uid = conn.server.identity.scope, conn.uid
+    return [scope(key, uid) for key in keys]
+
+
+def _hold(conn: Connection, held: Held) -> int:
+    """Register ``held`` under a new lease id; 0 (and released) if the connection closed meanwhile."""
+    lease_id = next(conn.ids)
+    with conn.state_lock:
+        if not conn.closed:
+            conn.leases[lease_id] = (held, time.monotonic())
+            return lease_id
+    release_held(held)
+    return 0
+
+
+def put_many(conn: Connection, req: p.PutMany) -> Any:
+    results: list[str | None] = [None] * len(req.items)
+    batch, where = [], []
+    for i, item in enumerate(req.items):
+        try:
+            key = conn.server.identity.scope(item.key, conn.uid)
+            if len(item.data) != item.meta.nbytes:
+                raise InvalidArgument(f"item {item.key!r} holds {len(item.data)} bytes, its meta says "
+                                      f"{item.meta.nbytes}")
+        except TierdError as exc:
+            results[i] = _why(exc)
+            continue
+        batch.append((key, memoryview(item.data), item.meta))
+        where.append(i)
+    errors = conn.engine.put_many(batch, tier=req.tier, durable=req.durable, codec=req.codec, pin=req.pin,
+                                  ttl=req.ttl, owner=conn.uid)
+    for i, err in zip(where, errors, strict=True):
+        if err is not None:
+            results[i] = _why(err)
+    return p.Ok(id=req.id, value=results)
+
+
+def get_many(conn: Connection, req: p.GetMany) -> Any:
+    engine, daemon = conn.engine, conn.server.config.daemon
+    if req.lease_id:
+        with conn.state_lock:
+            entry = conn.leases.get(req.lease_id)
+        if entry is None or not isinstance(entry[0], list) or len(entry[0]) != len(req.keys):
+            raise ProtocolError(f"no batch lease {req.lease_id} over {len(req.keys)} keys on this connection "
+                                "(released, expired, or another batch)")
+        leases, owned = entry[0], False
+    else:
+        leases, owned = engine.acquire_many(_scoped(conn, req.keys)), True
+    items: list[p.ItemReady] = []
+    budget = daemon.max_frame_bytes // 2  # inline bytes in this reply
+    leased = False
+    try:
+        for lease in leases:
+            if lease is None:
+                items.append(p.ItemReady())
+                continue
+            try:
+                # A client without the arena still promotes (for the next reader),
+                # but never makes room for it by demoting others.
+                loc = lease.host_location(promote=True, evict=conn.trusted) if conn.trusted else None
+                if loc is not None:
+                    items.append(p.ItemReady(meta=lease.meta, offset=loc.offset))
+                    leased = True
+                elif req.inline_ok and lease.nbytes <= budget:
+                    buf = bytearray(lease.nbytes)
+                    lease.read_into(memoryview(buf), promote=not conn.trusted)
+                    budget -= lease.nbytes
+                    items.append(p.ItemReady(meta=lease.meta, data=bytes(buf)))
+                else:
+                    items.append(p.ItemReady(meta=lease.meta))  # too large for this frame: the client Gets it
+            except TierdError as exc:  # a corrupt block is this key's miss, never bad data
+                items.append(p.ItemReady(error=_why(exc)))
+    except BaseException:
+        if owned:
+            release_held(leases)
+        raise
+    lease_id = 0
+    if owned:
+        if leased:
+            lease_id = _hold(conn, leases)
+            if not lease_id:
+                return None  # the client went away
+        else:
+            release_held(leases)
+    return p.GetManyReady(id=req.id, items=items, lease_id=lease_id)
+
+
+def exists_many(conn: Connection, req: p.ExistsMany) -> Any:
+    keys = _scoped(conn, req.keys)
+    if not req.lease:
+        return p.Ok(id=req.id, value=conn.engine.exists_many(keys))
+    leases = conn.engine.acquire_many(keys)
+    found = [lease is not None for lease in leases]
+    lease_id = _hold(conn, leases) if any(found) else 0
+    return p.Ok(id=req.id, value={"found": found, "lease_id": lease_id})
+
+
+def delete_many(conn: Connection, req: p.DeleteMany) -> Any:
+    return p.Ok(id=req.id, value=conn.engine.delete_many(_scoped(conn, req.keys)))
+
+
+def prefix_length(conn: Connection, req: p.PrefixLength) -> Any:
+    return p.Ok(id=req.id, value=conn.engine.prefix_length(_scoped(conn, req.keys)))
+
+
+def is_quick(conn: Connection, req: Any) -> bool:
+    """Batches served on the connection's thread: what stays in memory."""
+    if isinstance(req, (p.ExistsMany, p.PrefixLength)):
+        return True
+    if isinstance(req, p.PutMany):
+        return not req.durable and req.tier in (None, "host")
+    if isinstance(req, p.GetMany):
+        try:
+            keys = _scoped(conn, req.keys)
+        except TierdError:
+            return True  # the error reply is quick too
+        return conn.engine.all_small_on_host(keys, conn.server.config.daemon.inline_max_bytes)
+    return False
+
+
+HANDLERS = {
+    p.PutMany: put_many, p.GetMany: get_many, p.ExistsMany: exists_many, p.DeleteMany: delete_many,
+    p.PrefixLength: prefix_length,
+}
