@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from tierd.clients.base import Staging, Store, prefetch_keys
+from tierd.clients.base import Staging, Store, check_outs, pairs_of, prefetch_keys
+from tierd.clients.batch import BatchLease, Results
 from tierd.clients.values import Value, check_out, tensor_meta
 from tierd.errors import InvalidArgument, NotFound
 from tierd.tiers.gpu import GpuTier, budget_bytes
@@ -107,6 +108,73 @@ class GpuTierStore(Store):
             check_out(out, tensor_meta(cached), key)
             return out.copy_(cached.view(out.shape) if out.is_contiguous() else cached)
         return cached.to(device if device is not None else "cpu", copy=True)
+
+    # -- batches: the cached keys here, the rest in one batch below ------------
+
+    def put_many(self, items: Any, *, tier: str | None = None, **options: Any) -> Results:
+        if tier == "gpu":
+            return super().put_many(items, tier=tier, **options)  # each into the cache, one by one
+        pairs = pairs_of(items)
+        for key, _ in pairs:
+            self.gpu.remove(key)  # no stale cached copy above the new version
+        return self.below.put_many(pairs, tier=tier, **options)
+
+    def get_many(self, keys: Sequence[str], *, outs: Sequence[torch.Tensor | None] | None = None,
+                 device: str | torch.device | None = None) -> Results:
+        keys = list(keys)
+        check_outs(keys, outs)
+        cached = {i: t for i, k in enumerate(keys) if (t := self.gpu.lookup(k)) is not None}
+        return self._merge(keys, cached, outs, device,
+                           lambda sub, sub_outs: self.below.get_many(sub, outs=sub_outs, device=device))
+
+    def _merge(self, keys: list[str], cached: dict[int, torch.Tensor], outs: Sequence[torch.Tensor | None] | None,
+               device: Any, below: Any) -> Results:
+        """Values of ``keys``: ``cached`` ones from their device tensors, the rest from ``below(keys, outs)``."""
+        rest = [i for i in range(len(keys)) if i not in cached]
+        got = below([keys[i] for i in rest], [outs[i] for i in rest] if outs is not None else None)
+        values: list[Any] = [None] * len(keys)
+        for i, value in zip(rest, got, strict=True):
+            values[i] = value
+        for i, t in cached.items():
+            out = outs[i] if outs is not None else None
+            if out is not None:
+                check_out(out, tensor_meta(t), keys[i])
+                values[i] = out.copy_(t.view(out.shape) if out.is_contiguous() else t)
+            else:
+                values[i] = t.to(device if device is not None else "cpu", copy=True)
+        return Results(values, got.errors)
+
+    def exists_many(self, keys: Sequence[str], *, lease: bool = False) -> Results:
+        keys = list(keys)
+        # A cached tensor is held by reference: a later put or eviction replaces the
+        # cache's entry, never this tensor, so holding it pins this version.
+        cached = {i: t for i, k in enumerate(keys) if (t := self.gpu.peek(k)) is not None}
+        rest = [i for i in range(len(keys)) if i not in cached]
+        below = self.below.exists_many([keys[i] for i in rest], lease=lease)
+        found = [True] * len(keys)
+        for i, ok in zip(rest, below, strict=True):
+            found[i] = ok
+        results = Results(found)
+        if lease:
+            assert below.lease is not None
+            below_lease = below.lease
+            results.lease = BatchLease(
+                keys, found, release=below_lease.release,
+                read=lambda outs, device: self._merge(
+                    keys, cached, outs, device, lambda sub, sub_outs: below_lease.get_many(outs=sub_outs, device=device)),
+            )
+        return results
+
+    def prefix_length(self, keys: Sequence[str]) -> int:
+        keys = list(keys)
+        n = 0
+        while n < len(keys) and keys[n] in self.gpu:
+            n += 1
+        return n + (self.below.prefix_length(keys[n:]) if n < len(keys) else 0)
+
+    def delete_many(self, keys: Sequence[str]) -> list[bool]:
+        cached = [self.gpu.remove(key) is not None for key in keys]
+        return [a or b for a, b in zip(cached, self.below.delete_many(list(keys)), strict=True)]
 
     def prefetch(self, keys: Iterable[str] | str, *, tier: str = "host") -> None:
         wanted = prefetch_keys(keys)

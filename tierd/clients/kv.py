@@ -97,35 +97,35 @@ class PrefixKVStore:
                                   "of the whole blocks of tokens")
         if kv.dtype != self.dtype:
             raise InvalidArgument(f"kv is {kv.dtype}, this store keys {self.dtype}")
-        # Note [prefix eviction order]: tail first, head last.
-        for i in reversed(range(len(keys))):
-            if not self.store.exists(keys[i]):
-                b = i * self.block_tokens
-                self.store.put(keys[i], kv[:, :, b : b + self.block_tokens])
+        # One batch asks which blocks are there, one stores the rest, tail first and head
+        # last (Note [prefix eviction order]).
+        present = self.store.exists_many(keys)
+        b = self.block_tokens
+        missing = {keys[i]: kv[:, :, i * b : (i + 1) * b] for i in reversed(range(len(keys))) if not present[i]}
+        if missing:
+            stored = self.store.put_many(missing)
+            if stored.errors:
+                raise next(iter(stored.errors.values()))
         return len(keys) * self.block_tokens
 
     def lookup(self, tokens: Sequence[int] | torch.Tensor) -> int:
         """Tokens of the longest stored prefix of ``tokens`` (a multiple of ``block_tokens``)."""
-        n = 0
-        for key in self.block_keys(tokens):
-            if not self.store.exists(key):
-                break  # a hole ends the prefix (Note [prefix eviction order])
-            n += 1
-        return n * self.block_tokens
+        # A hole ends the prefix (Note [prefix eviction order]): one batched question.
+        return self.store.prefix_length(self.block_keys(tokens)) * self.block_tokens
 
     def _fetch(self, keys: Sequence[str], out: torch.Tensor | None = None) -> list[torch.Tensor]:
         """The blocks of ``keys``; with ``out`` (``[layers, 2, n, ...]``) each lands in its slice of it."""
         b = self.block_tokens
-        # Tail first, head last: the head ends up the most recently used.
-        futures = []
-        for i in reversed(range(len(keys))):
-            target = out[:, :, i * b : (i + 1) * b] if out is not None else None
-            futures.append(self.store.get_async(keys[i], out=target))
-        try:
-            blocks = [f.result() for f in futures]
-        except NotFound as exc:
-            raise NotFound(f"a block of this prefix was evicted since lookup(): {exc}") from None
-        return blocks[::-1]
+        # One batch, tail first, head last: the head ends up the most recently used.
+        order = list(reversed(range(len(keys))))
+        outs = [out[:, :, i * b : (i + 1) * b] for i in order] if out is not None else None
+        got = self.store.get_many([keys[i] for i in order], outs=outs)
+        for i, value in zip(order, got, strict=True):
+            if value is None:
+                why = got.errors.get(keys[i])
+                raise NotFound(f"block {i} of this prefix was evicted since lookup()"
+                               + (f" ({why})" if why is not None else ""))
+        return list(got)[::-1]
 
     def get(self, tokens: Sequence[int] | torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
         """KV of the longest stored prefix of ``tokens``: ``[layers, 2, n, heads, head_dim]`` (n may be 0).

@@ -306,6 +306,88 @@ class StoreTests:
             t.join()
         assert not errors, errors
 
+    # -- batches ------------------------------------------------------------------
+
+    def test_put_many_and_get_many_round_trip(self, store: tierd.Store) -> None:
+        values = {f"bt/{i}": (sample(torch.float16, (64, 32), seed=i) if i % 2 else bytes([i]) * (100 + i))
+                  for i in range(40)}
+        values["bt/big"] = sample(torch.float32, (1 << 18,), seed=99)  # 1 MiB: larger than any inline limit
+        stored = store.put_many(values)
+        assert list(stored) == [True] * len(values) and not stored.errors
+        keys = ["bt/missing", *values, "bt/also-missing"]
+        got = store.get_many(keys)
+        assert len(got) == len(keys) and got[0] is None and got[-1] is None and not got.errors
+        for key, value in zip(keys[1:-1], got[1:-1], strict=True):
+            want = values[key]
+            assert same_bits(value, want) if isinstance(want, torch.Tensor) else value == want
+
+    def test_put_many_refuses_one_item_and_stores_the_others(self, store: tierd.Store) -> None:
+        stored = store.put_many([("bt/a", b"a"), ("bt/bad", 12345), ("bt/c", b"c")])  # type: ignore[list-item]
+        assert list(stored) == [True, False, True]
+        assert isinstance(stored.errors["bt/bad"], tierd.InvalidArgument)
+        assert store.get_many(["bt/a", "bt/bad", "bt/c"]) == [b"a", None, b"c"]
+
+    def test_get_many_fills_outs_in_place(self, store: tierd.Store) -> None:
+        blocks = [sample(torch.bfloat16, (4, 256), seed=i) for i in range(8)]
+        store.put_many({f"bo/{i}": b for i, b in enumerate(blocks)})
+        pool = torch.zeros(8, 4, 256, dtype=torch.bfloat16)  # a caller's buffer, one slot per block
+        outs = [pool[i] for i in range(8)]
+        outs[3] = None  # type: ignore[call-overload]  # no buffer for this one: a new tensor
+        got = store.get_many([f"bo/{i}" for i in range(8)], outs=outs)
+        for i in range(8):
+            if i == 3:
+                assert same_bits(got[3], blocks[3]) and got[3].data_ptr() != pool[3].data_ptr()
+                assert int(pool[3].count_nonzero()) == 0
+            else:
+                assert got[i] is outs[i] and same_bits(pool[i], blocks[i])
+        with pytest.raises(tierd.InvalidArgument, match="outs="):
+            store.get_many(["bo/0", "bo/1"], outs=[pool[0]])
+
+    def test_exists_many_prefix_length_delete_many(self, store: tierd.Store) -> None:
+        store.put_many({f"bp/{i}": bytes([i]) * 10 for i in range(6)})
+        store.delete("bp/3")  # a hole
+        keys = [f"bp/{i}" for i in range(6)]
+        assert list(store.exists_many(keys)) == [True, True, True, False, True, True]
+        assert store.prefix_length(keys) == 3 and store.prefix_length(keys[4:]) == 2
+        assert store.prefix_length(["bp/none", *keys]) == 0 and store.prefix_length([]) == 0
+        assert store.delete_many(["bp/0", "bp/3", "bp/5"]) == [True, False, True]
+        assert store.keys("bp/") == ["bp/1", "bp/2", "bp/4"]
+
+    def test_exists_many_lease_pins_the_found_versions(self, store: tierd.Store) -> None:
+        first = sample(torch.float32, (1024,), seed=1)
+        store.put_many({"bl/a": first, "bl/b": b"bee"})
+        found = store.exists_many(["bl/a", "bl/none", "bl/b"], lease=True)
+        assert list(found) == [True, False, True] and found.lease is not None
+        with found.lease as lease:
+            store.put("bl/a", sample(torch.float32, (1024,), seed=2))  # replaced and deleted meanwhile:
+            store.delete("bl/b")  # the lease still reads the versions it found
+            got = lease.get_many()
+            assert same_bits(got[0], first) and got[1] is None and got[2] == b"bee"
+            out = torch.empty(1024)
+            assert lease.get_many(outs=[out, None, None])[0] is out and same_bits(out, first)
+        found.lease.release()  # twice: never raises
+        with pytest.raises(tierd.StoreClosed):
+            found.lease.get_many()
+        assert not store.exists("bl/b")
+
+    def test_batches_complete_on_futures_and_an_eventfd(self, store: tierd.Store) -> None:
+        import select
+
+        assert store.put_many_async({"ba/x": b"x", "ba/y": b"y"}).result(timeout=30) == [True, True]
+        assert store.get_many_async(["ba/x", "ba/n"]).result(timeout=30) == [b"x", None]
+        with store.completions() as done:
+            assert select.select([done.fd], [], [], 0)[0] == []  # nothing ready yet
+            t1 = done.submit_exists_many(["ba/x", "ba/n"])
+            t2 = done.submit_get_many(["ba/y"])
+            t3 = done.submit_delete_many(["ba/x"])
+            results: dict[int, object] = {}
+            deadline = time.monotonic() + 30
+            while len(results) < 3 and time.monotonic() < deadline:
+                if select.select([done.fd], [], [], 1)[0]:
+                    results.update(done.drain())
+            assert results == {t1: [True, False], t2: [b"y"], t3: [True]}
+            assert select.select([done.fd], [], [], 0)[0] == []  # drained: not readable again
+
     def test_closed_store_refuses(self, store: tierd.Store) -> None:
         store.close()
         with pytest.raises(tierd.StoreClosed):
