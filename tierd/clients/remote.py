@@ -276,7 +276,7 @@ class RemoteStore(RemoteBatches, Store):
         try:
             if ready.offset is not None and self._arena is None:
                 raise ProtocolError("the daemon named an arena offset to a client it gave no arena")
-            return read_value(ReplySource(ready, chunks, self._arena), key, self._copies, device=device, out=out)
+            return read_value(ReplySource(ready, chunks, self._arena, self._map), key, self._copies, device=device, out=out)
         finally:
             if ready.lease_id:
                 self._send(p.Release(id=0, lease_id=ready.lease_id))

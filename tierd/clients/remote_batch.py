@@ -8,13 +8,14 @@ for size.
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tierd import protocol as p
-from tierd._buffers import copy_bytes
+from tierd._buffers import SMALL_COPY_BYTES, address_view, copy_bytes
 from tierd.clients.base import check_outs, pairs_of
 from tierd.clients.batch import BatchLease, Results
 from tierd.clients.transfer import Outgoing, read_value
@@ -38,31 +39,40 @@ class ReplySource:
     """A get's :class:`~tierd.clients.transfer.Source` over the daemon's reply: the arena
     (``ready.offset``, leased until Release) or the bytes in the frames."""
 
-    __slots__ = ("_ready", "_chunks", "_arena")
+    __slots__ = ("_ready", "_chunks", "_arena", "_map")
 
-    def __init__(self, ready: p.GetReady | p.ItemReady, chunks: list[bytes], arena: torch.Tensor | None) -> None:
+    def __init__(self, ready: p.GetReady | p.ItemReady, chunks: list[bytes], arena: torch.Tensor | None,
+                 mapping: mmap.mmap | None = None) -> None:
         self._ready = ready
         self._chunks = chunks
         self._arena = arena
+        self._map = mapping  # the same memory as ``arena``: small copies without a tensor view
 
     @property
     def meta(self) -> p.ObjectMeta:
-        return self._ready.meta
+        meta = self._ready.meta
+        assert meta is not None
+        return meta
 
     def arena_view(self) -> torch.Tensor | None:
         offset = self._ready.offset
         if offset is None or self._arena is None:
             return None
-        return self._arena[offset : offset + self._ready.meta.nbytes]
+        return self._arena[offset : offset + self.meta.nbytes]
 
     device_view = arena_view
 
     def read_into(self, dest: torch.Tensor) -> None:
+        ready = self._ready
+        n = self.meta.nbytes
+        if ready.offset is not None and self._map is not None and n < SMALL_COPY_BYTES and dest.device.type == "cpu":
+            with memoryview(self._map) as arena:  # a few KiB: a memoryview copy, no tensor
+                address_view(dest.data_ptr(), n)[:] = arena[ready.offset : ready.offset + n]
+            return
         view = self.arena_view()
         if view is not None:
             copy_bytes(dest, view)
             return
-        ready = self._ready
         if ready.data is not None:
             if ready.data:
                 dest.copy_(torch.frombuffer(bytearray(ready.data), dtype=torch.uint8))
@@ -76,7 +86,10 @@ class ReplySource:
         return False
 
     def inline_bytes(self) -> bytes | None:
-        return self._ready.data
+        ready = self._ready
+        if ready.data is None and ready.offset is not None and self._map is not None:
+            return self._map[ready.offset : ready.offset + self.meta.nbytes]  # one copy out of the arena
+        return ready.data
 
 
 class RemoteBatches:
@@ -132,7 +145,8 @@ class RemoteBatches:
 
     def _get_many(self: RemoteStore, keys: list[str], wire_keys: list[str],
                   outs: Sequence[torch.Tensor | None] | None, device: Any, *, lease_id: int) -> Results:
-        reply, _ = self._call(p.GetMany, keys=wire_keys, lease_id=lease_id)
+        # With outs= the caller wants its buffers filled from the arena (one copy), not via frames.
+        reply, _ = self._call(p.GetMany, keys=wire_keys, lease_id=lease_id, inline_ok=outs is None)
         values: list[Any] = []
         errors: dict[str, TierdError] = {}
         try:
@@ -151,7 +165,7 @@ class RemoteBatches:
                         continue
                     if item.offset is not None and self._arena is None:
                         raise ProtocolError("the daemon named an arena offset to a client it gave no arena")
-                    values.append(read_value(ReplySource(item, [], self._arena), key, self._copies, device=device,
+                    values.append(read_value(ReplySource(item, [], self._arena, self._map), key, self._copies, device=device,
                                              out=out))
                 except NotFound:
                     values.append(None)

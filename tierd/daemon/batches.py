@@ -63,13 +63,18 @@ def put_many(conn: Connection, req: p.PutMany) -> Any:
         except TierdError as exc:
             results[i] = _why(exc)
             continue
-        batch.append((key, memoryview(item.data), item.meta))
+        batch.append((key, item.data, item.meta))
         where.append(i)
-    errors = conn.engine.put_many(batch, tier=req.tier, durable=req.durable, codec=req.codec, pin=req.pin,
-                                  ttl=req.ttl, owner=conn.uid)
-    for i, err in zip(where, errors, strict=True):
-        if err is not None:
-            results[i] = _why(err)
+    if not (req.durable or req.pin or req.ttl is not None):  # small volatile items: one engine pass
+        done = conn.engine.write_small_many(batch, tier=req.tier, codec=req.codec, owner=conn.uid)
+        batch = [b for b, ok in zip(batch, done, strict=True) if not ok]
+        where = [i for i, ok in zip(where, done, strict=True) if not ok]
+    if batch:
+        errors = conn.engine.put_many([(k, memoryview(d), m) for k, d, m in batch], tier=req.tier,
+                                      durable=req.durable, codec=req.codec, pin=req.pin, ttl=req.ttl, owner=conn.uid)
+        for i, err in zip(where, errors, strict=True):
+            if err is not None:
+                results[i] = _why(err)
     return p.Ok(id=req.id, value=results)
 
 
@@ -81,46 +86,66 @@ def get_many(conn: Connection, req: p.GetMany) -> Any:
         if entry is None or not isinstance(entry[0], list) or len(entry[0]) != len(req.keys):
             raise ProtocolError(f"no batch lease {req.lease_id} over {len(req.keys)} keys on this connection "
                                 "(released, expired, or another batch)")
-        leases, owned = entry[0], False
-    else:
-        leases, owned = engine.acquire_many(_scoped(conn, req.keys)), True
-    items: list[p.ItemReady] = []
-    budget = daemon.max_frame_bytes // 2  # inline bytes in this reply
-    leased = False
-    try:
-        for lease in leases:
-            if lease is None:
-                items.append(p.ItemReady())
-                continue
-            try:
-                # A client without the arena still promotes (for the next reader),
-                # but never makes room for it by demoting others.
-                loc = lease.host_location(promote=True, evict=conn.trusted) if conn.trusted else None
-                if loc is not None:
-                    items.append(p.ItemReady(meta=lease.meta, offset=loc.offset))
-                    leased = True
-                elif req.inline_ok and lease.nbytes <= budget:
-                    buf = bytearray(lease.nbytes)
-                    lease.read_into(memoryview(buf), promote=not conn.trusted)
-                    budget -= lease.nbytes
-                    items.append(p.ItemReady(meta=lease.meta, data=bytes(buf)))
-                else:
-                    items.append(p.ItemReady(meta=lease.meta))  # too large for this frame: the client Gets it
-            except TierdError as exc:  # a corrupt block is this key's miss, never bad data
-                items.append(p.ItemReady(error=_why(exc)))
-    except BaseException:
-        if owned:
-            release_held(leases)
-        raise
+        items, _ = _read_leased(conn, entry[0], req.inline_ok or not conn.trusted)
+        return p.GetManyReady(id=req.id, items=items)  # the leases stay the ExistsMany's
+    keys = _scoped(conn, req.keys)
+    items = [None] * len(keys)
+    rest = list(range(len(keys)))
+    if req.inline_ok:  # small objects on host: inline, in one engine pass, no lease
+        small = engine.read_small_many(keys, daemon.inline_max_bytes)
+        rest = []
+        for i, got in enumerate(small):
+            if got is None:
+                rest.append(i)
+            else:
+                items[i] = p.ItemReady(meta=got[0], data=got[1])
     lease_id = 0
-    if owned:
+    if rest:
+        leases = engine.acquire_many([keys[i] for i in rest])
+        try:
+            sub, leased = _read_leased(conn, leases, req.inline_ok or not conn.trusted)
+        except BaseException:
+            release_held(leases)
+            raise
         if leased:
             lease_id = _hold(conn, leases)
             if not lease_id:
                 return None  # the client went away
         else:
             release_held(leases)
+        for i, item in zip(rest, sub, strict=True):
+            items[i] = item
     return p.GetManyReady(id=req.id, items=items, lease_id=lease_id)
+
+
+def _read_leased(conn: Connection, leases: list[Lease | None], inline_ok: bool) -> tuple[list[p.ItemReady], bool]:
+    """Each leased object as an arena offset (a client holding the arena), inline bytes, or "use Get";
+    True if an offset was handed out (the leases must then outlive the reply)."""
+    daemon = conn.server.config.daemon
+    items: list[p.ItemReady] = []
+    budget = daemon.max_frame_bytes // 2  # inline bytes in this reply
+    leased = False
+    for lease in leases:
+        if lease is None:
+            items.append(p.ItemReady())
+            continue
+        try:
+            # A client without the arena still promotes (for the next reader),
+            # but never makes room for it by demoting others.
+            loc = lease.host_location(promote=True, evict=True) if conn.trusted else None
+            if loc is not None:
+                items.append(p.ItemReady(meta=lease.meta, offset=loc.offset))
+                leased = True
+            elif inline_ok and lease.nbytes <= budget:
+                buf = bytearray(lease.nbytes)
+                lease.read_into(memoryview(buf), promote=not conn.trusted)
+                budget -= lease.nbytes
+                items.append(p.ItemReady(meta=lease.meta, data=bytes(buf)))
+            else:
+                items.append(p.ItemReady(meta=lease.meta))  # too large for this frame: the client Gets it
+        except TierdError as exc:  # a corrupt block is this key's miss, never bad data
+            items.append(p.ItemReady(error=_why(exc)))
+    return items, leased
 
 
 def exists_many(conn: Connection, req: p.ExistsMany) -> Any:

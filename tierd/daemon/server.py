@@ -72,6 +72,7 @@ class Server:
         self._config_source = config_source
         self.socket_path = default_socket_path(config)
         self.engine: Engine | None = None
+        self.capacity_bytes = 0  # all tiers together, once the engine is open
         self.metrics: Metrics | None = None
         self._listener: socket.socket | None = None
         self._claim: SocketClaim | None = None
@@ -141,6 +142,8 @@ class Server:
         self._claim = SocketClaim(self.socket_path)
         try:
             self.engine = Engine(self.config)
+            # What no object may exceed (tier sizes apply at the next restart only).
+            self.capacity_bytes = sum(t.capacity_bytes for t in self.engine.tiers.values())
         except BaseException:
             self._claim.release()
             raise

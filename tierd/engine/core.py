@@ -37,6 +37,7 @@ from tierd.engine.keys import namespace_of, user_key
 from tierd.engine.movement import Mover
 from tierd.engine.namespaces import NamespacePolicies
 from tierd.engine.remote_index import RemoteIndex
+from tierd.engine.small import SmallCalls
 from tierd.engine.stack import TierStack
 from tierd.engine.trace import TraceWriter
 from tierd.engine.writes import Writer
@@ -54,7 +55,7 @@ __all__ = ["Engine"]
 
 log = logging.getLogger("tierd.engine")
 
-class Engine(BatchCalls):
+class Engine(BatchCalls, SmallCalls):
     """Owns the tiers and the index. Thread-safe."""
 
     def __init__(self, config: Config, *, in_process: bool = False) -> None:
@@ -398,14 +399,8 @@ class Engine(BatchCalls):
                 )
         return Stats(tiers=tiers, objects=objects)
 
-    def is_small_on_host(self, key: str, max_bytes: int) -> bool:
-        """Whether ``key`` holds at most ``max_bytes`` with a host copy (a get without I/O)."""
-        with self._lock:
-            rec = self._index.get(key)
-            return rec is not None and rec.nbytes <= max_bytes and ("host" in rec.copies or rec.nbytes == 0)
-
     def all_small_on_host(self, keys: list[str], max_bytes: int) -> bool:
-        """:meth:`is_small_on_host` for every key (one pass)."""
+        """Whether every key present holds at most ``max_bytes`` with a host copy (one pass)."""
         with self._lock:
             for key in keys:
                 rec = self._index.get(key)

@@ -33,7 +33,7 @@ def validate_key(key: object) -> str:
         raise InvalidArgument(f"keys must not contain NUL, got {key!r}")
     # Keys never name files today, but a key that reads as a path (a tier on
     # files, a trace, a tool) must not climb out of its directory.
-    if key.startswith("/") or any(part in (".", "..") for part in key.split("/")):
+    if key.startswith("/") or ("." in key and any(part in (".", "..") for part in key.split("/"))):
         raise InvalidArgument(f"keys must not be absolute or hold '.' or '..' parts, got {key!r}")
     return key
 

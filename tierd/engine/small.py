@@ -1,0 +1,186 @@
+"""Small objects in one pass: the daemon's fast paths for a get or put of a few KiB on host.
+
+The usual paths take a lease or a reservation and the catalog's lock three
+to seven times; for a 4 KiB object that bookkeeping costs more than the
+copy. These do the whole call under the lock once (the copy of a few KiB
+included) and answer None/False when the object or request needs anything
+else (a lower tier, durability, a quota, a ttl): the caller then takes the
+usual path, which does the same thing the long way.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from tierd.codecs import get_codec
+from tierd.engine.index import ObjectMeta, ObjectRecord
+from tierd.engine.keys import namespace_of
+
+if TYPE_CHECKING:
+    from tierd.engine.core import Engine
+
+__all__ = ["SmallCalls"]
+
+
+class SmallCalls:
+    """Mixed into :class:`~tierd.engine.core.Engine`."""
+
+    def read_small(self: Engine, key: str, max_bytes: int) -> tuple[ObjectMeta, bytes] | None:
+        """``key``'s meta and bytes if it holds at most ``max_bytes`` with a host copy; None: take the
+        usual path (missing, expired, larger, or not on host)."""
+        now = time.time()
+        with self._lock:
+            self._check_open()
+            rec = self._index.get(key)
+            if rec is None or rec.nbytes > max_bytes or (rec.expires_at is not None and rec.expires_at <= now):
+                return None
+            loc = rec.copies.get("host")
+            if loc is None and rec.nbytes:
+                return None
+            data = self.host.read_bytes(loc) if loc is not None else b""
+            self._policies.on_access(rec)
+            upcoming = self._observe_locked(rec.namespace, key)
+            counters = self._counters["host"]
+            counters.hits += 1
+            counters.bytes_out += rec.nbytes
+        if self._trace is not None:
+            self._trace.write("get", key, rec.nbytes, "host")
+        if upcoming:
+            self.prefetch(upcoming)
+        return rec.meta, data
+
+    def read_small_many(self: Engine, keys: Sequence[str], max_bytes: int) -> list[tuple[ObjectMeta, bytes] | None]:
+        """:meth:`read_small` of each key in one pass; None for each key to take the usual path."""
+        now = time.time()
+        out: list[tuple[ObjectMeta, bytes] | None] = [None] * len(keys)
+        upcoming: list[str] = []
+        read = self.host.read_bytes
+        counters = self._counters["host"]
+        with self._lock:
+            self._check_open()
+            for i, key in enumerate(keys):
+                rec = self._index.get(key)
+                if rec is None or rec.nbytes > max_bytes or (rec.expires_at is not None and rec.expires_at <= now):
+                    continue
+                loc = rec.copies.get("host")
+                if loc is None and rec.nbytes:
+                    continue
+                out[i] = (rec.meta, read(loc) if loc is not None else b"")
+                self._policies.on_access(rec)
+                upcoming += self._observe_locked(rec.namespace, key)
+                counters.hits += 1
+                counters.bytes_out += rec.nbytes
+        if self._trace is not None:
+            for key, got in zip(keys, out, strict=True):
+                if got is not None:
+                    self._trace.write("get", key, len(got[1]), "host")
+        if upcoming:
+            wanted = set(keys)
+            upcoming = [k for k in upcoming if k not in wanted]
+            if upcoming:
+                self.prefetch(upcoming)
+        return out
+
+    def write_small(self: Engine, key: str, data: bytes, meta: ObjectMeta, *, tier: str | None = None,
+                    codec: str | None = None, owner: int | None = None) -> bool:
+        """A volatile put of ``data`` to host in one pass; False (nothing done): take the usual path
+        (a durable, write-through or quota'd namespace, a refusal by admission, no free extent
+        without demoting, or a durable version to replace)."""
+        self._check_open()
+        ns = namespace_of(key)
+        config = self.config
+        ns_cfg = config.namespace(ns)
+        if (ns_cfg.durable or ns_cfg.write_through or ns_cfg.quota is not None or tier not in (None, "host")
+                or (tier is None and ns_cfg.tier not in (None, "host"))
+                or (owner is not None and config.daemon.uid_quota is not None)):
+            return False
+        codec_name = get_codec(codec if codec is not None else ns_cfg.codec).name  # checked like a put's
+        n = len(data)
+        loc = self.host.alloc(n) if n else None
+        if n and loc is None:
+            return False  # making room means demoting: the usual path
+        if loc is not None:
+            self.host.copy_in(loc, memoryview(data))
+        rec = ObjectRecord(key=key, namespace=ns, meta=meta, nbytes=n, codec=codec_name, durable=False,
+                           pinned=False, expires_at=None, owner=owner, copies={"host": loc} if loc is not None else {})
+        with self._lock:
+            old = self._index.get(key)
+            # A durable version to replace must leave LMDB first (the usual path, under the commit lock).
+            ok = (not self._closed and (old is None or not old.durable)
+                  and (tier == "host" or self._policies.admit(ns, key, "host", n)))
+            if ok:
+                self._catalog.install_locked(rec)
+                upcoming = self._observe_locked(ns, key)
+                self._counters["host"].bytes_in += n
+        if not ok:
+            if loc is not None:
+                self.host.free(loc)
+            return False
+        if old is not None and "remote" in old.copies and self._shared is not None:
+            self._shared.forget(key)  # the old remote copy is gone
+        if self._trace is not None:
+            self._trace.write("put", key, n, "host")
+        if upcoming:
+            self.prefetch(upcoming)
+        if self._moves.over_high_watermark():
+            self._moves.wake()
+        return True
+
+    def write_small_many(self: Engine, items: Sequence[tuple[str, bytes, ObjectMeta]], *, tier: str | None = None,
+                         codec: str | None = None, owner: int | None = None) -> list[bool]:
+        """:meth:`write_small` of each ``(key, data, meta)``, installed in one pass; False for each item
+        to take the usual path (nothing done for it)."""
+        self._check_open()
+        config = self.config
+        done = [False] * len(items)
+        staged: list[tuple[int, ObjectRecord]] = []
+        for i, (key, data, meta) in enumerate(items):
+            ns = namespace_of(key)
+            ns_cfg = config.namespace(ns)
+            if (ns_cfg.durable or ns_cfg.write_through or ns_cfg.quota is not None or tier not in (None, "host")
+                    or (tier is None and ns_cfg.tier not in (None, "host"))
+                    or (owner is not None and config.daemon.uid_quota is not None)):
+                continue
+            n = len(data)
+            loc = self.host.alloc(n) if n else None
+            if n and loc is None:
+                continue
+            if loc is not None:
+                self.host.copy_in(loc, memoryview(data))
+            staged.append((i, ObjectRecord(
+                key=key, namespace=ns, meta=meta, nbytes=n, codec=get_codec(codec if codec is not None else ns_cfg.codec).name,
+                durable=False, pinned=False, expires_at=None, owner=owner, copies={"host": loc} if loc is not None else {})))
+        refused: list[ObjectRecord] = []
+        replaced: list[ObjectRecord] = []
+        upcoming: list[str] = []
+        counters = self._counters["host"]
+        with self._lock:
+            for i, rec in staged:
+                old = self._index.get(rec.key)
+                if (self._closed or (old is not None and old.durable)
+                        or not (tier == "host" or self._policies.admit(rec.namespace, rec.key, "host", rec.nbytes))):
+                    refused.append(rec)
+                    continue
+                self._catalog.install_locked(rec)
+                upcoming += self._observe_locked(rec.namespace, rec.key)
+                counters.bytes_in += rec.nbytes
+                done[i] = True
+                if old is not None and "remote" in old.copies:
+                    replaced.append(old)
+        for rec in refused:
+            if "host" in rec.copies:
+                self.host.free(rec.copies["host"])
+        if self._shared is not None:
+            for old in replaced:
+                self._shared.forget(old.key)  # the old remote copy is gone
+        if self._trace is not None:
+            for (i, rec) in staged:
+                if done[i]:
+                    self._trace.write("put", rec.key, rec.nbytes, "host")
+        if upcoming:
+            self.prefetch(upcoming)
+        if self._moves.over_high_watermark():
+            self._moves.wake()
+        return done
