@@ -227,6 +227,57 @@ def test_killed_client_gives_back_its_lease_and_allocation(daemon: Daemon) -> No
         assert torch.equal(other.get("o/x"), torch.arange(10))  # others unaffected
 
 
+def test_killed_client_gives_back_its_batch_leases(daemon: Daemon) -> None:
+    with daemon.connect() as s:
+        s.put_many({f"big/{i}": torch.full((2 << 20,), i, dtype=torch.uint8) for i in range(3)})
+    baseline = _host_used(daemon)
+    holder = _client(
+        f"""
+        s = tierd.connect({str(daemon.socket)!r})
+        found = s.exists_many(["big/0", "big/1", "big/2", "big/none"], lease=True)
+        assert list(found) == [True, True, True, False]
+        s.delete_many(["big/0", "big/1", "big/2"])        # the batch lease keeps their bytes alive
+        got = found.lease.get_many()
+        assert [int(t[0]) for t in got[:3]] == [0, 1, 2] and got[3] is None
+        print("HOLDING", flush=True)
+        sys.stdin.read()
+        """,
+        stdin=True,
+    )
+    assert holder.stdout is not None
+    assert holder.stdout.readline().strip() == "HOLDING", holder.stderr.read() if holder.stderr else ""
+    assert _host_used(daemon) >= baseline - 8192  # deleted, but still leased
+    holder.kill()
+    holder.wait(timeout=30)
+    assert wait_until(lambda: _host_used(daemon) <= baseline - (6 << 20) + 8192, timeout_s=2.0)
+
+
+def test_get_many_names_only_its_own_batch_lease(daemon: Daemon) -> None:
+    with daemon.connect() as s:
+        s.put("b/x", b"x")
+        with pytest.raises(tierd.ProtocolError, match="no batch lease 12345"):
+            s._call(p.GetMany, keys=["b/x"], lease_id=12345)
+        found = s.exists_many(["b/x"], lease=True)
+        assert found.lease is not None
+        found.lease.release()
+        with pytest.raises(tierd.StoreClosed):
+            found.lease.get_many()
+        assert s.get_many(["b/x"]) == [b"x"]  # the connection goes on
+
+
+def test_small_volatile_put_over_a_durable_object_does_not_come_back(daemon: Daemon) -> None:
+    with daemon.connect() as s:
+        s.put("d/k", b"durable", durable=True)
+        s.put("d/k", b"volatile")  # small and inline: the daemon's one-pass path must not skip LMDB
+        s.put_many({"d/m": b"durable"}, durable=True)
+        s.put_many({"d/m": b"volatile"})
+        assert s.get_many(["d/k", "d/m"]) == [b"volatile", b"volatile"]
+    daemon.stop()
+    daemon.start()
+    with daemon.connect() as s:  # volatile objects go with the daemon; the durable ones were replaced
+        assert s.get_many(["d/k", "d/m"]) == [None, None]
+
+
 def test_two_clients_share_objects_in_one_uid(daemon: Daemon) -> None:
     with daemon.connect() as a, daemon.connect() as b:
         t = torch.randn(512, 512)

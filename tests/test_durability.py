@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import small_config
+from daemon import Daemon
 
 import tierd
 
@@ -138,6 +139,32 @@ def test_flipped_byte_raises_corrupt_object(nvme_dir: Path) -> None:
         with pytest.raises(tierd.CorruptObject, match="checksum mismatch"):
             s.get("c/x")
         assert s.info("c/x").tier == "nvme"  # nothing corrupt was promoted
+
+
+@pytest.mark.parametrize("through", ["embedded", "daemon"])
+def test_a_corrupt_block_is_a_reported_miss_in_a_batch(nvme_dir: Path, through: str) -> None:
+    cfg = small_config(nvme_dir)
+    blocks = {f"c/{i}": _tensor(i, 100_000) for i in range(3)}
+    with tierd.open(cfg) as s:
+        s.put_many(blocks, durable=True)
+        chunk = s.engine.locations("c/1")["nvme"].chunks[0]
+        slab = s.engine.nvme.slab_file(chunk.slab)
+    with open(slab, "r+b") as fh:
+        fh.seek(chunk.offset + 99)
+        b = fh.read(1)
+        fh.seek(chunk.offset + 99)
+        fh.write(bytes([b[0] ^ 4]))
+    # Shared: the daemon then reads the keys as the embedded store wrote them (no uid scope).
+    daemon = Daemon(nvme_dir, namespaces={"c": {"shared": True}}).start() if through == "daemon" else None
+    try:
+        with (daemon.connect() if daemon is not None else tierd.open(cfg)) as s:
+            got = s.get_many(["c/0", "c/1", "c/2"])
+            assert got[1] is None and isinstance(got.errors["c/1"], tierd.CorruptObject)  # a miss, reported
+            assert torch.equal(got[0], blocks["c/0"]) and torch.equal(got[2], blocks["c/2"])  # the others served
+            assert list(got.errors) == ["c/1"]
+    finally:
+        if daemon is not None:
+            daemon.close()
 
 
 def test_tiny_nvme_fills_up_with_out_of_space_and_keeps_everything(nvme_dir: Path) -> None:
