@@ -32,7 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from bench._common import BenchContext, default_workdir_base, machine, pyplot, row
 
-SUITES = ("tiers", "daemon", "policies", "checkpoint", "training", "kv", "gpu", "scaling")
+SUITES = ("tiers", "daemon", "batches", "policies", "checkpoint", "training", "kv", "gpu", "scaling")
 # Suites that divide by memcpy or fio: the limits run first when one of them runs.
 USES_LIMITS = {"tiers", "daemon", "checkpoint", "kv", "gpu", "scaling"}
 # Which issue's targets a suite carries, for the targets table when a suite fails.

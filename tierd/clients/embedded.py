@@ -11,7 +11,7 @@ import torch
 from tierd.clients.base import Staging, Store, check_outs, pairs_of, prefetch_keys, staging_key
 from tierd.clients.batch import BatchLease, Results
 from tierd.clients.transfer import Outgoing, read_value
-from tierd.clients.values import Value
+from tierd.clients.values import Value, dtype_from_name
 from tierd.config import Config, load_config
 from tierd.engine.core import Engine
 from tierd.engine.handles import Lease
@@ -79,7 +79,7 @@ class EmbeddedStore(Store):
             try:
                 validate_key(key)
                 if isinstance(value, bytes):  # no tensor for bytes: the engine takes a memoryview
-                    src: Any = memoryview(value)
+                    src: Any = _BytesSource(value)
                     meta = ObjectMeta("bytes", "uint8", (len(value),), 1)
                 else:
                     value_out = Outgoing(value)
@@ -89,23 +89,50 @@ class EmbeddedStore(Store):
                 continue
             batch.append((key, src, meta))
             where.append(key)
-        results = self._engine.put_many(batch, tier=tier, durable=durable, codec=codec, pin=pin, ttl=ttl)
-        for key, err in zip(where, results, strict=True):
-            if err is not None:
-                errors[key] = err
+        if not (durable or pin or ttl is not None):  # small volatile items: one engine pass
+            small = [i for i, (_, src, _) in enumerate(batch) if src.nbytes <= SMALL_BYTES and src.device.type == "cpu"]
+            if small:
+                done = self._engine.write_small_many([_buffer_item(batch[i]) for i in small], tier=tier, codec=codec)
+                stored = {i for i, ok in zip(small, done, strict=True) if ok}
+                batch = [b for i, b in enumerate(batch) if i not in stored]
+                where = [k for i, k in enumerate(where) if i not in stored]
+        if batch:
+            batch = [(k, memoryview(v.data) if isinstance(v, _BytesSource) else v, m) for k, v, m in batch]
+            results = self._engine.put_many(batch, tier=tier, durable=durable, codec=codec, pin=pin, ttl=ttl)
+            for key, err in zip(where, results, strict=True):
+                if err is not None:
+                    errors[key] = err
         return Results([key not in errors for key, _ in pairs], errors)
 
     def get_many(self, keys: Sequence[str], *, outs: Sequence[torch.Tensor | None] | None = None,
                  device: str | torch.device | None = None) -> Results:
         keys = list(keys)
         check_outs(keys, outs)
-        leases = self._engine.acquire_many([validate_key(k) for k in keys])
+        scoped = [validate_key(k) for k in keys]
+        values: list[Any] = [None] * len(keys)
+        rest = list(range(len(keys)))
+        if outs is None and (device is None or torch.device(device).type == "cpu"):
+            # Small objects on host: copied out in one engine pass, no lease (outs= and devices
+            # take the leased path: one copy straight from the arena into their memory).
+            rest = []
+            for i, got in enumerate(self._engine.read_small_many(scoped, SMALL_BYTES)):
+                if got is None:
+                    rest.append(i)
+                else:
+                    values[i] = _from_bytes(*got)
+        if not rest:
+            return Results(values)
+        leases = self._engine.acquire_many([scoped[i] for i in rest])
         try:
-            return self._read_leased(keys, leases, outs, device)
+            sub = self._read_leased([keys[i] for i in rest], leases,
+                                    [outs[i] for i in rest] if outs is not None else None, device)
         finally:
             for lease in leases:
                 if lease is not None:
                     lease.release()
+        for i, value in zip(rest, sub, strict=True):
+            values[i] = value
+        return Results(values, sub.errors)
 
     def _read_leased(self, keys: Sequence[str], leases: Sequence[Lease | None],
                      outs: Sequence[torch.Tensor | None] | None, device: Any) -> Results:
@@ -224,3 +251,33 @@ class _LeaseSource:
 
     def inline_bytes(self) -> bytes | None:
         return None
+
+
+SMALL_BYTES = 256 << 10  # batched objects up to this size take the engine's one-pass small paths
+
+
+class _BytesSource:
+    """A bytes value on its way into a batch: what the engine's put takes (a memoryview) with a size."""
+
+    __slots__ = ("data", "nbytes")
+
+    device = torch.device("cpu")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.nbytes = len(data)
+
+
+def _buffer_item(item: tuple[str, Any, ObjectMeta]) -> tuple[str, Any, ObjectMeta]:
+    """A batch item with its bytes as a buffer (for the engine's small path)."""
+    key, src, meta = item
+    return key, src.data if isinstance(src, _BytesSource) else src.numpy(), meta
+
+
+def _from_bytes(meta: ObjectMeta, data: bytes) -> Any:
+    """The value ``get`` returns for an object read as ``data``."""
+    if meta.kind == "bytes":
+        return data
+    if not data:
+        return torch.empty(meta.shape, dtype=dtype_from_name(meta.dtype))
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype_from_name(meta.dtype)).view(meta.shape)
