@@ -136,22 +136,30 @@ class SmallCalls:
         config = self.config
         done = [False] * len(items)
         staged: list[tuple[int, ObjectRecord]] = []
-        for i, (key, data, meta) in enumerate(items):
+        codec_of: dict[str, str | None] = {}  # namespace -> its codec name, None: not for this path
+        eligible: list[tuple[int, str, int]] = []
+        for i, (key, data, _) in enumerate(items):
             ns = namespace_of(key)
-            ns_cfg = config.namespace(ns)
-            if (ns_cfg.durable or ns_cfg.write_through or ns_cfg.quota is not None or tier not in (None, "host")
-                    or (tier is None and ns_cfg.tier not in (None, "host"))
-                    or (owner is not None and config.daemon.uid_quota is not None)):
-                continue
-            n = len(data)
-            loc = self.host.alloc(n) if n else None
+            if ns not in codec_of:
+                ns_cfg = config.namespace(ns)
+                small_ok = not (ns_cfg.durable or ns_cfg.write_through or ns_cfg.quota is not None
+                                or tier not in (None, "host") or (tier is None and ns_cfg.tier not in (None, "host"))
+                                or (owner is not None and config.daemon.uid_quota is not None))
+                codec_of[ns] = get_codec(codec if codec is not None else ns_cfg.codec).name if small_ok else None
+            if codec_of[ns] is not None:
+                eligible.append((i, ns, len(data)))
+        locations = self.host.alloc_many([n for _, _, n in eligible if n])
+        next_loc = iter(locations)
+        for i, ns, n in eligible:
+            loc = next(next_loc) if n else None
             if n and loc is None:
-                continue
+                continue  # making room means demoting: the usual path
+            key, data, meta = items[i]
             if loc is not None:
                 self.host.copy_in(loc, memoryview(data))
             staged.append((i, ObjectRecord(
-                key=key, namespace=ns, meta=meta, nbytes=n, codec=get_codec(codec if codec is not None else ns_cfg.codec).name,
-                durable=False, pinned=False, expires_at=None, owner=owner, copies={"host": loc} if loc is not None else {})))
+                key=key, namespace=ns, meta=meta, nbytes=n, codec=codec_of[ns], durable=False,  # type: ignore[arg-type]
+                pinned=False, expires_at=None, owner=owner, copies={"host": loc} if loc is not None else {})))
         refused: list[ObjectRecord] = []
         replaced: list[ObjectRecord] = []
         upcoming: list[str] = []

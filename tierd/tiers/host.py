@@ -148,6 +148,16 @@ class ArenaTier(Tier):
             offset = self._alloc.alloc(nbytes)
         return None if offset is None else HostLocation(offset, nbytes)
 
+    def alloc_many(self, sizes: list[int]) -> list[HostLocation | None]:
+        """:meth:`alloc` of each size under one lock (None for each that does not fit now)."""
+        out: list[HostLocation | None] = []
+        with self._lock:
+            alloc = self._alloc.alloc
+            for nbytes in sizes:
+                offset = alloc(nbytes)
+                out.append(None if offset is None else HostLocation(offset, nbytes))
+        return out
+
     def view(self, location: HostLocation) -> torch.Tensor:
         """The payload bytes at ``location``, as a uint8 tensor aliasing the arena."""
         return self.arena[location.offset : location.offset + location.nbytes]
