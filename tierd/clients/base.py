@@ -197,12 +197,21 @@ class Store(ABC):
         keys = list(keys)
         if not lease:
             return Results([self.exists(key) for key in keys])
-        found = [self.exists(key) for key in keys]
-        held = [key if ok else None for key, ok in zip(keys, found, strict=True)]
+        # Without an engine underneath, pinning means holding the found values themselves.
+        held = self.get_many(keys)
+        found = [value is not None for value in held]
 
         def read(outs: Sequence[torch.Tensor | None] | None, device: Any) -> Results:
-            return self.get_many([k or "" for k in held], outs=outs, device=device) if any(held) else \
-                Results([None] * len(held))
+            values: list[Any] = []
+            for i, value in enumerate(held):
+                out = outs[i] if outs is not None else None
+                if value is None or not isinstance(value, torch.Tensor):
+                    values.append(value)
+                elif out is not None:
+                    values.append(out.copy_(value))
+                else:
+                    values.append(value.to(device, copy=True) if device is not None else value.clone())
+            return Results(values, held.errors)
 
         results = Results(found)
         results.lease = BatchLease(keys, found, read=read, release=lambda: None)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tierd.errors import StoreClosed, TierdError
+from tierd.errors import InvalidArgument, StoreClosed, TierdError
 
 if TYPE_CHECKING:
     from tierd.clients.base import Store
@@ -73,8 +73,6 @@ class BatchLease:
         if self._release is None:
             raise StoreClosed("the batch lease was released")
         if outs is not None and len(outs) != len(self.keys):
-            from tierd.errors import InvalidArgument
-
             raise InvalidArgument(f"outs= has {len(outs)} entries for {len(self.keys)} keys")
         return self._read(outs, device)
 
