@@ -71,15 +71,20 @@ def fio_gbs(directory: Any, rw: str, size: int) -> float | None:
     return float(job["read" if rw == "read" else "write"]["bw_bytes"]) / 1e9
 
 
-def median_gbs(fn: Any, nbytes: int, reps: int) -> float:
-    """GB/s of ``fn`` moving ``nbytes``: the median of ``reps`` timed calls after one warm-up."""
+def median_s(fn: Any, reps: int) -> float:
+    """Seconds of ``fn()``: the median of ``reps`` timed calls after one warm-up."""
     fn()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return nbytes / statistics.median(times) / 1e9
+    return statistics.median(times)
+
+
+def median_gbs(fn: Any, nbytes: int, reps: int) -> float:
+    """GB/s of ``fn`` moving ``nbytes``: the median of ``reps`` timed calls after one warm-up."""
+    return nbytes / median_s(fn, reps) / 1e9
 
 
 def timeit_gbs(fn: Callable[[], Any], *, nbytes: int, min_reps: int = 3, budget_s: float = 0.6) -> float:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ if __package__ in (None, ""):
 import tierd  # noqa: E402
 from bench._common import (  # noqa: E402
     BenchContext,
+    median_s,
     private_daemon,
     pyplot,
     row,
@@ -49,14 +49,7 @@ SIZE = 4096
 
 def _median_us(fn: Any, reps: int, per: int = 1) -> float:
     """Median µs of ``fn()`` over ``reps`` calls after a warm-up, divided by ``per`` (objects a call)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2] * 1e6 / per
+    return median_s(fn, reps) * 1e6 / per
 
 
 def _check(got: Any, want: dict[str, bytes]) -> None:

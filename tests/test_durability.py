@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import small_config
+from conftest import flip_byte, small_config
 from daemon import Daemon
 
 import tierd
@@ -60,7 +60,7 @@ _WRITER = textwrap.dedent(
     """
     import sys, torch, tierd
     sys.path.insert(0, {tests!r})
-    from conftest import small_config
+    from conftest import flip_byte, small_config
     store = tierd.open(small_config({path!r}, host="16MiB", nvme="128MiB"))
     store.put("tmp/volatile", torch.ones(1000))
     i = 0
@@ -149,11 +149,7 @@ def test_a_corrupt_block_is_a_reported_miss_in_a_batch(nvme_dir: Path, through: 
         s.put_many(blocks, durable=True)
         chunk = s.engine.locations("c/1")["nvme"].chunks[0]
         slab = s.engine.nvme.slab_file(chunk.slab)
-    with open(slab, "r+b") as fh:
-        fh.seek(chunk.offset + 99)
-        b = fh.read(1)
-        fh.seek(chunk.offset + 99)
-        fh.write(bytes([b[0] ^ 4]))
+    flip_byte(slab, chunk.offset + 99, 4)
     # Shared: the daemon then reads the keys as the embedded store wrote them (no uid scope).
     daemon = Daemon(nvme_dir, namespaces={"c": {"shared": True}}).start() if through == "daemon" else None
     try:

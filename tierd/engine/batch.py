@@ -58,12 +58,16 @@ class BatchCalls:
             for lease in found:
                 if lease is not None:
                     self._trace.write("get", lease.key, lease.nbytes, lease.rec.tier)
+        self._prefetch_beyond(upcoming, keys)
+        return found
+
+    def _prefetch_beyond(self: Engine, upcoming: list[str], keys: Sequence[str]) -> None:
+        """Prefetch what the schedules expect next, except the batch's own keys (being read now)."""
         if upcoming:
             wanted = set(keys)
-            upcoming = [k for k in upcoming if k not in wanted]
-            if upcoming:
-                self.prefetch(upcoming)
-        return found
+            later = [k for k in upcoming if k not in wanted]
+            if later:
+                self.prefetch(later)
 
     def exists_many(self: Engine, keys: Sequence[str]) -> list[bool]:
         """:meth:`exists` of each key, in one pass (keys whose only copy is remote are asked there)."""

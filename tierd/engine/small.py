@@ -76,11 +76,7 @@ class SmallCalls:
             for key, got in zip(keys, out, strict=True):
                 if got is not None:
                     self._trace.write("get", key, len(got[1]), "host")
-        if upcoming:
-            wanted = set(keys)
-            upcoming = [k for k in upcoming if k not in wanted]
-            if upcoming:
-                self.prefetch(upcoming)
+        self._prefetch_beyond(upcoming, keys)
         return out
 
     def write_small(self: Engine, key: str, data: bytes, meta: ObjectMeta, *, tier: str | None = None,
