@@ -121,3 +121,11 @@ def test_a_failing_suite_is_reported_not_hidden() -> None:
     rows = suite.targets({"daemon": {"error": "DaemonUnavailable: tierd serve exited", "seconds": 1.0}})
     assert [(r["issue"], r["status"]) for r in rows] == [
         (3, "not run: the suite failed (DaemonUnavailable: tierd serve exited)")]
+
+
+def test_the_package_and_bench_list_the_same_suites() -> None:
+    from bench import suite
+
+    from tierd import benchsuite
+
+    assert benchsuite.SUITES == suite.SUITES  # tierd bench validates names before it can import bench/

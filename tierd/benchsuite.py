@@ -23,7 +23,7 @@ from tierd.errors import InvalidArgument, TierdError
 
 __all__ = ["SUITES", "BenchUnavailable", "bench_dir", "run"]
 
-SUITES = ("tiers", "daemon", "policies", "checkpoint", "training", "kv", "gpu", "scaling")
+SUITES = ("tiers", "daemon", "batches", "policies", "checkpoint", "training", "kv", "gpu", "scaling")  # = bench/suite.py's
 
 
 class BenchUnavailable(TierdError, FileNotFoundError):
