@@ -265,6 +265,19 @@ def test_get_many_names_only_its_own_batch_lease(daemon: Daemon) -> None:
         assert s.get_many(["b/x"]) == [b"x"]  # the connection goes on
 
 
+def test_a_batch_larger_than_a_frame_still_comes_back_whole(nvme_dir: Path) -> None:
+    d = Daemon(nvme_dir, host="64MiB", daemon={"max_frame_bytes": "1MiB"}).start()
+    try:
+        blocks = {f"f/{i}": torch.full((64 << 10,), i, dtype=torch.uint8) for i in range(64)}  # 4 MiB in all
+        with d.connect() as s:
+            assert all(s.put_many(blocks))
+            got = s.get_many(list(blocks))  # more than one frame could carry inline
+            assert not got.errors and all(torch.equal(g, b) for g, b in zip(got, blocks.values(), strict=True))
+        assert d.stop() == 0
+    finally:
+        d.close()
+
+
 def test_small_volatile_put_over_a_durable_object_does_not_come_back(daemon: Daemon) -> None:
     with daemon.connect() as s:
         s.put("d/k", b"durable", durable=True)

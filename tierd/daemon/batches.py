@@ -86,24 +86,26 @@ def get_many(conn: Connection, req: p.GetMany) -> Any:
         if entry is None or not isinstance(entry[0], list) or len(entry[0]) != len(req.keys):
             raise ProtocolError(f"no batch lease {req.lease_id} over {len(req.keys)} keys on this connection "
                                 "(released, expired, or another batch)")
-        items, _ = _read_leased(conn, entry[0], req.inline_ok or not conn.trusted)
+        items, _ = _read_leased(conn, entry[0], req.inline_ok or not conn.trusted, daemon.max_frame_bytes // 2)
         return p.GetManyReady(id=req.id, items=items)  # the leases stay the ExistsMany's
     keys = _scoped(conn, req.keys)
     items = [None] * len(keys)
     rest = list(range(len(keys)))
+    budget = daemon.max_frame_bytes // 2  # inline bytes in this reply: it must fit one frame
     if req.inline_ok:  # small objects on host: inline, in one engine pass, no lease
         small = engine.read_small_many(keys, daemon.inline_max_bytes)
         rest = []
         for i, got in enumerate(small):
-            if got is None:
-                rest.append(i)
+            if got is None or len(got[1]) > budget:
+                rest.append(i)  # (past the frame's budget: an offset, or "use Get")
             else:
                 items[i] = p.ItemReady(meta=got[0], data=got[1])
+                budget -= len(got[1])
     lease_id = 0
     if rest:
         leases = engine.acquire_many([keys[i] for i in rest])
         try:
-            sub, leased = _read_leased(conn, leases, req.inline_ok or not conn.trusted)
+            sub, leased = _read_leased(conn, leases, req.inline_ok or not conn.trusted, budget)
         except BaseException:
             release_held(leases)
             raise
@@ -118,12 +120,11 @@ def get_many(conn: Connection, req: p.GetMany) -> Any:
     return p.GetManyReady(id=req.id, items=items, lease_id=lease_id)
 
 
-def _read_leased(conn: Connection, leases: list[Lease | None], inline_ok: bool) -> tuple[list[p.ItemReady], bool]:
-    """Each leased object as an arena offset (a client holding the arena), inline bytes, or "use Get";
-    True if an offset was handed out (the leases must then outlive the reply)."""
-    daemon = conn.server.config.daemon
+def _read_leased(conn: Connection, leases: list[Lease | None], inline_ok: bool,
+                 budget: int) -> tuple[list[p.ItemReady], bool]:
+    """Each leased object as an arena offset (a client holding the arena), inline bytes (at most ``budget``
+    in all), or "use Get"; True if an offset was handed out (the leases must then outlive the reply)."""
     items: list[p.ItemReady] = []
-    budget = daemon.max_frame_bytes // 2  # inline bytes in this reply
     leased = False
     for lease in leases:
         if lease is None:
