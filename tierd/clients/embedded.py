@@ -17,6 +17,7 @@ from tierd.engine.core import Engine
 from tierd.engine.handles import Lease
 from tierd.engine.index import ObjectMeta
 from tierd.engine.keys import validate_key
+from tierd.engine.small import ABSENT
 from tierd.errors import TierdError
 from tierd.tiers.gpu import CopyEngine
 from tierd.types import ObjectInfo, Stats
@@ -79,7 +80,7 @@ class EmbeddedStore(Store):
             try:
                 validate_key(key)
                 if isinstance(value, bytes):  # no tensor for bytes: the engine takes a memoryview
-                    src: Any = _BytesSource(value)
+                    src: Any = memoryview(value)
                     meta = ObjectMeta("bytes", "uint8", (len(value),), 1)
                 else:
                     value_out = Outgoing(value)
@@ -90,14 +91,16 @@ class EmbeddedStore(Store):
             batch.append((key, src, meta))
             where.append(key)
         if not (durable or pin or ttl is not None):  # small volatile items: one engine pass
-            small = [i for i, (_, src, _) in enumerate(batch) if src.nbytes <= SMALL_BYTES and src.device.type == "cpu"]
+            small = [i for i, (_, src, _) in enumerate(batch) if src.nbytes <= SMALL_PUT_BYTES
+                     and (isinstance(src, memoryview) or src.device.type == "cpu")]
             if small:
-                done = self._engine.write_small_many([_buffer_item(batch[i]) for i in small], tier=tier, codec=codec)
+                done = self._engine.write_small_many(
+                    [(k, v if isinstance(v, memoryview) else v.numpy(), m) for k, v, m in (batch[i] for i in small)],
+                    tier=tier, codec=codec)
                 stored = {i for i, ok in zip(small, done, strict=True) if ok}
                 batch = [b for i, b in enumerate(batch) if i not in stored]
                 where = [k for i, k in enumerate(where) if i not in stored]
         if batch:
-            batch = [(k, memoryview(v.data) if isinstance(v, _BytesSource) else v, m) for k, v, m in batch]
             results = self._engine.put_many(batch, tier=tier, durable=durable, codec=codec, pin=pin, ttl=ttl)
             for key, err in zip(where, results, strict=True):
                 if err is not None:
@@ -115,11 +118,11 @@ class EmbeddedStore(Store):
             # Small objects on host: copied out in one engine pass, no lease (outs= and devices
             # take the leased path: one copy straight from the arena into their memory).
             rest = []
-            for i, got in enumerate(self._engine.read_small_many(scoped, SMALL_BYTES)):
-                if got is None:
-                    rest.append(i)
-                else:
+            for i, got in enumerate(self._engine.read_small_many(scoped, SMALL_GET_BYTES, mutable=True)):
+                if isinstance(got, tuple):
                     values[i] = _from_bytes(*got)
+                elif got is not ABSENT:
+                    rest.append(i)
         if not rest:
             return Results(values)
         leases = self._engine.acquire_many([scoped[i] for i in rest])
@@ -253,31 +256,16 @@ class _LeaseSource:
         return None
 
 
-SMALL_BYTES = 256 << 10  # batched objects up to this size take the engine's one-pass small paths
+# Batched objects up to these sizes take the engine's one-pass small paths. A small get copies under the
+# catalog's lock, so it stays at the daemon's inline size; a small put copies before taking it.
+SMALL_GET_BYTES = 64 << 10
+SMALL_PUT_BYTES = 256 << 10
 
 
-class _BytesSource:
-    """A bytes value on its way into a batch: what the engine's put takes (a memoryview) with a size."""
-
-    __slots__ = ("data", "nbytes")
-
-    device = torch.device("cpu")
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.nbytes = len(data)
-
-
-def _buffer_item(item: tuple[str, Any, ObjectMeta]) -> tuple[str, Any, ObjectMeta]:
-    """A batch item with its bytes as a buffer (for the engine's small path)."""
-    key, src, meta = item
-    return key, src.data if isinstance(src, _BytesSource) else src.numpy(), meta
-
-
-def _from_bytes(meta: ObjectMeta, data: bytes) -> Any:
-    """The value ``get`` returns for an object read as ``data``."""
+def _from_bytes(meta: ObjectMeta, data: bytes | bytearray) -> Any:
+    """The value ``get`` returns for an object read as ``data`` (a tensor owns a bytearray: no copy)."""
     if meta.kind == "bytes":
         return data
     if not data:
         return torch.empty(meta.shape, dtype=dtype_from_name(meta.dtype))
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype_from_name(meta.dtype)).view(meta.shape)
+    return torch.frombuffer(data, dtype=torch.uint8).view(dtype_from_name(meta.dtype)).view(meta.shape)

@@ -123,19 +123,16 @@ class Connection:
                     self._hello(req)
                 elif isinstance(req, p.Get) and req.inline_ok and self._small_get(req):
                     pass  # answered whole, on this thread
+                elif isinstance(req, p.GetMany):
+                    finish = batches.start_get_many(self, req)  # the small part, on this thread
+                    if finish is not None and not self._hand_off(req, finish):
+                        return
                 elif isinstance(req, _QUICK) or self._is_quick(req):
                     # On this thread: no handoff for what takes microseconds
                     # (and PutChunks stay ordered before their PutCommit).
                     self._run(req)
-                else:
-                    self.inflight.acquire()  # back-pressure: stop reading at max_inflight
-                    self.server.begin_request()
-                    try:
-                        self.server.pool.submit(self._run_pooled, req)
-                    except RuntimeError:  # pool shut down
-                        self.inflight.release()
-                        self.server.end_request()
-                        return
+                elif not self._hand_off(req, _HANDLERS[type(req)]):
+                    return
         except (EOFError, ConnectionError, OSError):
             pass
         finally:
@@ -164,15 +161,27 @@ class Connection:
             self.server.metrics.observe("Get", time.perf_counter() - started)
         return True
 
-    def _run_pooled(self, req: Any) -> None:
+    def _hand_off(self, req: Any, handler: Callable[[Connection, Any], Any]) -> bool:
+        """Run ``handler`` for ``req`` on the pool; False if the pool is shut down (the daemon stops)."""
+        self.inflight.acquire()  # back-pressure: stop reading at max_inflight
+        self.server.begin_request()
         try:
-            self._run(req)
+            self.server.pool.submit(self._run_pooled, req, handler)
+        except RuntimeError:  # pool shut down
+            self.inflight.release()
+            self.server.end_request()
+            return False
+        return True
+
+    def _run_pooled(self, req: Any, handler: Callable[[Connection, Any], Any]) -> None:
+        try:
+            self._run(req, handler)
         finally:
             self.inflight.release()
             self.server.end_request()
 
-    def _run(self, req: Any) -> None:
-        handler = _HANDLERS[type(req)]
+    def _run(self, req: Any, handler: Callable[[Connection, Any], Any] | None = None) -> None:
+        handler = handler or _HANDLERS[type(req)]
         started = time.perf_counter()
         try:
             reply = handler(self, req)

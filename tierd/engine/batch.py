@@ -142,7 +142,9 @@ class BatchCalls:
         for i, (key, src, meta) in enumerate(items):
             nbytes = src.nbytes if isinstance(src, memoryview) else src.numel()
             try:
-                batch.append((self._writer.reserve(key, nbytes, meta, **options), src))
+                res = self._writer.reserve(key, nbytes, meta, **options)
+                res.take()  # committed below, by the batch
+                batch.append((res, src))
             except TierdError as exc:
                 results[i] = exc
                 continue

@@ -399,15 +399,6 @@ class Engine(BatchCalls, SmallCalls):
                 )
         return Stats(tiers=tiers, objects=objects)
 
-    def all_small_on_host(self, keys: list[str], max_bytes: int) -> bool:
-        """Whether every key present holds at most ``max_bytes`` with a host copy (one pass)."""
-        with self._lock:
-            for key in keys:
-                rec = self._index.get(key)
-                if rec is not None and (rec.nbytes > max_bytes or ("host" not in rec.copies and rec.nbytes)):
-                    return False  # (a miss is quick too)
-        return True
-
     def healthy(self) -> bool:
         """False once background demotion has died or the engine is closed."""
         return not self._closed and self._moves.alive()

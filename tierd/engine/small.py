@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tierd.codecs import get_codec
 from tierd.engine.index import ObjectMeta, ObjectRecord
@@ -21,7 +21,9 @@ from tierd.engine.keys import namespace_of
 if TYPE_CHECKING:
     from tierd.engine.core import Engine
 
-__all__ = ["SmallCalls"]
+__all__ = ["ABSENT", "SmallCalls"]
+
+ABSENT = object()  # read_small_many's answer for a key that is not stored
 
 
 class SmallCalls:
@@ -30,51 +32,44 @@ class SmallCalls:
     def read_small(self: Engine, key: str, max_bytes: int) -> tuple[ObjectMeta, bytes] | None:
         """``key``'s meta and bytes if it holds at most ``max_bytes`` with a host copy; None: take the
         usual path (missing, expired, larger, or not on host)."""
-        now = time.time()
-        with self._lock:
-            self._check_open()
-            rec = self._index.get(key)
-            if rec is None or rec.nbytes > max_bytes or (rec.expires_at is not None and rec.expires_at <= now):
-                return None
-            loc = rec.copies.get("host")
-            if loc is None and rec.nbytes:
-                return None
-            data = self.host.read_bytes(loc) if loc is not None else b""
-            self._policies.on_access(rec)
-            upcoming = self._observe_locked(rec.namespace, key)
-            counters = self._counters["host"]
-            counters.hits += 1
-            counters.bytes_out += rec.nbytes
-        if self._trace is not None:
-            self._trace.write("get", key, rec.nbytes, "host")
-        if upcoming:
-            self.prefetch(upcoming)
-        return rec.meta, data
+        got = self.read_small_many([key], max_bytes)[0]
+        return got if isinstance(got, tuple) else None
 
-    def read_small_many(self: Engine, keys: Sequence[str], max_bytes: int) -> list[tuple[ObjectMeta, bytes] | None]:
-        """:meth:`read_small` of each key in one pass; None for each key to take the usual path."""
+    def read_small_many(self: Engine, keys: Sequence[str], max_bytes: int, *,
+                        mutable: bool = False) -> list[tuple[ObjectMeta, bytes | bytearray] | object | None]:
+        """:meth:`read_small` of each key in one pass: ``(meta, bytes)``, :data:`ABSENT` for a key that
+        is not stored (and no remote tier could have it), None for a key to take the usual path.
+
+        ``mutable``: tensors' bytes come as a bytearray, for a tensor to own without a second copy.
+        """
         now = time.time()
-        out: list[tuple[ObjectMeta, bytes] | None] = [None] * len(keys)
+        out: list[tuple[ObjectMeta, bytes | bytearray] | object | None] = [None] * len(keys)
         upcoming: list[str] = []
         read = self.host.read_bytes
         counters = self._counters["host"]
+        local_only = self.remote is None  # a miss here is a miss (no shared index to adopt from)
         with self._lock:
             self._check_open()
             for i, key in enumerate(keys):
                 rec = self._index.get(key)
-                if rec is None or rec.nbytes > max_bytes or (rec.expires_at is not None and rec.expires_at <= now):
+                if rec is None or (rec.expires_at is not None and rec.expires_at <= now):
+                    if local_only:
+                        out[i] = ABSENT
+                    continue
+                if rec.nbytes > max_bytes:
                     continue
                 loc = rec.copies.get("host")
                 if loc is None and rec.nbytes:
                     continue
-                out[i] = (rec.meta, read(loc) if loc is not None else b"")
+                out[i] = (rec.meta, read(loc, mutable=mutable and rec.meta.kind != "bytes") if loc is not None
+                          else b"")
                 self._policies.on_access(rec)
                 upcoming += self._observe_locked(rec.namespace, key)
                 counters.hits += 1
                 counters.bytes_out += rec.nbytes
         if self._trace is not None:
             for key, got in zip(keys, out, strict=True):
-                if got is not None:
+                if isinstance(got, tuple):
                     self._trace.write("get", key, len(got[1]), "host")
         self._prefetch_beyond(upcoming, keys)
         return out
@@ -84,50 +79,12 @@ class SmallCalls:
         """A volatile put of ``data`` to host in one pass; False (nothing done): take the usual path
         (a durable, write-through or quota'd namespace, a refusal by admission, no free extent
         without demoting, or a durable version to replace)."""
-        self._check_open()
-        ns = namespace_of(key)
-        config = self.config
-        ns_cfg = config.namespace(ns)
-        if (ns_cfg.durable or ns_cfg.write_through or ns_cfg.quota is not None or tier not in (None, "host")
-                or (tier is None and ns_cfg.tier not in (None, "host"))
-                or (owner is not None and config.daemon.uid_quota is not None)):
-            return False
-        codec_name = get_codec(codec if codec is not None else ns_cfg.codec).name  # checked like a put's
-        n = len(data)
-        loc = self.host.alloc(n) if n else None
-        if n and loc is None:
-            return False  # making room means demoting: the usual path
-        if loc is not None:
-            self.host.copy_in(loc, memoryview(data))
-        rec = ObjectRecord(key=key, namespace=ns, meta=meta, nbytes=n, codec=codec_name, durable=False,
-                           pinned=False, expires_at=None, owner=owner, copies={"host": loc} if loc is not None else {})
-        with self._lock:
-            old = self._index.get(key)
-            # A durable version to replace must leave LMDB first (the usual path, under the commit lock).
-            ok = (not self._closed and (old is None or not old.durable)
-                  and (tier == "host" or self._policies.admit(ns, key, "host", n)))
-            if ok:
-                self._catalog.install_locked(rec)
-                upcoming = self._observe_locked(ns, key)
-                self._counters["host"].bytes_in += n
-        if not ok:
-            if loc is not None:
-                self.host.free(loc)
-            return False
-        if old is not None and "remote" in old.copies and self._shared is not None:
-            self._shared.forget(key)  # the old remote copy is gone
-        if self._trace is not None:
-            self._trace.write("put", key, n, "host")
-        if upcoming:
-            self.prefetch(upcoming)
-        if self._moves.over_high_watermark():
-            self._moves.wake()
-        return True
+        return self.write_small_many([(key, data, meta)], tier=tier, codec=codec, owner=owner)[0]
 
-    def write_small_many(self: Engine, items: Sequence[tuple[str, bytes, ObjectMeta]], *, tier: str | None = None,
+    def write_small_many(self: Engine, items: Sequence[tuple[str, Any, ObjectMeta]], *, tier: str | None = None,
                          codec: str | None = None, owner: int | None = None) -> list[bool]:
-        """:meth:`write_small` of each ``(key, data, meta)``, installed in one pass; False for each item
-        to take the usual path (nothing done for it)."""
+        """:meth:`write_small` of each ``(key, data, meta)`` (``data`` any flat byte buffer), installed in
+        one pass; False for each item to take the usual path (nothing done for it)."""
         self._check_open()
         config = self.config
         done = [False] * len(items)
@@ -183,8 +140,7 @@ class SmallCalls:
             for (i, rec) in staged:
                 if done[i]:
                     self._trace.write("put", rec.key, rec.nbytes, "host")
-        if upcoming:
-            self.prefetch(upcoming)
+        self._prefetch_beyond(upcoming, [key for key, _, _ in items])
         if self._moves.over_high_watermark():
             self._moves.wake()
         return done

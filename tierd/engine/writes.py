@@ -114,28 +114,26 @@ class Writer:
         Raises:
             OutOfSpace (nothing already stored is lost), MediaError.
         """
-        keep = self._write(res, src)
-        try:
-            (replaced,) = self._commit([res.rec])
-        except BaseException:
-            self._undo(res)
-            raise
-        self._installed(res, keep, replaced)
-        if self._moves.over_high_watermark():
-            self._moves.wake()
+        (error,) = self.finish_many([(res, src)])
+        if error is not None:
+            raise error
 
     def finish_many(self, batch: list[tuple[Reservation, torch.Tensor | memoryview | None]]) -> list[TierdError | None]:
-        """:meth:`finish` for many puts: each writes its tiers, then all commit together (one LMDB
-        transaction, one pass under the catalog's lock). A put that fails gets its error in the
+        """:meth:`finish` for many (taken) reservations: each writes its tiers, then all commit together
+        (one LMDB transaction, one pass under the catalog's lock). A put that fails gets its error in the
         result (and stores nothing); the others are stored."""
         results: list[TierdError | None] = [None] * len(batch)
         written: list[tuple[int, Reservation, bool]] = []
-        for i, (res, src) in enumerate(batch):
-            res.take()
-            try:
-                written.append((i, res, self._write(res, src)))
-            except TierdError as exc:
-                results[i] = exc
+        try:
+            for i, (res, src) in enumerate(batch):
+                try:
+                    written.append((i, res, self._write(res, src)))
+                except TierdError as exc:
+                    results[i] = exc
+        except BaseException:  # not a put's error (an interrupt): nothing of the batch stays written
+            for _, res, _ in written:
+                self._undo(res)
+            raise
         if written:
             try:
                 replaced = self._commit([res.rec for _, res, _ in written])

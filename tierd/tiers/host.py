@@ -172,9 +172,10 @@ class ArenaTier(Tier):
         else:
             copy_bytes(self.view(location), src)
 
-    def read_bytes(self, location: HostLocation) -> bytes:
-        """The payload at ``location`` as a new bytes object (one copy)."""
-        return bytes(self._view[location.offset : location.offset + location.nbytes])
+    def read_bytes(self, location: HostLocation, *, mutable: bool = False) -> bytes | bytearray:
+        """The payload at ``location`` as a new bytes object (a bytearray if ``mutable``): one copy."""
+        view = self._view[location.offset : location.offset + location.nbytes]
+        return bytearray(view) if mutable else bytes(view)
 
     def copy_out(self, location: HostLocation, dest: torch.Tensor | memoryview) -> None:
         """Copy the payload at ``location`` into ``dest`` (flat bytes of the same length)."""
