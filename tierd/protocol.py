@@ -61,15 +61,20 @@ class Hello(_Req, frozen=True, kw_only=True):
     client: str = ""
 
 
-class Put(_Req, frozen=True, kw_only=True):
-    key: str
-    nbytes: int
-    meta: ObjectMeta
+class _PutOptions(_Req, frozen=True, kw_only=True):
+    """A put's options (``Store.put``'s keywords), for one object or a batch. Fields travel by name."""
+
     tier: str | None = None
     durable: bool | None = None
     codec: str | None = None
     pin: bool = False
     ttl: float | None = None
+
+
+class Put(_PutOptions, frozen=True, kw_only=True):
+    key: str
+    nbytes: int
+    meta: ObjectMeta
     data: bytes | None = None  # inline: small objects
 
 
@@ -143,15 +148,10 @@ class PutItem(msgspec.Struct, frozen=True, array_like=True):
     data: bytes
 
 
-class PutMany(_Req, frozen=True, kw_only=True):
+class PutMany(_PutOptions, frozen=True, kw_only=True):
     """Store every item (options for all); reply Ok(value=[None or "Kind: message" per item])."""
 
     items: list[PutItem]
-    tier: str | None = None
-    durable: bool | None = None
-    codec: str | None = None
-    pin: bool = False
-    ttl: float | None = None
 
 
 class GetMany(_Req, frozen=True, kw_only=True):
