@@ -125,7 +125,6 @@ def test_a_failing_suite_is_reported_not_hidden() -> None:
 
 def test_the_package_and_bench_list_the_same_suites() -> None:
     from bench import suite
-
     from tierd import benchsuite
 
     assert benchsuite.SUITES == suite.SUITES  # tierd bench validates names before it can import bench/
