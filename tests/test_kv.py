@@ -62,6 +62,23 @@ def test_divergent_suffixes_share_the_prefix_only(store: tierd.Store) -> None:
     assert tierd.PrefixKVStore(store, model="other", block_tokens=B).lookup(a) == 0
 
 
+def test_every_part_of_the_keyspace_separates_blocks(store: tierd.Store) -> None:
+    toks = _tokens(2 * B)
+    tierd.PrefixKVStore(store, model="m", block_tokens=B).put(toks, _kv(2 * B))
+    assert tierd.PrefixKVStore(store, model="m", block_tokens=B).lookup(toks) == 2 * B
+    others = [
+        dict(salt="tenant-b"), dict(tp_rank=1, tp_size=2), dict(tp_size=2), dict(dtype=torch.float16),
+        dict(model="m2"),
+    ]
+    for change in others:
+        kw = dict(model="m", block_tokens=B) | change
+        other = tierd.PrefixKVStore(store, **kw)
+        assert other.lookup(toks) == 0, change
+        assert not set(other.block_keys(toks)) & set(tierd.PrefixKVStore(store, model="m", block_tokens=B).block_keys(toks))
+    with pytest.raises(tierd.InvalidArgument, match="tp_rank"):
+        tierd.PrefixKVStore(store, model="m", block_tokens=B, tp_rank=2, tp_size=2)
+
+
 def test_tokens_shorter_than_a_block(store: tierd.Store) -> None:
     kv = tierd.PrefixKVStore(store, model="m", block_tokens=B)
     short = _tokens(B - 1)

@@ -17,7 +17,7 @@ from tierd.clients.activations import offload_activations
 from tierd.clients.base import Staging, Store
 from tierd.clients.embedded import EmbeddedStore, open_store
 from tierd.clients.gpu import with_gpu_tier
-from tierd.clients.kv import PrefixKVStore
+from tierd.clients.kv import KVKeyspace, PrefixKVStore
 from tierd.clients.optimizer import OffloadedOptimizer, offload_optimizer
 from tierd.clients.remote import RemoteStore
 from tierd.config import Config, load_config
@@ -41,7 +41,7 @@ from tierd.types import ObjectInfo, Stats, TierStats
 __version__ = "0.1.0"
 
 __all__ = [
-    "open", "connect", "checkpoint", "PrefixKVStore", "offload_activations", "offload_optimizer", "OffloadedOptimizer", "Store", "Staging", "EmbeddedStore", "RemoteStore", "Config", "load_config", "ObjectInfo", "Stats", "TierStats",
+    "open", "connect", "checkpoint", "PrefixKVStore", "KVKeyspace", "offload_activations", "offload_optimizer", "OffloadedOptimizer", "Store", "Staging", "EmbeddedStore", "RemoteStore", "Config", "load_config", "ObjectInfo", "Stats", "TierStats",
     "TierdError", "NotFound", "OutOfSpace", "QuotaExceeded", "CorruptObject", "ProtocolError",
     "DaemonUnavailable", "ConfigError", "StoreClosed", "InvalidArgument", "MediaError",
     "Busy", "InternalError",

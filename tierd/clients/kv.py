@@ -5,7 +5,9 @@ stored under a chain hash of every token up to the end of block ``i``, so
 two requests that share a prefix share its blocks, and a key says nothing
 about the suffix after it. The hash is xxh3-128 over the previous block's
 hash and this block's token ids (int64, little-endian), seeded with the
-model id, dtype, block size and layout: the same in every process and on
+digest of a :class:`KVKeyspace`: everything that must match for two
+writers' KV bytes to be interchangeable (model, dtype, layout, block size,
+tensor-parallel shard, tenant salt). The same in every process and on
 every machine, whatever PYTHONHASHSEED says.
 
 Note [prefix eviction order]
@@ -25,15 +27,50 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import msgspec
 import torch
 import xxhash
 
 from tierd.clients.base import Store
 from tierd.errors import InvalidArgument, NotFound
 
-__all__ = ["PrefixKVStore"]
+__all__ = ["KVKeyspace", "PrefixKVStore"]
 
 _LAYOUT = "layers,2,tokens,kv_heads,head_dim"
+
+
+class KVKeyspace(msgspec.Struct, frozen=True, kw_only=True):
+    """The identity of one shared KV keyspace: writers whose fields all match may share blocks.
+
+    Attributes:
+        model: the model's id or fingerprint (``tierd.integrations.transformers.model_fingerprint``
+            hashes a model's config and weights): two models never share.
+        dtype: the KV dtype as stored (``"bfloat16"``).
+        layout: the order of a block's dimensions (``"layers,2,tokens,kv_heads,head_dim"``).
+        page_tokens: tokens per block (a block's boundaries are part of its identity).
+        tp_rank, tp_size: the tensor-parallel shard a writer holds (its heads); replicated KV
+            (MLA) is written with ``tp_size=1``.
+        salt: a tenant's secret (LMCache's ``cache_salt``): different salts never share a block,
+            and without the salt no one can compute another tenant's keys.
+    """
+
+    model: str
+    dtype: str
+    layout: str
+    page_tokens: int
+    tp_rank: int = 0
+    tp_size: int = 1
+    salt: str = ""
+
+    def __post_init__(self) -> None:
+        if self.page_tokens < 1:
+            raise InvalidArgument(f"page_tokens must be >= 1, got {self.page_tokens}")
+        if not 0 <= self.tp_rank < self.tp_size:
+            raise InvalidArgument(f"tp_rank must be in [0, tp_size), got {self.tp_rank} of {self.tp_size}")
+
+    def digest(self) -> bytes:
+        """16 bytes naming this keyspace: xxh3-128 of its fields, versioned (any field change changes it)."""
+        return xxhash.xxh3_128_digest(b"tierd-kv/v2|" + msgspec.msgpack.encode(self))
 
 
 def _token_bytes(tokens: Sequence[int] | torch.Tensor) -> bytes:
@@ -54,10 +91,14 @@ class PrefixKVStore:
         block_tokens: tokens per block; a partial tail block is not stored.
         namespace: key namespace (default ``"kv"``).
         dtype: the KV dtype (part of every key).
+        tp_rank, tp_size: the tensor-parallel shard this writer's KV holds (part of every key).
+        salt: the tenant's salt (part of every key: tenants with different salts never share).
+
+    ``keyspace`` is the resulting :class:`KVKeyspace`.
     """
 
     def __init__(self, store: Store, *, model: str, block_tokens: int = 256, namespace: str | None = None,
-                 dtype: torch.dtype = torch.bfloat16) -> None:
+                 dtype: torch.dtype = torch.bfloat16, tp_rank: int = 0, tp_size: int = 1, salt: str = "") -> None:
         if block_tokens < 1:
             raise InvalidArgument(f"block_tokens must be >= 1, got {block_tokens}")
         self.store = store
@@ -65,8 +106,9 @@ class PrefixKVStore:
         self.block_tokens = block_tokens
         self.namespace = namespace or "kv"
         self.dtype = dtype
-        seed = f"tierd-kv/v1|{model}|{str(dtype).removeprefix('torch.')}|{block_tokens}|{_LAYOUT}".encode()
-        self._seed = xxhash.xxh3_128_digest(seed)
+        self.keyspace = KVKeyspace(model=model, dtype=str(dtype).removeprefix("torch."), layout=_LAYOUT,
+                                   page_tokens=block_tokens, tp_rank=tp_rank, tp_size=tp_size, salt=salt)
+        self._seed = self.keyspace.digest()
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tierd-kv")
 
     # -- keys ------------------------------------------------------------------
