@@ -50,6 +50,8 @@ class KVKeyspace(msgspec.Struct, frozen=True, kw_only=True):
         page_tokens: tokens per block (a block's boundaries are part of its identity).
         tp_rank, tp_size: the tensor-parallel shard a writer holds (its heads); replicated KV
             (MLA) is written with ``tp_size=1``.
+        shard: any further part of the model a writer holds (a pipeline stage's layers, a
+            context-parallel slice: ``"pp1/4"``); empty for the whole model.
         salt: a tenant's secret (LMCache's ``cache_salt``): different salts never share a block,
             and without the salt no one can compute another tenant's keys.
     """
@@ -60,6 +62,7 @@ class KVKeyspace(msgspec.Struct, frozen=True, kw_only=True):
     page_tokens: int
     tp_rank: int = 0
     tp_size: int = 1
+    shard: str = ""
     salt: str = ""
 
     def __post_init__(self) -> None:
