@@ -1,0 +1,65 @@
+"""tierd as SGLang's HiCache storage (L3), created by SGLang's own backend factory.
+
+    bash .ci/engines            # SGLang's CPU install (../shared/INTEGRATIONS.md)
+    python examples/sglang_hicache.py
+
+A server would load it with::
+
+    python -m sglang.launch_server ... --enable-hierarchical-cache \\
+        --hicache-storage-backend dynamic --hicache-storage-backend-extra-config \\
+        '{"backend_name": "tierd", "module_path": "tierd.integrations.sglang", "class_name": "TierdHiCacheStorage"}'
+
+Here an embedded store stands in for the daemon (add ``"socket": PATH`` to
+share one daemon between processes), and ``PageFirstPool`` for SGLang's host
+KV pool (its module needs SGLang's GPU runtime): the same buffer shape and
+page views as ``MHATokenToKVPoolHost`` in the page_first layout. Pages go
+from one pool into tierd and back into other slots, one copy each way.
+"""
+# requires: sglang.srt.mem_cache.storage.backend_factory
+
+from __future__ import annotations
+
+import tempfile
+
+import torch
+from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig
+from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
+
+PAGE, LAYERS, HEADS, DIM = 64, 8, 8, 128  # a page: 64 tokens x 8 layers of K and V, 2 MiB in bf16
+
+
+class PageFirstPool:
+    def __init__(self, pages: int) -> None:
+        self.page_size, self.layout, self.dtype = PAGE, "page_first", torch.bfloat16
+        self.kv_buffer = torch.zeros(2, pages * PAGE, LAYERS, HEADS, DIM, dtype=self.dtype)
+
+    def get_data_page(self, index: int, flat: bool = True) -> torch.Tensor:
+        page = self.kv_buffer[:, index : index + self.page_size]
+        return page.flatten() if flat else page
+
+
+def slots(pages: list[int]) -> torch.Tensor:
+    return torch.cat([torch.arange(p * PAGE, (p + 1) * PAGE) for p in pages])
+
+
+with tempfile.TemporaryDirectory() as tmp:
+    extra = {"backend_name": "tierd", "module_path": "tierd.integrations.sglang", "class_name": "TierdHiCacheStorage",
+             "config": {"tiers": {"host": {"size": "256MiB"}, "nvme": {"path": tmp, "size": "1GiB"}}}}
+    cfg = HiCacheStorageConfig(tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1,
+                               is_mla_model=False, enable_storage_metrics=False, is_page_first_layout=True,
+                               model_name="meta-llama/Llama-3.1-8B", extra_config=extra)
+    pool = PageFirstPool(16)
+    pool.kv_buffer.copy_(torch.randn(pool.kv_buffer.shape))
+    storage = StorageBackendFactory.create_backend("dynamic", cfg, pool)
+    storage.register_mem_pool_host(pool)
+    try:
+        hashes = [f"page-{i}" for i in range(8)]
+        print("stored:", storage.batch_set_v1(hashes, slots(list(range(8)))))
+        print("hit prefix (pages):", storage.batch_exists(hashes[:5] + ["not-stored"] + hashes[5:]))
+        before = pool.kv_buffer[:, : 8 * PAGE].clone()
+        print("loaded:", storage.batch_get_v1(hashes, slots(list(range(8, 16)))))
+        same = torch.equal(pool.kv_buffer[:, 8 * PAGE :], before)
+        print("pages 8..15 equal pages 0..7:", same)
+        assert same
+    finally:
+        storage.close()
