@@ -7,7 +7,8 @@ A server would load it with::
 
     python -m sglang.launch_server ... --enable-hierarchical-cache \\
         --hicache-storage-backend dynamic --hicache-storage-backend-extra-config \\
-        '{"backend_name": "tierd", "module_path": "tierd.integrations.sglang", "class_name": "TierdHiCacheStorage"}'
+        '{"backend_name": "tierd", "interface_v1": 1, "module_path": "tierd.integrations.sglang",
+          "class_name": "TierdHiCacheStorage"}'
 
 Here an embedded store stands in for the daemon (add ``"socket": PATH`` to
 share one daemon between processes), and ``PageFirstPool`` for SGLang's host
@@ -43,7 +44,8 @@ def slots(pages: list[int]) -> torch.Tensor:
 
 
 with tempfile.TemporaryDirectory() as tmp:
-    extra = {"backend_name": "tierd", "module_path": "tierd.integrations.sglang", "class_name": "TierdHiCacheStorage",
+    extra = {"backend_name": "tierd", "interface_v1": 1, "module_path": "tierd.integrations.sglang",
+             "class_name": "TierdHiCacheStorage",
              "config": {"tiers": {"host": {"size": "256MiB"}, "nvme": {"path": tmp, "size": "1GiB"}}}}
     cfg = HiCacheStorageConfig(tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1,
                                is_mla_model=False, enable_storage_metrics=False, is_page_first_layout=True,

@@ -52,7 +52,8 @@ class HostPool:
 
 
 def _config(tp_rank: int = 0, tp_size: int = 1, *, mla: bool = False, **params: Any) -> HiCacheStorageConfig:
-    extra = {"backend_name": "tierd", "module_path": "tierd.integrations.sglang", "class_name": "TierdHiCacheStorage"}
+    extra = {"backend_name": "tierd", "interface_v1": 1, "module_path": "tierd.integrations.sglang",
+             "class_name": "TierdHiCacheStorage"}
     return HiCacheStorageConfig(tp_rank=tp_rank, tp_size=tp_size, pp_rank=0, pp_size=1, attn_cp_rank=0,
                                 attn_cp_size=1, is_mla_model=mla, enable_storage_metrics=False,
                                 is_page_first_layout=True, model_name="meta-llama/Llama-3.1-8B",

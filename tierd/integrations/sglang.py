@@ -3,7 +3,7 @@
 SGLang loads it with its dynamic backend::
 
     --enable-hierarchical-cache --hicache-storage-backend dynamic \\
-    --hicache-storage-backend-extra-config '{"backend_name": "tierd",
+    --hicache-storage-backend-extra-config '{"backend_name": "tierd", "interface_v1": 1,
         "module_path": "tierd.integrations.sglang", "class_name": "TierdHiCacheStorage"}'
 
 The rest of the extra config is this backend's parameters: ``socket``,
@@ -12,15 +12,17 @@ The rest of the extra config is this backend's parameters: ``socket``,
 process on the machine (every TP rank, every engine) shares one cache that
 outlives them.
 
-The zero-copy calls (``batch_get_v1`` / ``batch_set_v1``) move pages between
-tierd's host arena and SGLang's registered host pool directly: each page is
-read into (or written from) its view in the pool, one copy, batched into
-one call per batch. ``batch_exists`` answers the hit-prefix length in one
+The zero-copy calls (``batch_get_v1`` / ``batch_set_v1``, which SGLang uses
+for a dynamic backend when its extra config says ``"interface_v1": 1``) move
+pages between tierd's host arena and SGLang's registered host pool
+directly: each page is read into (or written from) its view in the pool,
+one copy, batched into one call per batch. Without it SGLang calls
+``batch_get``/``batch_set`` with flat page copies (a copy more each way). ``batch_exists`` answers the hit-prefix length in one
 batched question.
 
 Keys: SGLang's page hashes under a prefix naming the
 :class:`tierd.KVKeyspace` of this rank's pages: model, KV dtype, host-pool
-layout, page size, tensor-parallel rank (none for MLA, whose KV every rank
+layout and interface, page size, tensor-parallel rank (none for MLA, whose KV every rank
 replicates), pipeline stage and context-parallel slice, and the tenant
 salt (hashed). Pages are shared exactly where their bytes are
 interchangeable.
@@ -65,6 +67,9 @@ class TierdHiCacheStorage(HiCacheStorage):
         self.namespace = check_namespace(params.get("namespace", "sglang"))
         self._salt = str(params.get("salt", ""))
         self._tier = params.get("tier")
+        # v1 stores pages in the pool's page shape, the older calls flat: the same bytes, but a page
+        # view cannot take a flat object, so the two interfaces keep apart keyspaces.
+        self._interface = "v1" if extra.get("interface_v1") else "v0"
         self.store, self._owned = open_for("tierd's SGLang backend", socket=params.get("socket"),
                                            embedded=bool(params.get("embedded", False)),
                                            config=params.get("config"), store=store)
@@ -87,7 +92,7 @@ class TierdHiCacheStorage(HiCacheStorage):
         tp_rank, tp_size = (0, 1) if c.is_mla_model else (c.tp_rank, c.tp_size)
         return KVKeyspace(
             model=c.model_name or "", dtype=str(getattr(pool, "dtype", "")).removeprefix("torch."),
-            layout=f"sglang:{getattr(pool, 'layout', '')}", page_tokens=int(getattr(pool, "page_size", 1) or 1),
+            layout=f"sglang:{getattr(pool, 'layout', '')}:{self._interface}", page_tokens=int(getattr(pool, "page_size", 1) or 1),
             tp_rank=tp_rank, tp_size=tp_size, shard=",".join(shard), salt=self._salt)
 
     def _prefix_of(self, keyspace: KVKeyspace) -> str:
