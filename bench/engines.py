@@ -4,7 +4,7 @@
 
 256-token chunks of a Llama-3-8B shape (32 layers x K,V x 256 tokens x 8 KV heads x
 128 dims, bf16: 32 MiB a chunk), stored and loaded in batches of 8, in one run on
-the same disk (issue 17):
+the same disk, every backend once a round, in alternation (issue 17):
 
 * LMCache: the L2 adapter that LMCache's native_plugin factory builds over
   ``tierd.integrations.lmcache.TierdConnector`` (through ``tierd serve``), beside
@@ -32,6 +32,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,27 +74,56 @@ def _timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
-def _measure(store: Callable[[list[Any]], None], load: Callable[[list[Any]], None], delete: Callable[[list[Any]], None],
-             make_keys: Callable[[int], list[Any]], n: int, reps: int, cold: Path | None) -> dict[str, float]:
-    """Store ``n`` chunks, load one, load all; ``reps`` times after one untimed round (steady state:
-    arena pages and the destinations are touched once, as in a serving engine that has been up a while).
-    Each round's keys are deleted after it, so every round stores new chunks into the same room."""
-    store_s, load_s, one_s = [], [], []
+@dataclass
+class _Backend:
+    """One system under test: how to store, load and delete a round's chunks, and its keys for round ``r``."""
+
+    engine: str
+    tag: str
+    store: Callable[[list[Any]], None]
+    load: Callable[[list[Any]], None]
+    delete: Callable[[list[Any]], None]
+    keys: Callable[[int], list[Any]]
+    check: Callable[[], bool]
+    close: Callable[[], None]
+    cold: Path | None = None  # its files, dropped from the page cache before each load
+    times: dict[str, list[float]] = field(default_factory=lambda: {"store": [], "one": [], "load": []})
+
+
+def _rounds(backends: list[_Backend], n: int, reps: int, progress: Any) -> None:
+    """``reps`` rounds after one untimed round, every backend once a round, their order rotated.
+
+    A round stores ``n`` new chunks, loads one of them (not loaded before: a load may promote
+    it), loads all, and deletes them. The untimed round touches arena pages and destinations
+    once, as in an engine that has been up a while; alternating the backends round by round
+    keeps the disk's drift (2x over minutes on this VM) out of their ratios.
+    """
+    task = progress.add_task("engines: rounds", total=(reps + 1) * len(backends))
     for rep in range(reps + 1):
-        keys = make_keys(rep)
-        times = [_timed(lambda: store(keys))]
-        if cold is not None:
-            _drop_page_cache(cold)
-        times.append(_timed(lambda: load(keys[-1:])))  # one chunk, not loaded before (a load may promote it)
-        times.append(_timed(lambda: load(keys)))
-        delete(keys)
-        if rep:
-            store_s.append(times[0])
-            one_s.append(times[1])
-            load_s.append(times[2])
+        order = backends[rep % len(backends):] + backends[: rep % len(backends)]
+        for b in order:
+            keys = b.keys(rep)
+            t_store = _timed(lambda: b.store(keys))
+            if b.cold is not None:
+                _drop_page_cache(b.cold)
+            t_one = _timed(lambda: b.load(keys[-1:]))
+            t_load = _timed(lambda: b.load(keys))
+            b.delete(keys)
+            if rep:
+                b.times["store"].append(t_store)
+                b.times["one"].append(t_one)
+                b.times["load"].append(t_load)
+            progress.advance(task)
+    for b in backends:
+        if not b.check():
+            raise RuntimeError(f"{b.engine} {b.tag}: loaded chunks differ from the stored ones")
+
+
+def _figures(b: _Backend, n: int) -> dict[str, float]:
     total = n * CHUNK_BYTES
-    return {"store_gbs": total / statistics.median(store_s) / 1e9, "load_gbs": total / statistics.median(load_s) / 1e9,
-            "load_chunk_ms": statistics.median(one_s) * 1e3}
+    return {"store_gbs": total / statistics.median(b.times["store"]) / 1e9,
+            "load_gbs": total / statistics.median(b.times["load"]) / 1e9,
+            "load_chunk_ms": statistics.median(b.times["one"]) * 1e3}
 
 
 # -- LMCache ---------------------------------------------------------------------------------------
@@ -128,53 +158,49 @@ def _lmcache_objs(n: int, seed: int) -> tuple[list[Any], list[Any]]:
     return [obj(True) for _ in range(n)], [obj(False) for _ in range(n)]
 
 
-def _lmcache_run(adapter: Any, n: int, reps: int, *, tag: str, cold: Path | None) -> dict[str, float]:
+def _lmcache_backend(tag: str, spec: dict[str, Any], n: int, cold: Path | None) -> _Backend:
     from lmcache.v1.distributed.api import ObjectKey
+
+    adapter = _lmcache_adapter(spec)
 
     def wait(fd: int, poll: Callable[[], Any]) -> Any:
         while (result := poll()) is None:
             select.select([fd], [], [], 1.0)
         return result
 
-    def store(keys: list[Any], objs: list[Any]) -> None:
+    def store(keys: list[Any]) -> None:
         for i in range(0, len(keys), BATCH):
-            task = adapter.submit_store_task(keys[i : i + BATCH], objs[i : i + BATCH])
+            task = adapter.submit_store_task(keys[i : i + BATCH], src[i : i + BATCH])
             if wait(adapter.get_store_event_fd(), lambda: adapter.pop_completed_store_tasks().get(task)) < 0:
-                raise RuntimeError(f"{tag}: a store failed")
+                raise RuntimeError(f"lmcache {tag}: a store failed")
 
-    def load(keys: list[Any], objs: list[Any]) -> None:
+    def load(keys: list[Any]) -> None:
+        objs = dst[-len(keys):]
         for i in range(0, len(keys), BATCH):
             task = adapter.submit_load_task(keys[i : i + BATCH], objs[i : i + BATCH])
             got = wait(adapter.get_load_event_fd(), lambda: adapter.query_load_result(task))
             if got.popcount() != len(keys[i : i + BATCH]):
-                raise RuntimeError(f"{tag}: a load missed")
+                raise RuntimeError(f"lmcache {tag}: a load missed")
+
+    def keys(rep: int) -> list[Any]:
+        return [ObjectKey(chunk_hash=(rep * 10_000 + i).to_bytes(16, "little"), model_name="meta-llama/Llama-3-8B",
+                          kv_rank=0) for i in range(n)]
 
     src, dst = _lmcache_objs(n, seed=1)
-    res = _measure(lambda keys: store(keys, src), lambda keys: load(keys, dst[-len(keys):]), adapter.delete,
-                   lambda rep: [ObjectKey(chunk_hash=(rep * 10_000 + i).to_bytes(16, "little"),
-                                          model_name="meta-llama/Llama-3-8B", kv_rank=0) for i in range(n)],
-                   n, reps, cold)
-    if not all(torch.equal(d.raw_data, s.raw_data) for d, s in zip(dst, src, strict=True)):
-        raise RuntimeError(f"{tag}: loaded chunks differ from the stored ones")
-    return res
+    return _Backend("lmcache", tag, store, load, adapter.delete, keys,
+                    lambda: all(torch.equal(d.raw_data, s.raw_data) for d, s in zip(dst, src, strict=True)),
+                    adapter.close, cold)
 
 
-def _lmcache(ctx: BenchContext, sock_host: str, sock_nvme: str, n: int, reps: int) -> dict[str, Any]:
+def _lmcache(ctx: BenchContext, sock_host: str, sock_nvme: str, n: int) -> list[_Backend]:
     plugin = {"type": "native_plugin", "module_path": "tierd.integrations.lmcache", "class_name": "TierdConnector"}
-    res: dict[str, Any] = {}
-    runs = [("tierd_nvme", {**plugin, "adapter_params": {"socket": sock_nvme, "tier": "nvme"}}, None),
-            ("tierd_host", {**plugin, "adapter_params": {"socket": sock_host}}, None)]
+    out = [_lmcache_backend("tierd_nvme", {**plugin, "adapter_params": {"socket": sock_nvme, "tier": "nvme"}}, n, None),
+           _lmcache_backend("tierd_host", {**plugin, "adapter_params": {"socket": sock_host}}, n, None)]
     for odirect in (False, True):
         d = ctx.workdir / f"lmcache-fs-{int(odirect)}"
-        runs.append((f"fs{'_odirect' if odirect else ''}",
-                     {"type": "fs", "base_path": str(d), "use_odirect": odirect}, d))
-    for tag, spec, cold in runs:
-        adapter = _lmcache_adapter(spec)
-        try:
-            res[tag] = _lmcache_run(adapter, n, reps, tag=f"lmcache {tag}", cold=cold)
-        finally:
-            adapter.close()
-    return res
+        spec = {"type": "fs", "base_path": str(d), "use_odirect": odirect}
+        out.append(_lmcache_backend(f"fs{'_odirect' if odirect else ''}", spec, n, d))
+    return out
 
 
 # -- SGLang ----------------------------------------------------------------------------------------
@@ -211,7 +237,7 @@ def _sglang_config(extra: dict[str, Any]) -> Any:
                                 model_name="meta-llama/Llama-3-8B", extra_config=extra)
 
 
-def _sglang_run(backend: Any, n: int, reps: int, *, v2: bool, tag: str, cold: Path | None) -> dict[str, float]:
+def _sglang_backend(tag: str, backend: Any, n: int, *, v2: bool, cold: Path | None) -> _Backend:
     from sglang.srt.mem_cache.hicache_storage import PoolName, PoolTransfer
 
     from tierd.integrations.sglang import TierdHiCacheStorage
@@ -222,7 +248,7 @@ def _sglang_run(backend: Any, n: int, reps: int, *, v2: bool, tag: str, cold: Pa
         for i in range(0, len(keys), BATCH):
             batch = keys[i : i + BATCH]
             idx = torch.arange((first + i) * TOKENS, (first + i + len(batch)) * TOKENS)
-            if v2:
+            if v2:  # HiCacheFile's own batched path (SGLang's file backend offers no v1)
                 backend.registered_pools = {PoolName.KV: pool}
                 transfer = [PoolTransfer(name=PoolName.KV, host_indices=idx, keys=batch)]
                 ok = (backend.batch_set_v2 if write else backend.batch_get_v2)(transfer)[PoolName.KV]
@@ -230,7 +256,7 @@ def _sglang_run(backend: Any, n: int, reps: int, *, v2: bool, tag: str, cold: Pa
                 backend.register_mem_pool_host(pool)
                 ok = (backend.batch_set_v1 if write else backend.batch_get_v1)(batch, idx)
             if not all(ok):
-                raise RuntimeError(f"{tag}: a {'store' if write else 'load'} failed")
+                raise RuntimeError(f"sglang {tag}: a {'store' if write else 'load'} failed")
 
     def delete(keys: list[str]) -> None:
         if isinstance(backend, TierdHiCacheStorage):
@@ -238,29 +264,26 @@ def _sglang_run(backend: Any, n: int, reps: int, *, v2: bool, tag: str, cold: Pa
         else:
             backend.clear()
 
-    res = _measure(lambda keys: io(src, keys, 0, True), lambda keys: io(dst, keys, n - len(keys), False), delete,
-                   lambda rep: [f"{rep:04d}{i:060x}" for i in range(n)], n, reps, cold)
-    if not torch.equal(src.kv_buffer.view(torch.int16), dst.kv_buffer.view(torch.int16)):  # bitwise (NaN payloads)
-        raise RuntimeError(f"{tag}: loaded pages differ from the stored ones")
-    return res
+    return _Backend("sglang", tag, lambda keys: io(src, keys, 0, True), lambda keys: io(dst, keys, n - len(keys), False),
+                    delete, lambda rep: [f"{rep:04d}{i:060x}" for i in range(n)],
+                    # bitwise: random bf16 bits hold NaNs, which torch.equal calls unequal
+                    lambda: torch.equal(src.kv_buffer.view(torch.int16), dst.kv_buffer.view(torch.int16)),
+                    getattr(backend, "close", lambda: None), cold)
 
 
-def _sglang(ctx: BenchContext, sock_host: str, sock_nvme: str, n: int, reps: int) -> dict[str, Any]:
+def _sglang(ctx: BenchContext, sock_host: str, sock_nvme: str, n: int) -> list[_Backend]:
     from sglang.srt.mem_cache.hicache_storage import HiCacheFile
 
     from tierd.integrations.sglang import TierdHiCacheStorage
 
-    res: dict[str, Any] = {}
+    out = []
     for tag, extra in (("tierd_nvme", {"socket": sock_nvme, "tier": "nvme"}), ("tierd_host", {"socket": sock_host})):
-        backend = TierdHiCacheStorage(_sglang_config({"interface_v1": 1, **extra}))
-        try:
-            res[tag] = _sglang_run(backend, n, reps, v2=False, tag=f"sglang {tag}", cold=None)
-        finally:
-            backend.close()
+        out.append(_sglang_backend(tag, TierdHiCacheStorage(_sglang_config({"interface_v1": 1, **extra})), n,
+                                   v2=False, cold=None))
     d = ctx.workdir / "hicache-file"
-    res["hicache_file"] = _sglang_run(HiCacheFile(_sglang_config({"file_storage_path": str(d)})), n, reps, v2=True,
-                                      tag="sglang HiCacheFile", cold=d)
-    return res
+    out.append(_sglang_backend("hicache_file", HiCacheFile(_sglang_config({"file_storage_path": str(d)})), n, v2=True,
+                               cold=d))
+    return out
 
 
 # -- the suite --------------------------------------------------------------------------------------
@@ -281,14 +304,18 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     nvme_size = f"{2 * total // MIB + 512}MiB"
     (ctx.workdir / "dh").mkdir()
     (ctx.workdir / "dn").mkdir()
-    task = ctx.progress.add_task("engines: lmcache and sglang backends", total=2)
     # Two daemons: one whose host tier holds every chunk, one whose chunks go to nvme (tier="nvme").
     with private_daemon(ctx.workdir / "dh", host_size=host_size, nvme_size=nvme_size) as sock_host, \
-            private_daemon(ctx.workdir / "dn", host_size="256MiB", nvme_size=nvme_size) as sock_nvme:
-        res["lmcache"] = _lmcache(ctx, sock_host, sock_nvme, n, reps)
-        ctx.progress.advance(task)
-        res["sglang"] = _sglang(ctx, sock_host, sock_nvme, n, reps)
-        ctx.progress.advance(task)
+            private_daemon(ctx.workdir / "dn", host_size=f"{3 * BATCH * CHUNK_BYTES // MIB}MiB",
+                           nvme_size=nvme_size) as sock_nvme:
+        backends = _lmcache(ctx, sock_host, sock_nvme, n) + _sglang(ctx, sock_host, sock_nvme, n)
+        try:
+            _rounds(backends, n, reps, ctx.progress)
+        finally:
+            for b in backends:
+                b.close()
+    for b in backends:
+        res.setdefault(b.engine, {})[b.tag] = _figures(b, n)
     return res
 
 
@@ -317,7 +344,7 @@ def markdown(res: dict[str, Any]) -> str:
                          f"| {r['store_gbs'] / (res['fio_write_gbs'] or float('nan')):.2f} "
                          f"| {r['load_gbs'] / (res['fio_read_gbs'] or float('nan')):.2f} "
                          f"| {r['load_gbs'] / res['memcpy_gbs']:.2f} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n#### Targets (issue 17)\n\n" + _headline_table(res)
 
 
 def headline(res: dict[str, Any], limits: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -326,20 +353,28 @@ def headline(res: dict[str, Any], limits: dict[str, Any] | None = None) -> list[
     rows = []
     for engine, title, peers in _ROWS:
         ours, host = res[engine]["tierd_nvme"], res[engine]["tierd_host"]
-        best_peer = max((res[engine][tag] for tag, _ in peers), key=lambda r: r["store_gbs"] + r["load_gbs"])
-        peer_name = next(name for tag, name in peers if res[engine][tag] is best_peer)
-        for op in ("store", "load"):
-            ratio = ours[f"{op}_gbs"] / best_peer[f"{op}_gbs"]
-            fio = res["fio_write_gbs" if op == "store" else "fio_read_gbs"] or 0.0
-            rows.append(row(f"{title} {op}, 32 MiB chunks on nvme", f"{ours[f'{op}_gbs']:.2f} GB/s",
-                            peer=f"{peer_name} {best_peer[f'{op}_gbs']:.2f} GB/s", vs_peer=f"{ratio:.2f}",
-                            limit=f"fio {fio:.2f} GB/s",
-                            issue=17, target=">= 2x the peer", status=verdict(ratio >= 2.0)))
+        for tag, peer_name in peers:
+            peer = res[engine][tag]
+            for op in ("store", "load"):
+                ratio = ours[f"{op}_gbs"] / peer[f"{op}_gbs"]
+                fio = res["fio_write_gbs" if op == "store" else "fio_read_gbs"] or 0.0
+                rows.append(row(f"{title} {op}, 32 MiB chunks, tierd's nvme tier", f"{ours[f'{op}_gbs']:.2f} GB/s",
+                                peer=f"{peer_name} {peer[f'{op}_gbs']:.2f} GB/s", vs_peer=f"{ratio:.2f}",
+                                limit=f"fio {fio:.2f} GB/s", issue=17, target=">= 2x the peer",
+                                status=verdict(ratio >= 2.0)))
         ratio = host["load_gbs"] / res["memcpy_gbs"]
         rows.append(row(f"{title} load, 32 MiB chunks on host", f"{host['load_gbs']:.2f} GB/s",
                         limit=f"memcpy {res['memcpy_gbs']:.2f} GB/s", vs_limit=f"{ratio:.2f}", issue=17,
                         target=">= 0.8x memcpy", status=verdict(ratio >= 0.8)))
     return rows
+
+
+def _headline_table(res: dict[str, Any]) -> str:
+    lines = ["| measure | tierd | peer | vs peer | limit | vs limit | target | status |", "|---|---|---|---|---|---|---|---|"]
+    for r in headline(res):
+        lines.append(f"| {r['measure']} | {r['tierd']} | {r['peer']} | {r['vs_peer']} | {r['limit']} | {r['vs_limit']} "
+                     f"| {r['target']} | {r['status']} |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(res: dict[str, Any], out: Path) -> list[Path]:

@@ -142,6 +142,12 @@ class EmbeddedStore(Store):
         values: list[Any] = []
         errors: dict[str, TierdError] = {}
         gds = self._engine.nvme.gds
+        to_cuda = (device is not None and torch.device(device).type == "cuda") or any(
+            o is not None and o.device.type == "cuda" for o in outs or ())
+        if not (gds and to_cuda):
+            # Promote what is below host side by side first (the reads below then copy from host);
+            # an error here comes back when that key is read.
+            self._engine.host_locations(leases, evict=False)
         for i, (key, lease) in enumerate(zip(keys, leases, strict=True)):
             if lease is None:
                 values.append(None)

@@ -163,14 +163,17 @@ def _read_leased(conn: Connection, leases: list[Lease | None], inline_ok: bool,
     in all), or "use Get"; True if an offset was handed out (the leases must then outlive the reply)."""
     items: list[p.ItemReady] = []
     leased = False
-    for lease in leases:
+    # A client with the arena gets host copies, promoted side by side (one object's disk read
+    # overlapping another's checksum); one without still promotes (for the next reader) as it
+    # reads, but never makes room for it by demoting others.
+    locs = conn.engine.host_locations(leases, evict=True) if conn.trusted else [None] * len(leases)
+    for lease, loc in zip(leases, locs, strict=True):
         if lease is None:
             items.append(p.ItemReady())
             continue
         try:
-            # A client without the arena still promotes (for the next reader),
-            # but never makes room for it by demoting others.
-            loc = lease.host_location(promote=True, evict=True) if conn.trusted else None
+            if isinstance(loc, TierdError):
+                raise loc
             if loc is not None:
                 items.append(p.ItemReady(meta=lease.meta, offset=loc.offset))
                 leased = True

@@ -21,6 +21,7 @@ import torch
 from tierd.engine.handles import Lease
 from tierd.engine.index import ObjectMeta, ObjectRecord
 from tierd.errors import TierdError
+from tierd.tiers.host import HostLocation
 
 if TYPE_CHECKING:
     from tierd.engine.core import Engine
@@ -60,6 +61,29 @@ class BatchCalls:
                     self._trace.write("get", lease.key, lease.nbytes, lease.rec.tier)
         self._prefetch_beyond(upcoming, keys)
         return found
+
+    def host_locations(self: Engine, leases: Sequence[Lease | None], *,
+                       evict: bool) -> list[HostLocation | TierdError | None]:
+        """Each lease's host copy, as :meth:`Lease.host_location(promote=True) <Lease.host_location>`
+        gives it (None: no lease, or it stays below), or the error that made it a miss.
+
+        The batch's promotions run side by side (up to 4), so that one object's disk read
+        overlaps another's checksum and the reader's copy: one at a time, the disk idles
+        while each object is verified.
+        """
+
+        def one(lease: Lease) -> HostLocation | TierdError | None:
+            try:
+                return lease.host_location(promote=True, evict=evict)
+            except TierdError as exc:
+                return exc
+
+        below = [i for i, lease in enumerate(leases) if lease is not None and not lease.on("host")]
+        futures = {i: self._promote_pool.submit(one, leases[i]) for i in below} if len(below) > 1 else {}
+        out: list[HostLocation | TierdError | None] = []
+        for i, lease in enumerate(leases):
+            out.append(None if lease is None else futures[i].result() if i in futures else one(lease))
+        return out
 
     def _prefetch_beyond(self: Engine, upcoming: list[str], keys: Sequence[str]) -> None:
         """Prefetch what the schedules expect next, except the batch's own keys (being read now)."""

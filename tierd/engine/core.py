@@ -84,6 +84,8 @@ class Engine(BatchCalls, SmallCalls):
             self.tiers.close()
             raise
         self._prefetch_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tierd-prefetch")
+        # A batch's promotions, side by side (BatchCalls.host_locations).
+        self._promote_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tierd-promote")
         self._moves.start()
 
     # -- index bookkeeping (callers hold _lock) --------------------------------
@@ -431,6 +433,7 @@ class Engine(BatchCalls, SmallCalls):
             self._closed = True
         self._moves.stop(timeout_s=30)
         self._prefetch_pool.shutdown(wait=True, cancel_futures=True)
+        self._promote_pool.shutdown(wait=True, cancel_futures=True)
         self._durable.close()
         self.tiers.close()
         if self._trace is not None:
