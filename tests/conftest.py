@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,18 @@ def nvme_dir(tmp_path: Path) -> Path:
     d = tmp_path / "nvme"
     d.mkdir()
     return d
+
+
+@pytest.fixture
+def daemon(nvme_dir: Path) -> Iterator[Any]:
+    """A real ``tierd serve`` (32 MiB host tier, nvme under ``nvme_dir``), killed after the test."""
+    from daemon import Daemon
+
+    d = Daemon(nvme_dir).start()
+    try:
+        yield d
+    finally:
+        d.close()
 
 
 @pytest.fixture(autouse=True)

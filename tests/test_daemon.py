@@ -9,7 +9,6 @@ import struct
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -20,14 +19,6 @@ from daemon import Daemon, client_process, open_to_all
 import tierd
 from tierd import protocol as p
 from tierd.testing import wait_until
-
-
-@pytest.fixture
-def daemon(nvme_dir: Path) -> Iterator[Daemon]:
-    d = Daemon(nvme_dir).start()
-    yield d
-    d.close()
-
 
 _client = client_process
 

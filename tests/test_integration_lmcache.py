@@ -10,7 +10,7 @@ import argparse
 import json
 import select
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,15 +84,6 @@ def _load(adapter: Any, keys: list[ObjectKey], objs: list[TensorMemoryObj]) -> l
     task = adapter.submit_load_task(keys, objs)
     bitmap = _wait(adapter.get_load_event_fd(), lambda: adapter.query_load_result(task))
     return sorted(bitmap.get_indices_list())
-
-
-@pytest.fixture
-def daemon(nvme_dir: Path) -> Iterator[Daemon]:
-    d = Daemon(nvme_dir, host="16MiB").start()
-    try:
-        yield d
-    finally:
-        d.close()
 
 
 def test_store_lookup_load_delete_through_the_daemon(daemon: Daemon) -> None:

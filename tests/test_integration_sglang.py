@@ -12,7 +12,6 @@ layer_first, ``get_data_page``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,15 +68,6 @@ def _backend(pool: HostPool | None, **kw: Any) -> Any:
 
 def _indices(pages: list[int]) -> torch.Tensor:
     return torch.cat([torch.arange(p * PAGE, (p + 1) * PAGE) for p in pages])
-
-
-@pytest.fixture
-def daemon(nvme_dir: Path) -> Iterator[Daemon]:
-    d = Daemon(nvme_dir, host="16MiB").start()
-    try:
-        yield d
-    finally:
-        d.close()
 
 
 @pytest.mark.parametrize("layout", ["page_first", "layer_first"])
