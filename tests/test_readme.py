@@ -53,3 +53,13 @@ def test_examples_run(example: Path, tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, str(example)], capture_output=True, text=True, timeout=300,
                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path)})
     assert res.returncode == 0, f"{example.name} failed:\n{res.stderr}"
+
+
+def test_import_tierd_loads_no_serving_engine() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, tierd, tierd.integrations; "
+            "print(sorted(m for m in ('transformers', 'lmcache', 'sglang', 'triton') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert res.stdout.strip() == "[]"
