@@ -71,7 +71,16 @@ from tierd.codecs import Chunk, get_codec
 from tierd.errors import InvalidArgument, MediaError, TierdError
 from tierd.tiers.nvme import probe_direct
 
-__all__ = ["save", "async_save", "load", "latest", "PendingSave", "MANIFEST"]
+__all__ = ["save", "async_save", "load", "latest", "PendingSave", "MANIFEST"]  # and StorageWriter, StorageReader (lazy)
+
+
+def __getattr__(name: str) -> Any:
+    # torch.distributed.checkpoint is imported only by those who use DCP.
+    if name in ("StorageWriter", "StorageReader"):
+        from tierd.clients import checkpoint_dcp
+
+        return getattr(checkpoint_dcp, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 log = logging.getLogger("tierd.checkpoint")
 
@@ -424,7 +433,8 @@ def save(state_dict: Mapping[str, Any], path: str | os.PathLike[str], **kwargs: 
 
 
 def load(path: str | os.PathLike[str], *, map_location: Any = None, into: Mapping[str, Any] | None = None) -> Any:
-    """Load a checkpoint saved by :func:`save` / :func:`async_save`.
+    """Load a checkpoint saved by :func:`save` / :func:`async_save`, or through DCP with :class:`StorageWriter`
+    (then whole tensors, assembled from every rank's chunks, in the state dict DCP was given).
 
     Args:
         map_location: device for fresh tensors (``"cpu"`` by default).
@@ -441,6 +451,16 @@ def load(path: str | os.PathLike[str], *, map_location: Any = None, into: Mappin
     """
     directory = Path(path)
     manifest = read_manifest(directory)
+    if manifest.metadata.get("dcp"):
+        if into is not None:
+            raise InvalidArgument(f"{directory} was written through DCP: load it in place with "
+                                  "dcp.load(state_dict, storage_reader=tierd.checkpoint.StorageReader(path))")
+        from tierd.clients.checkpoint_dcp import load_dcp
+
+        state = load_dcp(directory, manifest)
+        if map_location is not None:
+            state = torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.to(map_location), state)
+        return state
     rank, world, _ = _dist()
     if world != manifest.world_size and manifest.world_size > 1:
         raise InvalidArgument(f"{directory} was saved by {manifest.world_size} ranks; load it with as many")
