@@ -75,7 +75,7 @@ def _run(ctx: BenchContext) -> dict[str, Any]:
     sd = _state((100 << 20) if ctx.smoke else (200 << 20) if ctx.quick else (1200 << 20))
     nbytes = sum(t.numel() * t.element_size() for t in sd.values())
     rows: list[dict[str, Any]] = []
-    task = ctx.progress.add_task(f"checkpoint: {nbytes / GIB:.2f} GiB state vs torch.save, safetensors, DCP", total=12)
+    task = ctx.progress.add_task(f"checkpoint: {nbytes / GIB:.2f} GiB state vs torch.save, safetensors, DCP", total=13)
 
     def record(tool: str, blocking: float, durable: float | None, note: str = "") -> None:
         rows.append({"tool": tool, "blocking_s": blocking, "durable_s": durable, "note": note})
@@ -90,6 +90,16 @@ def _run(ctx: BenchContext) -> dict[str, Any]:
     blocking = time.perf_counter() - t0
     first.durable.result()
     record("tierd async_save, first save (pool paged in)", blocking, time.perf_counter() - t0)
+    # The same first save in a process that called checkpoint.prepare() at start (a fresh pool here).
+    checkpoint._pool = checkpoint._StagingPool()
+    t_prep, _ = _timed(lambda: checkpoint.prepare(sd).result())
+    t0 = time.perf_counter()
+    first = checkpoint.async_save(sd, tmp / "tierd-prepared")
+    first.staged.result()
+    blocking = time.perf_counter() - t0
+    first.durable.result()
+    record("tierd async_save, first save after prepare()", blocking, time.perf_counter() - t0,
+           f"prepare() faulted the pool in beforehand, in the background: {t_prep:.2f} s")
     # tierd async_save: blocking = until staged; durable = until the manifest is committed.
     t0 = time.perf_counter()
     pending = checkpoint.async_save(sd, tmp / "tierd-async")
@@ -196,7 +206,12 @@ def headline(res: dict[str, Any], limits: dict[str, Any]) -> list[dict[str, Any]
     gib = res["state_bytes"] / GIB
     dcp = by.get("torch.distributed.checkpoint.async_save (+ fsync)")
     bound = f"disk bound {res['disk_bound_s']:.2f} s" if res["disk_bound_s"] else ""
-    rows = [row(f"async_save {gib:.2f} GiB: training blocked", f"{ours['blocking_s']:.2f} s",
+    prepared = by.get("tierd async_save, first save after prepare()")
+    rows = [row(f"async_save {gib:.2f} GiB: first save blocked (after prepare())",
+                f"{prepared['blocking_s']:.2f} s" if prepared else "-", peer=f"torch.save {ref:.2f} s",
+                vs_peer=f"{prepared['blocking_s'] / ref:.3f}" if prepared else "", issue=18,
+                target="<= 0.1 x torch.save", status=verdict(prepared["blocking_s"] <= 0.1 * ref) if prepared else ""),
+            row(f"async_save {gib:.2f} GiB: training blocked", f"{ours['blocking_s']:.2f} s",
                 peer=f"torch.save {ref:.2f} s" + (f"; DCP async_save {dcp['blocking_s']:.2f} s" if dcp else ""),
                 vs_peer=f"{ours['blocking_s'] / ref:.3f}", issue=6, target="<= 0.1 x torch.save",
                 status=verdict(ours["blocking_s"] <= 0.1 * ref)),

@@ -288,3 +288,34 @@ def test_manifest_naming_a_shard_outside_its_directory_is_refused(tmp_path: Path
     with pytest.raises(tierd.CorruptObject, match="outside its directory"):
         checkpoint.load(tmp_path / "c")
     assert checkpoint.latest(tmp_path) is None  # not a complete checkpoint either
+
+
+def _resident_bytes(buf: object) -> int:
+    """Resident bytes of the mapping holding ``buf`` (an mmap), from /proc/self/smaps."""
+    import ctypes
+
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= addr < hi
+        elif inside and head == "Rss:":
+            return int(line.split()[1]) * 1024
+    raise AssertionError("mapping not found")
+
+
+def test_prepare_faults_the_staging_pool_in_ahead_and_the_first_save_reuses_it(tmp_path: Path) -> None:
+    from tierd.clients import checkpoint as ckpt
+
+    size = (ckpt._pool.nbytes or 0) + (48 << 20)  # larger than any earlier test's pool: a new mapping
+    state = {"w": torch.randn(size >> 2)}
+    ckpt.prepare(state).result(timeout=60)
+    buf = ckpt._pool._buf
+    assert ckpt._pool.nbytes >= size
+    assert _resident_bytes(buf) >= size, "the pool was mapped but not faulted in"
+    pending = checkpoint.async_save(state, tmp_path / "c1")
+    pending.result()
+    assert ckpt._pool._buf is buf  # the first save used the prepared pool, no new mapping
+    assert torch.equal(checkpoint.load(tmp_path / "c1")["w"], state["w"])

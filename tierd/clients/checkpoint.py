@@ -71,7 +71,7 @@ from tierd.codecs import Chunk, get_codec
 from tierd.errors import InvalidArgument, MediaError, TierdError
 from tierd.tiers.nvme import probe_direct
 
-__all__ = ["save", "async_save", "load", "latest", "PendingSave", "MANIFEST"]  # and StorageWriter, StorageReader (lazy)
+__all__ = ["save", "async_save", "load", "latest", "prepare", "PendingSave", "MANIFEST"]  # and StorageWriter, StorageReader (lazy)
 
 
 def __getattr__(name: str) -> Any:
@@ -104,22 +104,59 @@ _ST_DTYPES = {
 
 
 class _StagingPool:
-    """Page-aligned host memory reused from save to save (Note [staging])."""
+    """Page-aligned host memory reused from save to save (Note [staging]).
+
+    One pool per process (and one per DCP ``StorageWriter``), as large as the
+    largest save so far, rounded to 4 KiB. :meth:`prefault` grows it ahead, with
+    every page faulted in (MAP_POPULATE) on a background thread, so that the first
+    save copies at the speed of later ones instead of paging the pool in.
+    """
 
     def __init__(self) -> None:
         self._buf: mmap.mmap | None = None
         self._tensor: torch.Tensor | None = None
+        self._lock = threading.Lock()
+        self._growing: Future[None] | None = None
+
+    @staticmethod
+    def _size(nbytes: int) -> int:
+        return max(BLOCK, -(-nbytes // BLOCK) * BLOCK)
+
+    def _grow_locked(self, size: int, populate: bool) -> None:
+        if self._buf is not None and len(self._buf) >= size:
+            return
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (mmap.MAP_POPULATE if populate else 0)
+        buf = mmap.mmap(-1, size, flags=flags)  # zero-filled, page-aligned
+        self._tensor = None
+        if self._buf is not None:
+            self._buf.close()
+        self._buf, self._tensor = buf, torch.frombuffer(buf, dtype=torch.uint8)
+
+    def prefault(self, nbytes: int) -> Future[None]:
+        """Grow to ``nbytes`` with every page faulted in, on a background thread."""
+        size = self._size(nbytes)
+
+        def grow() -> None:
+            with self._lock:
+                self._grow_locked(size, populate=True)
+
+        with self._lock:
+            self._growing = _prefaulter.submit(grow)
+            return self._growing
 
     def reserve(self, nbytes: int) -> torch.Tensor:
-        size = max(BLOCK, -(-nbytes // BLOCK) * BLOCK)
-        if self._buf is None or len(self._buf) < size:
-            self._tensor = None
-            if self._buf is not None:
-                self._buf.close()
-            self._buf = aligned_buffer(size)
-            self._tensor = torch.frombuffer(self._buf, dtype=torch.uint8)
-        assert self._tensor is not None
-        return self._tensor[:size]
+        size = self._size(nbytes)
+        growing = self._growing
+        if growing is not None:
+            growing.result()  # a prefault under way: wait for it rather than map twice
+        with self._lock:
+            self._grow_locked(size, populate=False)
+            assert self._tensor is not None
+            return self._tensor[:size]
+
+    @property
+    def nbytes(self) -> int:
+        return len(self._buf) if self._buf is not None else 0
 
 
 _pool = _StagingPool()
@@ -127,6 +164,7 @@ _inflight_lock = threading.Lock()
 _inflight: PendingSave | None = None
 _writer = ThreadPoolExecutor(max_workers=8, thread_name_prefix="tierd-ckpt")
 _committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tierd-ckpt-commit")
+_prefaulter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tierd-ckpt-prefault")
 
 
 # -- saving ---------------------------------------------------------------------------
@@ -425,6 +463,30 @@ def _finish(pending: PendingSave, shards: list[_Shard], tensors: dict[str, torch
         return
     _release(release)
     pending.durable.set_result(directory)
+
+
+def prepare(state_dict: Mapping[str, Any] | int) -> Future[None]:
+    """Size the staging pool for ``state_dict`` (or a byte count) and fault it in, in the background.
+
+    Call it once at start (after building the model and optimizer, before the
+    first step): the first :func:`async_save` then blocks no longer than later
+    ones, instead of paging in a pool as large as the state. The pool stays this
+    size (one per process, reused by every save); the returned future is done once
+    every page is in.
+    """
+    if isinstance(state_dict, int):
+        nbytes = state_dict
+    else:
+        tensors: dict[str, torch.Tensor] = {}
+        flatten(dict(state_dict), "", tensors)
+        rank, world, _ = _dist()
+        shards = _plan(tensors, DEFAULT_SHARD_BYTES, rank, world)
+        nbytes = (shards[-1].pool_offset + shards[-1].nbytes) if shards else 0
+    with _inflight_lock:
+        previous = _inflight
+    if previous is not None:
+        previous.durable.exception()  # its shards are written from the pool: never remap under them
+    return _pool.prefault(nbytes)
 
 
 def save(state_dict: Mapping[str, Any], path: str | os.PathLike[str], **kwargs: Any) -> Path:
