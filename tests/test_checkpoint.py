@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -319,3 +320,122 @@ def test_prepare_faults_the_staging_pool_in_ahead_and_the_first_save_reuses_it(t
     pending.result()
     assert ckpt._pool._buf is buf  # the first save used the prepared pool, no new mapping
     assert torch.equal(checkpoint.load(tmp_path / "c1")["w"], state["w"])
+
+
+# -- staging while training runs (Note [staging while training runs]) ----------------------
+
+
+def _slow_deferred_copy(monkeypatch: pytest.MonkeyPatch, delay: float = 0.5) -> None:
+    """Make the background copy of the optimizer's tensors start late, so that a step comes first."""
+    from tierd.clients import checkpoint as ckpt
+
+    real = ckpt._copy_in
+
+    def slow(staged, shards, tensors, only, skip):  # noqa: ANN001, ANN202
+        if only is not None:
+            time.sleep(delay)
+        real(staged, shards, tensors, only, skip)
+
+    monkeypatch.setattr(ckpt, "_copy_in", slow)
+
+
+def _trained(batchnorm: bool = False) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(64, 128)] + ([torch.nn.BatchNorm1d(128)] if batchnorm else []) + [torch.nn.Linear(128, 4)]
+    model = torch.nn.Sequential(*layers)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _train_step(model, opt)
+    return model, opt
+
+
+def _train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, step: bool = True) -> None:
+    opt.zero_grad()
+    model(torch.randn(16, 64)).square().mean().backward()
+    if step:
+        opt.step()
+
+
+def _snapshot(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+    return {"model": {k: v.clone() for k, v in model.state_dict().items()},
+            "exp_avg": [opt.state[p]["exp_avg"].clone() for p in model.parameters()]}
+
+
+def _assert_saved_is(path: Path, snap: dict, model: torch.nn.Module) -> None:
+    saved = checkpoint.load(path)
+    for k, v in snap["model"].items():
+        assert torch.equal(saved["model"][k], v), k
+    for i, v in enumerate(snap["exp_avg"]):
+        assert torch.equal(saved["optim"]["state"][i]["exp_avg"], v), i
+
+
+def test_async_save_with_optimizer_returns_before_staging_and_step_waits(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    model, opt = _trained()
+    _slow_deferred_copy(monkeypatch)
+    snap = _snapshot(model, opt)
+    pending = checkpoint.async_save({"model": model.state_dict(), "optim": opt.state_dict()}, tmp_path / "c",
+                                    optimizer=opt)
+    assert not pending.staged.done()  # returned at once: the parameters are copied in the background
+    _train_step(model, opt, step=False)  # forward and backward proceed while it copies
+    opt.step()  # must wait for the copy before it changes the parameters
+    assert pending.staged.done() and pending.step_wait_s > 0.1
+    with torch.no_grad():  # and right after step(), an in-place change
+        for p in model.parameters():
+            p.add_(1.0)
+    pending.result(timeout=60)
+    _assert_saved_is(tmp_path / "c", snap, model)
+    assert not torch.equal(model[0].weight, snap["model"]["0.weight"])  # training did move on
+
+
+def test_async_save_with_optimizer_copies_buffers_at_the_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, opt = _trained(batchnorm=True)
+    _slow_deferred_copy(monkeypatch)
+    snap = _snapshot(model, opt)
+    pending = checkpoint.async_save({"model": model.state_dict(), "optim": opt.state_dict()}, tmp_path / "c",
+                                    optimizer=opt)
+    _train_step(model, opt, step=False)  # forward changes BatchNorm's running statistics, which no optimizer owns
+    assert not torch.equal(model[1].running_mean, snap["model"]["1.running_mean"])
+    pending.result(timeout=60)
+    _assert_saved_is(tmp_path / "c", snap, model)
+
+
+def test_async_save_with_optimizer_registers_one_hook_and_a_step_after_staging_does_not_wait(tmp_path: Path) -> None:
+    model, opt = _trained()
+    for i in range(3):
+        snap = _snapshot(model, opt)
+        pending = checkpoint.async_save({"model": model.state_dict(), "optim": opt.state_dict()}, tmp_path / f"c{i}",
+                                        optimizer=opt)
+        pending.staged.result(timeout=60)
+        _train_step(model, opt)
+        assert pending.step_wait_s == 0.0
+        pending.result(timeout=60)
+        _assert_saved_is(tmp_path / f"c{i}", snap, model)
+    assert len(opt._optimizer_step_pre_hooks) == 1
+
+
+def test_async_save_with_optimizer_failing_copy_lets_training_go_on(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from tierd.clients import checkpoint as ckpt
+
+    model, opt = _trained()
+    real = ckpt._copy_in
+
+    def failing(staged, shards, tensors, only, skip):  # noqa: ANN001, ANN202
+        if only is not None:
+            raise OSError("injected")
+        real(staged, shards, tensors, only, skip)
+
+    monkeypatch.setattr(ckpt, "_copy_in", failing)
+    pending = checkpoint.async_save({"model": model.state_dict(), "optim": opt.state_dict()}, tmp_path / "c",
+                                    optimizer=opt)
+    _train_step(model, opt)  # does not hang, does not raise
+    with pytest.raises(OSError, match="injected"):
+        pending.result(timeout=60)
+    assert not (tmp_path / "c" / checkpoint.MANIFEST).exists()
+    monkeypatch.setattr(ckpt, "_copy_in", real)
+    checkpoint.async_save({"model": model.state_dict()}, tmp_path / "d", optimizer=opt).result(timeout=60)
+
+
+def test_async_save_optimizer_must_be_an_optimizer(tmp_path: Path) -> None:
+    with pytest.raises(tierd.InvalidArgument, match="torch.optim.Optimizer"):
+        checkpoint.async_save({"w": torch.ones(3)}, tmp_path / "c", optimizer=object())

@@ -23,6 +23,20 @@ Note [staging]
     section is written straight from the pool. One save is in flight at a
     time: the next ``async_save`` waits for the previous one to be durable.
 
+Note [staging while training runs]
+    Parameters and optimizer states change only in ``optimizer.step()``.
+    Given ``optimizer=``, ``async_save`` copies at once only the tensors the
+    optimizer does not own (buffers such as BatchNorm's running statistics,
+    which forward changes; anything else in the state dict) and returns; the
+    tensors that share storage with the optimizer's parameters or its state
+    are copied on a background thread while forward and backward run. A
+    step pre-hook on the optimizer (one per optimizer, registered once) waits
+    for that copy before ``step()`` changes anything, so the checkpoint is
+    still the state at the call: training blocks only when a step comes
+    before the copy is done (``PendingSave.step_wait_s`` says how long it did).
+    CUDA tensors are copied on a side stream ordered after the work queued
+    before the call.
+
 A safetensors file allows no holes between tensors, so tensors are packed
 back to back; the header is padded with spaces (valid JSON whitespace) so
 the data section starts on a 4 KiB boundary, which is what O_DIRECT needs.
@@ -36,6 +50,7 @@ import os
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -191,10 +206,79 @@ class PendingSave:
     path: Path
     staged: Future[None] = field(default_factory=Future)
     durable: Future[Path] = field(default_factory=Future)
+    #: seconds ``optimizer.step()`` waited for this save's staging (Note [staging while training runs])
+    step_wait_s: float = 0.0
 
     def result(self, timeout: float | None = None) -> Path:
         """Wait until durable; return the path."""
         return self.durable.result(timeout)
+
+
+class _StepGuard:
+    """The step pre-hook of one optimizer: waits for the staging of the save in flight.
+
+    Registered once per optimizer and never removed (a hook cannot remove itself
+    while ``step()`` iterates the hooks); with no save staging it costs one check.
+    """
+
+    def __init__(self) -> None:
+        self.pending: PendingSave | None = None
+
+    def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        pending = self.pending
+        if pending is None:
+            return None
+        if not pending.staged.done():
+            t0 = time.perf_counter()
+            pending.staged.exception()  # waits; a failed save reports through its own futures
+            pending.step_wait_s += time.perf_counter() - t0
+        self.pending = None
+        return None
+
+
+_guards: weakref.WeakKeyDictionary[Any, _StepGuard] = weakref.WeakKeyDictionary()
+_guards_lock = threading.Lock()
+
+
+def _guard(optimizer: Any) -> _StepGuard:
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise InvalidArgument(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    with _guards_lock:
+        guard = _guards.get(optimizer)
+        if guard is None:
+            guard = _guards[optimizer] = _StepGuard()
+            optimizer.register_step_pre_hook(guard)
+        return guard
+
+
+def _storage_key(t: torch.Tensor) -> tuple[str, int] | None:
+    """Which memory ``t`` lies in; None for a tensor subclass without storage of its own (DTensor)."""
+    try:
+        return str(t.device), t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
+def _owned_storages(optimizer: Any) -> set[tuple[str, int] | None]:
+    """The storages only ``optimizer.step()`` changes: its parameters' and its state's tensors."""
+    owned = {_storage_key(p) for group in optimizer.param_groups for p in group["params"]}
+    for state in optimizer.state.values():
+        owned.update(_storage_key(v) for v in state.values() if isinstance(v, torch.Tensor))
+    owned.discard(None)
+    return owned
+
+
+def _copy_in(staged: torch.Tensor, shards: list[_Shard], tensors: dict[str, torch.Tensor],
+             only: set[str] | None, skip: set[str] | None) -> None:
+    """Copy tensors (those in ``only``, or all but ``skip``) to their places in the staging region."""
+    for shard in shards:
+        pos = shard.pool_offset
+        for name in shard.names:
+            src = tensors[name]
+            n = src.numel() * src.element_size()
+            if n and (only is None or name in only) and (skip is None or name not in skip):
+                staged[pos : pos + n].copy_(tensor_bytes(src.detach().contiguous()))  # from a GPU too
+            pos += n
 
 
 def _plan(tensors: dict[str, torch.Tensor], shard_bytes: int, rank: int, world: int) -> list[_Shard]:
@@ -344,11 +428,16 @@ def _barrier(group: Any, what: str) -> None:
 def async_save(
     state_dict: Mapping[str, Any], path: str | os.PathLike[str], *, store: Any = None, keep_last: int | None = None,
     codec: str | None = None, step: int | None = None, metadata: Mapping[str, Any] | None = None,
-    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    shard_bytes: int = DEFAULT_SHARD_BYTES, optimizer: Any = None,
 ) -> PendingSave:
     """Start saving ``state_dict`` to the directory ``path``; see :class:`PendingSave`.
 
     Args:
+        optimizer: the optimizer that updates the parameters in ``state_dict``:
+            the save then returns at once and copies the parameters and optimizer
+            states while forward and backward run; ``optimizer.step()`` waits if the
+            copy is not done (Note [staging while training runs]). Without it the
+            call returns once every tensor is copied.
         store: stage in this store's host arena (``tierd.open()`` or
             ``tierd.connect()``; the memory clients pin for GPUs) instead of the
             private staging pool; the pool is used when the arena has no room.
@@ -368,6 +457,7 @@ def async_save(
     rank, world, group = _dist()
     if keep_last is not None and keep_last < 1:
         raise InvalidArgument(f"keep_last must be >= 1, got {keep_last}")
+    guard = _guard(optimizer) if optimizer is not None else None
     # At most one save in flight: wait for the previous one before using the pool again.
     with _inflight_lock:
         previous = _inflight
@@ -386,27 +476,60 @@ def async_save(
         staged = _stage_in_store(store, total, release) if store is not None else None
         if staged is None:
             staged = _pool.reserve(total)
-        for shard in shards:  # the snapshot: copy every tensor into the pool
-            pos = shard.pool_offset
-            for name in shard.names:
-                src = tensors[name]
-                n = src.numel() * src.element_size()
-                dst = staged[pos : pos + n]
-                dst.copy_(tensor_bytes(src.detach().contiguous().cpu()) if n else dst)
-                pos += n
+        deferred: set[str] = set()
+        if guard is not None:  # Note [staging while training runs]
+            owned = _owned_storages(optimizer)
+            deferred = {name for name, t in tensors.items() if t.numel() and _storage_key(t) in owned}
+        _copy_in(staged, shards, tensors, only=None, skip=deferred)  # the snapshot of the rest, now
+        manifest = Manifest(step=step, created=time.time(), world_size=world, codec=codec_name,
+                            metadata=msgspec.to_builtins(dict(metadata or {})))
+        manifest.trees = {str(rank): tree}
+        direct = probe_direct(directory) is None
+        side = _side_stream(tensors, deferred)
     except BaseException as exc:
         _release(release)
         pending.staged.set_exception(exc)
         pending.durable.set_exception(exc)
         raise
-    pending.staged.set_result(None)
-    manifest = Manifest(step=step, created=time.time(), world_size=world, codec=codec_name,
-                        metadata=msgspec.to_builtins(dict(metadata or {})))
-    manifest.trees = {str(rank): tree}
-    direct = probe_direct(directory) is None
-    _committer.submit(_finish, pending, shards, tensors, staged, manifest, codec_name, direct, rank, world, group,
-                      keep_last, release)
+    if not deferred:
+        pending.staged.set_result(None)
+    elif guard is not None:
+        guard.pending = pending
+    _committer.submit(_stage_then_finish, pending, deferred, side, shards, tensors, staged, manifest, codec_name,
+                      direct, rank, world, group, keep_last, release)
     return pending
+
+
+def _side_stream(tensors: dict[str, torch.Tensor], names: set[str]) -> Any:
+    """A CUDA stream ordered after the work queued so far, for copying ``names``' CUDA tensors; or None."""
+    devices = {tensors[n].device for n in names if tensors[n].device.type == "cuda"}
+    if not devices:
+        return None
+    if len(devices) > 1:
+        raise InvalidArgument(f"async_save(optimizer=...) stages from one GPU per process, got {sorted(map(str, devices))}")
+    device = devices.pop()
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))  # the last step's updates land first
+    return side
+
+
+def _stage_then_finish(pending: PendingSave, deferred: set[str], side: Any, shards: list[_Shard],
+                       tensors: dict[str, torch.Tensor], staged: torch.Tensor, *rest: Any) -> None:
+    if deferred:
+        try:
+            if side is not None:
+                with torch.cuda.stream(side):
+                    _copy_in(staged, shards, tensors, only=deferred, skip=None)
+                side.synchronize()
+            else:
+                _copy_in(staged, shards, tensors, only=deferred, skip=None)
+        except BaseException as exc:  # noqa: BLE001 - delivered through the futures
+            _release(rest[-1])
+            pending.staged.set_exception(exc)
+            pending.durable.set_exception(exc)
+            return
+        pending.staged.set_result(None)
+    _finish(pending, shards, tensors, staged, *rest)
 
 
 def _stage_in_store(store: Any, nbytes: int, release: list[Any]) -> torch.Tensor | None:
