@@ -11,7 +11,12 @@ states would be), saved in one run by:
 * ``torch.save`` (no fsync: it returns once the page cache has the bytes) and
   ``torch.save`` + ``os.fsync``;
 * ``safetensors.torch.save_file``;
-* ``torch.distributed.checkpoint.save`` and its ``async_save``.
+* ``torch.distributed.checkpoint.save`` and its ``async_save``;
+
+and, on a real model and AdamW, ``tierd async_save(..., optimizer=opt)``
+called at the start of a training step (it copies while forward and backward
+run): training blocked = the call plus what ``step()`` waited, beside the
+step's time without a save and ``torch.save`` of the same state.
 
 and loaded by ``tierd load`` beside ``torch.load``, ``safetensors`` and
 ``torch.distributed.checkpoint.load``. The disk's bound is the state's bytes
@@ -75,10 +80,11 @@ def _run(ctx: BenchContext) -> dict[str, Any]:
     sd = _state((100 << 20) if ctx.smoke else (200 << 20) if ctx.quick else (1200 << 20))
     nbytes = sum(t.numel() * t.element_size() for t in sd.values())
     rows: list[dict[str, Any]] = []
-    task = ctx.progress.add_task(f"checkpoint: {nbytes / GIB:.2f} GiB state vs torch.save, safetensors, DCP", total=13)
+    task = ctx.progress.add_task(f"checkpoint: {nbytes / GIB:.2f} GiB state vs torch.save, safetensors, DCP", total=16)
 
-    def record(tool: str, blocking: float, durable: float | None, note: str = "") -> None:
-        rows.append({"tool": tool, "blocking_s": blocking, "durable_s": durable, "note": note})
+    def record(tool: str, blocking: float, durable: float | None, note: str = "", ref_s: float | None = None) -> None:
+        # ref_s: torch.save's time for this row's state, when it is not the main state's
+        rows.append({"tool": tool, "blocking_s": blocking, "durable_s": durable, "note": note, "ref_s": ref_s})
         ctx.progress.advance(task)
 
     tmp = ctx.workdir / "checkpoint"
@@ -149,6 +155,8 @@ def _run(ctx: BenchContext) -> dict[str, Any]:
         ctx.console.print(f"[yellow]torch.distributed.checkpoint not measured: {exc}[/]")
         ctx.progress.advance(task, 4)
 
+    _training_rows(ctx, tmp, record, 6 if not (ctx.quick or ctx.smoke) else 1, 4096 if not ctx.smoke else 2048)
+
     # Loads, from a cold page cache where the kernel allows it.
     cold = _drop_caches()
     t_ours, loaded = _timed(lambda: checkpoint.load(tmp / "tierd-sync"))
@@ -182,6 +190,49 @@ def _run(ctx: BenchContext) -> dict[str, Any]:
             "disk_bound_s": nbytes / (fio * 1e9) if fio else None}
 
 
+def _training_rows(ctx: BenchContext, tmp: Path, record: Callable[..., None], layers: int, width: int) -> None:
+    """async_save(optimizer=opt) at the start of a real training step, against the step alone and torch.save."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(64, width)
+
+    def step() -> None:
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+
+    step()  # AdamW's moments exist from here on
+    state = lambda: {"model": model.state_dict(), "optim": opt.state_dict()}  # noqa: E731
+    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values()) * 3
+    checkpoint.async_save(state(), tmp / "train-warm", optimizer=opt).result()  # the pool is sized (steady state)
+    alone = min(_timed(step)[0] for _ in range(3))
+    t_torch, _ = _timed(lambda: torch.save(state(), tmp / "train.pt"))
+    gib = nbytes / GIB
+
+    def trials(optimizer: Any) -> tuple[float, float, float]:
+        # (training blocked, the step's wall time with the save, durable after): the median of 3 saves
+        out = []
+        for i in range(3):
+            t0 = time.perf_counter()
+            pending = checkpoint.async_save(state(), tmp / f"train-{optimizer is not None}-{i}", optimizer=optimizer)
+            t_call = time.perf_counter() - t0
+            step()
+            t_step = time.perf_counter() - t0
+            pending.result()
+            out.append((t_call + pending.step_wait_s, t_step, time.perf_counter() - t0))
+        return sorted(out)[1]
+
+    for optimizer, how in ((opt, "async_save(optimizer=opt)"), (None, "async_save")):
+        blocked, t_step, durable = trials(optimizer)
+        what = "the call + step()'s wait" if optimizer is not None else "the call (it returns once staged)"
+        record(f"tierd {how}, {gib:.2f} GiB model + AdamW, at a step's start", blocked, durable,
+               f"{what}; call + step {t_step:.2f} s, the step alone {alone:.2f} s; "
+               f"torch.save of this state {t_torch:.2f} s", ref_s=t_torch)
+    record(f"torch.save, {nbytes / GIB:.2f} GiB model + AdamW", t_torch, None, "the reference for the row above",
+           ref_s=t_torch)
+
+
 def markdown(res: dict[str, Any]) -> str:
     ref = res["torch_save_s"]
     bound = f"; the disk's bound (state / fio write) is {res['disk_bound_s']:.2f} s" if res["disk_bound_s"] else ""
@@ -189,9 +240,11 @@ def markdown(res: dict[str, Any]) -> str:
              "| tool | training blocked s | / torch.save | durable after s | / torch.save | note |",
              "|---|---|---|---|---|---|"]
     for r in res["rows"]:
+        rref = r.get("ref_s") or ref
         dur = f"{r['durable_s']:.2f}" if r["durable_s"] else "never (no fsync)"
-        durr = f"{r['durable_s'] / ref:.2f}" if r["durable_s"] else "-"
-        lines.append(f"| {r['tool']} | {r['blocking_s']:.2f} | {r['blocking_s'] / ref:.3f} | {dur} | {durr} | {r['note']} |")
+        durr = f"{r['durable_s'] / rref:.2f}" if r["durable_s"] else "-"
+        lines.append(f"| {r['tool']} | {r['blocking_s']:.2f} | {r['blocking_s'] / rref:.3f} | {dur} | {durr} | "
+                     f"{r['note']} |")
     cache = "cold page cache" if res["cold_loads"] else "warm page cache (dropping caches needs root)"
     lines += ["", f"| load ({cache}) | s | / torch.load |", "|---|---|---|"]
     for k, v in res["loads"].items():
@@ -222,6 +275,12 @@ def headline(res: dict[str, Any], limits: dict[str, Any]) -> list[dict[str, Any]
                 ratio=f"{ours['durable_s'] / ref:.2f} x torch.save",
                 status=verdict(ours["durable_s"] <= ref),
                 note="" if ours["durable_s"] <= ref else "fsync and the disk's write bandwidth")]
+    train = next((r for r in res["rows"] if r["tool"].startswith("tierd async_save(optimizer=opt)")), None)
+    if train:
+        ratio = train["blocking_s"] / train["ref_s"]
+        rows.append(row("async_save(optimizer=opt) at a training step's start: training blocked",
+                        f"{train['blocking_s']:.3f} s", peer=f"torch.save {train['ref_s']:.2f} s", vs_peer=f"{ratio:.3f}",
+                        issue=18, target="<= 0.1 x torch.save", status=verdict(ratio <= 0.1)))
     st = by.get("safetensors save_file (+ fsync)")
     if st:
         rows.append(row("blocking save, durable", f"tierd save {by['tierd save']['blocking_s']:.2f} s",

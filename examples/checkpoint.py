@@ -2,9 +2,11 @@
 
     python examples/checkpoint.py
 
-Runs on a CPU-only machine. Each save blocks only until the state is copied
-to host (`staged`); the write, fsync and manifest commit happen while the
-next steps run (`durable`).
+Runs on a CPU-only machine. Each save is started right after a step with
+``optimizer=opt``: it returns at once and copies the parameters and AdamW's
+moments while the next forward and backward run; the next ``opt.step()``
+waits only if that copy is not done yet (``step_wait_s``). The write, fsync
+and manifest commit happen while later steps run (``durable``).
 """
 
 from __future__ import annotations
@@ -36,11 +38,12 @@ with tempfile.TemporaryDirectory() as root:
         opt.zero_grad()
         model(torch.randn(32, 512)).square().mean().backward()
         opt.step()
+        if pending is not None and step % 10 == 1:
+            print(f"step {step - 1}'s save: staged; the next step() waited {pending.step_wait_s * 1e3:.1f} ms for it")
         if step % 10 == 0:
+            # A snapshot of the state after this step, copied while the next forward/backward run.
             pending = checkpoint.async_save(state(model, opt, step), Path(root) / f"step-{step}", step=step,
-                                            keep_last=2)
-            pending.staged.result()  # safe to keep training: the checkpoint is a snapshot now
-            print(f"step {step}: staged")
+                                            keep_last=2, optimizer=opt)
     assert pending is not None
     print(f"durable: {pending.durable.result()}")
     print("kept:", sorted(p.name for p in Path(root).iterdir()))
