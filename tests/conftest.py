@@ -6,6 +6,8 @@ from typing import Any
 
 import pytest
 
+from tierd.testing.redis import RedisCluster, RedisServer
+
 
 def small_config(path: Path, *, host: str = "64MiB", nvme: str = "256MiB", **extra: Any) -> dict[str, Any]:
     """A config with small tiers under ``path``; ``extra`` merges into the top level."""
@@ -58,55 +60,36 @@ def _no_user_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(var)
 
 
-class RedisServer:
-    """A real redis-server on a loopback port, started and stopped by the test."""
-
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
-        import shutil
-        import socket
-        import subprocess
-
-        exe = shutil.which("redis-server")
-        if exe is None:
-            pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run does)")
-        if port is None:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-        self.port = port
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        import redis
-
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
-        for _ in range(200):  # redis has no readiness signal to wait on: PING until it answers
-            try:
-                if client.ping():
-                    break
-            except redis.ConnectionError:
-                if self.proc.poll() is not None:
-                    raise RuntimeError("redis-server exited at start") from None
-                threading_event_wait(0.02)
-        else:
-            raise RuntimeError("redis-server did not answer PING")
-        client.close()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server of the test's own."""
+    server = RedisServer(tmp_path / "redis")
+    yield server
+    server.stop()
 
 
-def threading_event_wait(seconds: float) -> None:
-    import threading
-
-    threading.Event().wait(seconds)
+@pytest.fixture(scope="session")
+def _session_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster"))
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture
-def redis_server(tmp_path: Path) -> Any:
-    server = RedisServer(tmp_path)
+def redis_cluster(_session_cluster: RedisCluster) -> RedisCluster:
+    """A real 3-primary, 3-replica Redis Cluster, shared by the session and emptied for each test.
+    A test that kills nodes starts a :class:`RedisCluster` of its own."""
+    _session_cluster.wait_ok()
+    _session_cluster.flush()
+    return _session_cluster
+
+
+@pytest.fixture(params=["server", "cluster"])
+def redis_any(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RedisServer | RedisCluster]:
+    """Each remote-tier test twice: on one redis-server, then on a Redis Cluster (``.cluster`` says which)."""
+    if request.param == "cluster":
+        yield request.getfixturevalue("redis_cluster")
+        return
+    server = RedisServer(tmp_path / "redis")
     yield server
     server.stop()

@@ -168,15 +168,17 @@ def test_two_processes_share_blocks_through_a_daemon(nvme_dir: Path) -> None:
 # -- the remote tier in the engine ----------------------------------------------------------
 
 
-def _remote_cfg(path: Path, url: str, **ns: Any) -> dict:
+def _remote_cfg(path: Path, redis: Any, **ns: Any) -> dict:
+    """Small local tiers over ``redis`` (one server or a cluster), write-through for ``kv/``."""
     cfg = small_config(path, host="4MiB", nvme="8MiB")
-    cfg["tiers"]["remote"] = {"url": url, "size": "1GiB", "chunk_size": "256KiB", "timeout_s": 1.0}
+    cfg["tiers"]["remote"] = {"url": redis.url, "cluster": redis.cluster, "size": "1GiB", "chunk_size": "256KiB",
+                              "timeout_s": 1.0}
     cfg["namespaces"] = {"kv": {"write_through": True}, **ns}
     return cfg
 
 
-def test_full_nvme_demotes_to_remote_and_reads_back(tmp_path: Path, redis_server: Any) -> None:
-    with tierd.open(_remote_cfg(tmp_path / "a", redis_server.url)) as s:
+def test_full_nvme_demotes_to_remote_and_reads_back(tmp_path: Path, redis_any: Any) -> None:
+    with tierd.open(_remote_cfg(tmp_path / "a", redis_any)) as s:
         values = {f"x/{i}": torch.full((MIB,), i, dtype=torch.uint8) for i in range(20)}  # 20 MiB > 4 + 8
         for k, v in values.items():
             s.put(k, v)
@@ -185,10 +187,10 @@ def test_full_nvme_demotes_to_remote_and_reads_back(tmp_path: Path, redis_server
         assert all(torch.equal(s.get(k), v) for k, v in values.items())
 
 
-def test_two_machines_share_blocks_through_one_redis(tmp_path: Path, redis_server: Any) -> None:
+def test_two_machines_share_blocks_through_one_redis(tmp_path: Path, redis_any: Any) -> None:
     toks, cache = _tokens(4 * B), _kv(4 * B)
-    with tierd.open(_remote_cfg(tmp_path / "a", redis_server.url)) as a, \
-            tierd.open(_remote_cfg(tmp_path / "b", redis_server.url)) as b:
+    with tierd.open(_remote_cfg(tmp_path / "a", redis_any)) as a, \
+            tierd.open(_remote_cfg(tmp_path / "b", redis_any)) as b:
         tierd.PrefixKVStore(a, model="m", block_tokens=B).put(toks, cache)
         kv_b = tierd.PrefixKVStore(b, model="m", block_tokens=B)
         assert kv_b.lookup(toks) == 4 * B  # found in the remote index: B has no local copy
@@ -199,7 +201,7 @@ def test_two_machines_share_blocks_through_one_redis(tmp_path: Path, redis_serve
 
 
 def test_redis_killed_mid_run(tmp_path: Path, redis_server: Any) -> None:
-    with tierd.open(_remote_cfg(tmp_path / "a", redis_server.url)) as s:
+    with tierd.open(_remote_cfg(tmp_path / "a", redis_server)) as s:
         for i in range(20):
             s.put(f"x/{i}", torch.full((MIB,), i, dtype=torch.uint8))
         remote_only = [f"x/{i}" for i in range(20) if s.info(f"x/{i}").tier == "remote"]
@@ -222,8 +224,8 @@ def test_redis_killed_mid_run(tmp_path: Path, redis_server: Any) -> None:
         assert wait_until(lambda: s.engine.healthy(), timeout_s=5)
 
 
-def test_put_straight_to_remote(tmp_path: Path, redis_server: Any) -> None:
-    with tierd.open(_remote_cfg(tmp_path / "a", redis_server.url)) as s:
+def test_put_straight_to_remote(tmp_path: Path, redis_any: Any) -> None:
+    with tierd.open(_remote_cfg(tmp_path / "a", redis_any)) as s:
         t = torch.randn(300, 300)
         s.put("x/r", t, tier="remote", codec="zstd")
         assert s.info("x/r").tier == "remote" and s.stats()["nvme"].used_bytes == 0
@@ -234,11 +236,9 @@ def test_put_straight_to_remote(tmp_path: Path, redis_server: Any) -> None:
                 plain.put("x/r", t, tier="remote")  # no remote configured
 
 
-def test_a_block_redis_evicted_is_a_hole_not_a_hit(tmp_path: Path, redis_server: Any) -> None:
-    import redis as redis_py
-
-    with tierd.open(_remote_cfg(tmp_path / "a", redis_server.url)) as a, \
-            tierd.open(_remote_cfg(tmp_path / "b", redis_server.url)) as b:
+def test_a_block_redis_evicted_is_a_hole_not_a_hit(tmp_path: Path, redis_any: Any) -> None:
+    with tierd.open(_remote_cfg(tmp_path / "a", redis_any)) as a, \
+            tierd.open(_remote_cfg(tmp_path / "b", redis_any)) as b:
         toks, cache = _tokens(5 * B), _kv(5 * B)
         tierd.PrefixKVStore(a, model="m", block_tokens=B).put(toks, cache)
         kv_b = tierd.PrefixKVStore(b, model="m", block_tokens=B)
@@ -246,6 +246,7 @@ def test_a_block_redis_evicted_is_a_hole_not_a_hit(tmp_path: Path, redis_server:
         a.engine.remote.drain()
         # Redis drops the chunks of block 2 (maxmemory eviction, TTL, a flush...).
         loc = b.engine.locations(kv_b.block_keys(toks)[2])["remote"]
-        redis_py.Redis.from_url(redis_server.url).delete(*[f"tierd:{loc.oid}:{i}" for i in range(len(loc.chunks))])
+        remote = b.engine.remote
+        assert remote._redis.delete(*[remote._key(loc.oid, i) for i in range(len(loc.chunks))]) == len(loc.chunks)
         assert kv_b.lookup(toks) == 2 * B  # the hole ends the prefix; it is not reported as a hit
         assert torch.equal(kv_b.get(toks), cache[:, :, : 2 * B])

@@ -1,4 +1,4 @@
-"""The remote tier against a real redis-server."""
+"""The remote tier against a real redis-server and a real Redis Cluster (3 primaries, 3 replicas)."""
 
 from __future__ import annotations
 
@@ -6,25 +6,27 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import redis
 import torch
 
 from tierd.codecs import get_codec
-from tierd.errors import CorruptObject, MediaError
+from tierd.errors import CorruptObject, InvalidArgument, MediaError
 from tierd.testing import TierTests, payload
+from tierd.testing.redis import RedisServer
 from tierd.tiers.remote import RemoteLocation, RemoteTier
 
 
 class TestRemoteTier(TierTests):
+    """Every test twice: on one server and on a cluster. The backdoor is the tier's own redis-py
+    client (it routes by slot on a cluster), used without the tier's logic."""
+
     @pytest.fixture
-    def tier(self, redis_server: Any) -> Iterator[RemoteTier]:
-        t = RemoteTier(redis_server.url, 16 << 20, chunk_size=256 << 10)
+    def tier(self, redis_any: Any) -> Iterator[RemoteTier]:
+        t = RemoteTier(redis_any.url, 16 << 20, chunk_size=256 << 10, cluster=redis_any.cluster)
         yield t
         t.close()
 
     def backdoor_read(self, tier: Any, location: RemoteLocation) -> bytes:
-        r = redis.Redis.from_url(tier.url)
-        return b"".join(r.get(f"{tier.prefix}:{location.oid}:{i}") for i in range(len(location.chunks)))
+        return b"".join(tier._redis.get(tier._key(location.oid, i)) for i in range(len(location.chunks)))
 
     def test_codecs_and_checksums(self, tier: RemoteTier) -> None:
         w = (torch.randn(1 << 20) * 0.02).to(torch.bfloat16).view(torch.uint8)
@@ -33,36 +35,85 @@ class TestRemoteTier(TierTests):
         out = torch.empty_like(w)
         tier.read_into(loc, out, itemsize=2)
         assert torch.equal(out, w)
-        redis.Redis.from_url(tier.url).setrange(f"{tier.prefix}:{loc.oid}:1", 10, b"\xff")
+        tier._redis.setrange(tier._key(loc.oid, 1), 10, b"\xff")
         with pytest.raises(CorruptObject, match="chunk 1 .* fails its checksum"):
             tier.read_into(loc, out, itemsize=2)
 
     def test_vanished_chunk_is_reported(self, tier: RemoteTier) -> None:
         loc = tier.write(payload(600_000), codec=get_codec("none"), itemsize=1, durable=False)
-        redis.Redis.from_url(tier.url).delete(f"{tier.prefix}:{loc.oid}:2")
+        tier._redis.delete(tier._key(loc.oid, 2))
         with pytest.raises(MediaError, match="chunk 2 .* is gone"):
             tier.read_into(loc, torch.empty(600_000, dtype=torch.uint8), itemsize=1)
 
     def test_free_deletes_the_keys(self, tier: RemoteTier) -> None:
         loc = tier.write(payload(700_000), codec=get_codec("none"), itemsize=1, durable=False)
-        r = redis.Redis.from_url(tier.url)
-        assert r.exists(f"{tier.prefix}:{loc.oid}:0")
+        keys = [tier._key(loc.oid, i) for i in range(len(loc.chunks))]
+        assert len(keys) == 3 and tier._redis.exists(*keys) == 3
         tier.free(loc)
         tier.drain()  # frees go to the server from a worker
-        assert not r.keys(f"{tier.prefix}:{loc.oid}:*")
+        assert tier._redis.exists(*keys) == 0
+
+    def test_the_index_is_shared(self, tier: RemoteTier, redis_any: Any) -> None:
+        other = RemoteTier(redis_any.url, 16 << 20, cluster=redis_any.cluster)
+        try:
+            entries = {f"kv/{i}": f"entry {i}".encode() * 10 for i in range(40)}
+            for key, entry in entries.items():
+                tier.index_put(key, entry)
+            assert {k: other.index_get(k) for k in entries} == entries  # any key, whichever shard holds it
+            other.index_delete("kv/3")
+            assert tier.index_get("kv/3") is None and tier.index_get("kv/never") is None
+        finally:
+            other.close()
 
 
-def test_ttl_lets_redis_expire_objects(redis_server: Any) -> None:
-    t = RemoteTier(redis_server.url, 1 << 20, ttl_s=30)
+def test_an_object_lives_in_one_slot_and_objects_spread_over_the_shards(redis_cluster: Any) -> None:
+    t = RemoteTier(redis_cluster.url, 64 << 20, chunk_size=64 << 10, cluster=True)
+    try:
+        primaries: set[int] = set()
+        slots: set[int] = set()
+        for _ in range(24):
+            loc = t.write(payload(300_000), codec=get_codec("none"), itemsize=1, durable=False)
+            keys = [t._key(loc.oid, i) for i in range(len(loc.chunks))]
+            assert len(keys) == 5
+            object_slots = {t._redis.keyslot(k) for k in keys}
+            assert len(object_slots) == 1  # one pipelined put or get talks to one node
+            slots |= object_slots
+            primaries.add(redis_cluster.primary_of(keys[0]))
+        assert len(slots) == 24 and primaries == set(redis_cluster.primaries())
+    finally:
+        t.close()
+
+
+def test_several_seeds_need_cluster_mode(redis_cluster: Any) -> None:
+    with pytest.raises(InvalidArgument, match="several seeds need cluster = true"):
+        RemoteTier(redis_cluster.seeds, 1 << 20)
+    with pytest.raises(InvalidArgument, match="names no host"):
+        RemoteTier("redis://:6379", 1 << 20, cluster=True)
+    # The first seed is dead; the second answers with the topology.
+    t = RemoteTier("redis://127.0.0.1:1," + redis_cluster.seeds, 1 << 20, cluster=True, timeout_s=1.0)
+    try:
+        loc = t.write(payload(1000), codec=get_codec("none"), itemsize=1, durable=False)
+        out = torch.empty(1000, dtype=torch.uint8)
+        t.read_into(loc, out, itemsize=1)
+        assert torch.equal(out, payload(1000))
+    finally:
+        t.close()
+
+
+def test_ttl_lets_redis_expire_objects(redis_any: Any) -> None:
+    t = RemoteTier(redis_any.url, 1 << 20, ttl_s=30, cluster=redis_any.cluster)
     loc = t.write(payload(1000), codec=get_codec("none"), itemsize=1, durable=False)
-    ttl_ms = redis.Redis.from_url(redis_server.url).pttl(f"tierd:{loc.oid}:0")
-    assert 0 < ttl_ms <= 30_000
-    t.close()
+    t.index_put("kv/a", b"entry")
+    client = redis_any.client()
+    try:
+        assert 0 < client.pttl(t._key(loc.oid, 0)) <= 30_000
+        assert 0 < client.pttl(t._index_key("kv/a")) <= 30_000  # an index entry does not outlive its object
+    finally:
+        client.close()
+        t.close()
 
 
 def test_dead_server_gives_a_clear_error_then_reconnects(redis_server: Any, tmp_path: Any) -> None:
-    from conftest import RedisServer
-
     t = RemoteTier(redis_server.url, 16 << 20, timeout_s=1.0)
     src = payload(300_000)
     loc = t.write(src, codec=get_codec("none"), itemsize=1, durable=False)
@@ -73,7 +124,7 @@ def test_dead_server_gives_a_clear_error_then_reconnects(redis_server: Any, tmp_
         t.write(src, codec=get_codec("none"), itemsize=1, durable=False)
     assert t.usage().used_bytes == 300_000  # the failed write took nothing
     # A new server on the same port: the same tier's pooled client reconnects by itself.
-    revived = RedisServer(tmp_path, port=redis_server.port)
+    revived = RedisServer(tmp_path / "revived", port=redis_server.port)
     try:
         loc2 = t.write(src, codec=get_codec("none"), itemsize=1, durable=False)
         out = torch.empty_like(src)

@@ -1,7 +1,7 @@
 """The ``remote`` tier: objects in Redis or Valkey, chunked, pipelined, checksummed.
 
 An object is split into chunks (1 MiB by default), each encoded with the
-object's codec and stored under ``{prefix}:{object id}:{i}``; its location
+object's codec and stored under ``<prefix>:<object id>:<i>``; its location
 records every chunk's stored size, raw size, mode and xxh3 checksum, so a
 read verifies what came back. Writes and reads are pipelined (one round
 trip per batch of chunks); a TTL, when configured, lets Redis expire what
@@ -14,9 +14,22 @@ chunk that has vanished (expired, evicted by Redis's maxmemory policy,
 flushed) is reported as such.
 
 The index: every object the engine puts on this tier is also described
-under ``{prefix}:idx`` (a hash: key -> msgpack of its metadata and chunks),
-so another store using the same server finds it on a local miss. That is
-how two machines share KV-cache blocks.
+under ``<prefix>:idx:<key>`` (msgpack of its metadata and chunks), so another
+store using the same server finds it on a local miss. That is how two
+machines share KV-cache blocks.
+
+Note [remote tier on a cluster]
+    With ``cluster=True`` the tier speaks Redis Cluster; ``url`` may name
+    several seed nodes, comma-separated, and any one that answers gives the
+    topology. An object id is a hash tag (``{<hex>}``), so every chunk of one
+    object lies in one slot: a pipelined put or get of an object talks to one
+    node, and a failing shard fails only the objects in its slots. The
+    index has one key per object key, spread over the slots like the data.
+    When a primary dies, commands for its slots fail (``MediaError``) until
+    its replica is promoted; the client then refreshes the topology from any
+    live node and carries on. Replication is asynchronous: an object written
+    just before a failover may be missing on the promoted replica, which is
+    a miss (a chunk is gone), never wrong bytes (every chunk is checksummed).
 """
 
 from __future__ import annotations
@@ -26,6 +39,7 @@ import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import msgspec
 import torch
@@ -35,10 +49,10 @@ from tierd._buffers import address_view
 from tierd._optional import require
 from tierd.codecs import Chunk, Codec
 from tierd.engine.keys import user_key
-from tierd.errors import CorruptObject, MediaError, OutOfSpace
+from tierd.errors import CorruptObject, InvalidArgument, MediaError, OutOfSpace
 from tierd.tiers.base import Tier, TierUsage
 
-__all__ = ["RemoteTier", "RemoteLocation"]
+__all__ = ["RemoteTier", "RemoteLocation", "redis_client"]
 
 log = logging.getLogger("tierd.tiers.remote")
 
@@ -70,13 +84,35 @@ class RemoteTier(Tier):
         self._lock = threading.Lock()
         # redis-py is an extra (tierd[redis]): imported by the tier that uses it.
         redis = require("redis", needed_by="tiers.remote.url (the remote tier)")
-        self._errors: type[Exception] = redis.RedisError
-        # A pooled client: redis-py reconnects on the next command after a failure.
+        # RedisClusterException (no seed answers, a slot no node covers) is not a RedisError.
+        self._errors: tuple[type[Exception], ...] = (redis.RedisError, redis.exceptions.RedisClusterException)
+        self.cluster = cluster
+        # A pooled client: redis-py reconnects on the next command after a failure. A cluster
+        # client asks a seed for the topology when it is made; if none answers now, the tier
+        # still starts (a cache that is down is a miss) and the next command tries again.
+        self._client = client
+        self._connect_lock = threading.Lock()
+        self._connect = lambda: redis_client(url, cluster=cluster, timeout_s=timeout_s, **redis_options)
         if client is None:
-            factory = redis.RedisCluster.from_url if cluster else redis.Redis.from_url
-            client = factory(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, **redis_options)
-        self._redis = client
+            try:
+                self._client = self._connect()
+            except self._errors as exc:
+                log.warning("remote tier at %s does not answer yet (%s); local tiers keep working", url, exc)
         self._freer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tierd-remote-free")
+
+    @property
+    def _redis(self) -> Any:
+        """The redis-py client, made now if the cluster did not answer before (raises redis's error)."""
+        client = self._client
+        if client is None:
+            with self._connect_lock:
+                if self._client is None:
+                    self._client = self._connect()
+                client = self._client
+        return client
+
+    def _index_key(self, key: str) -> str:
+        return f"{self.prefix}:idx:{key}"
 
     def _key(self, oid: str, i: int) -> str:
         return f"{self.prefix}:{oid}:{i}"
@@ -100,7 +136,7 @@ class RemoteTier(Tier):
             if self._used + n > self._capacity:
                 raise OutOfSpace(f"remote tier at {self.url} is full ({self._capacity} bytes counted)")
             self._used += n
-        oid = uuid.uuid4().hex
+        oid = "{" + uuid.uuid4().hex + "}"  # a hash tag: one slot per object (Note [remote tier on a cluster])
         chunks: list[Chunk] = []
         written = 0
         try:
@@ -186,20 +222,20 @@ class RemoteTier(Tier):
 
     def index_put(self, key: str, entry: bytes) -> None:
         try:
-            self._redis.hset(f"{self.prefix}:idx", key, entry)
+            self._redis.set(self._index_key(key), entry, px=int(self.ttl_s * 1000) if self.ttl_s else None)
         except self._errors as exc:
             raise self._fail(exc, "indexing") from exc
 
     def index_get(self, key: str) -> bytes | None:
         try:
-            value = self._redis.hget(f"{self.prefix}:idx", key)
+            value = self._redis.get(self._index_key(key))
         except self._errors as exc:
             raise self._fail(exc, "looking up") from exc
         return bytes(value) if value is not None else None
 
     def index_delete(self, key: str) -> None:
         try:
-            self._redis.hdel(f"{self.prefix}:idx", key)
+            self._redis.delete(self._index_key(key))
         except self._errors as exc:
             log.warning("could not drop %r from the remote index at %s: %s", user_key(key), self.url, exc)
 
@@ -210,4 +246,41 @@ class RemoteTier(Tier):
 
     def close(self) -> None:
         self._freer.shutdown(wait=True)
-        self._redis.close()
+        if self._client is not None:
+            self._client.close()
+
+
+def redis_client(url: str, *, cluster: bool, timeout_s: float, **options: Any) -> Any:
+    """A redis-py client for ``url``: one server, or a cluster found from one or more seed URLs
+    (comma-separated; any one that answers gives the topology). ``InvalidArgument`` for a URL
+    that names no host, or several servers without ``cluster``."""
+    redis = require("redis", needed_by="tiers.remote.url (the remote tier)")
+    seeds = [u.strip() for u in url.split(",") if u.strip()]
+    common = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s, **options}
+    if not cluster:
+        if len(seeds) != 1:
+            raise InvalidArgument(f"tiers.remote.url names {len(seeds)} servers; several seeds need cluster = true")
+        return redis.Redis.from_url(seeds[0], **common)
+    from redis.cluster import ClusterNode
+
+    nodes = []
+    for seed in seeds:
+        parts = urlsplit(seed if "//" in seed else f"redis://{seed}")
+        if parts.hostname is None:
+            raise InvalidArgument(f"tiers.remote.url: {seed!r} names no host")
+        nodes.append(ClusterNode(parts.hostname, parts.port or 6379))
+    first = urlsplit(seeds[0] if "//" in seeds[0] else f"redis://{seeds[0]}")
+    if first.username:
+        common.setdefault("username", unquote(first.username))
+    if first.password:
+        common.setdefault("password", unquote(first.password))
+    if first.scheme == "rediss":
+        common.setdefault("ssl", True)
+    # Partial coverage is the normal state during a failover: the healthy shards keep serving.
+    # One immediate retry (after a topology refresh), not redis-py's default backoff of seconds:
+    # a cache read that cannot be served now is a miss the caller recomputes, not a stall.
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    common.setdefault("retry", Retry(NoBackoff(), retries=1))
+    return redis.RedisCluster(startup_nodes=nodes, require_full_coverage=False, **common)
