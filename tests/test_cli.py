@@ -62,3 +62,20 @@ def test_doctor_pings_the_remote_tier(tmp_path: Path, redis_server: Any) -> None
     redis_server.stop()
     dead = _run(["doctor"], tmp_path, TIERD_TIERS_REMOTE_URL=redis_server.url)
     assert dead.returncode == 1 and "does not answer" in dead.stdout
+
+
+def test_doctor_describes_a_cluster_and_warns_of_full_coverage(tmp_path: Path, redis_cluster: Any) -> None:
+    env = {"TIERD_TIERS_REMOTE_URL": redis_cluster.seeds, "TIERD_TIERS_REMOTE_CLUSTER": "true"}
+    ok = _run(["doctor"], tmp_path, **env)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "cluster_state ok, 3 primaries" in ok.stdout
+    client = redis_cluster.client()
+    try:
+        client.config_set("cluster-require-full-coverage", "yes", target_nodes=client.PRIMARIES)
+        warned = _run(["doctor"], tmp_path, **env)
+    finally:
+        client.config_set("cluster-require-full-coverage", "no", target_nodes=client.PRIMARIES)
+        client.close()
+    assert "cluster-require-full-coverage yes" in warned.stdout, warned.stdout
+    several = _run(["doctor"], tmp_path, TIERD_TIERS_REMOTE_URL=redis_cluster.seeds)
+    assert several.returncode == 1 and "several seeds need cluster = true" in several.stdout

@@ -6,6 +6,7 @@ import os
 import resource
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -171,18 +172,46 @@ def _remote_check(cfg: Config) -> Check:
     except ImportError:
         return Check("remote tier", "fail", f"tiers.remote.url is {remote.url} but redis-py is not installed "
                      "(tierd serve refuses to start)", "pip install 'tierd[redis]'")
-    kind = redis.RedisCluster if remote.cluster else redis.Redis
+    from tierd.errors import TierdError
+    from tierd.tiers.remote import redis_client
+
     timeout = min(remote.timeout_s, 2.0)
     try:
-        client = kind.from_url(remote.url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        client = redis_client(remote.url, cluster=remote.cluster, timeout_s=timeout)
         try:
             client.ping()
+            if remote.cluster:
+                return _cluster_check(remote.url, client, redis)
         finally:
             client.close()
-    except (redis.RedisError, OSError, ValueError) as exc:
+    except TierdError as exc:
+        return Check("remote tier", "fail", str(exc), "correct tiers.remote.url")
+    except (redis.RedisError, redis.exceptions.RedisClusterException, OSError, ValueError) as exc:
         return Check("remote tier", "fail", f"{remote.url} does not answer: {exc}",
                      "start the Redis/Valkey server, or correct tiers.remote.url")
-    return Check("remote tier", "ok", f"{remote.url} answers ({'cluster' if remote.cluster else 'one server'})")
+    return Check("remote tier", "ok", f"{remote.url} answers (one server)")
+
+
+def _cluster_check(url: str, client: Any, redis: Any) -> Check:
+    """A cluster's state, its shards, and whether a failing shard would stop the healthy ones."""
+    state = client.cluster_info().get("cluster_state", "?")
+    primaries = client.get_primaries()
+    what = f"{url}: cluster_state {state}, {len(primaries)} primaries"
+    if state != "ok":
+        return Check("remote tier", "warn", what + ": some slots are not served",
+                     "redis-cli --cluster check HOST:PORT tells which")
+    try:
+        settings = client.config_get("cluster-require-full-coverage", target_nodes=redis.RedisCluster.PRIMARIES)
+    except redis.RedisError:  # CONFIG is often disabled on managed services: nothing to tell then
+        return Check("remote tier", "ok", what)
+    if "cluster-require-full-coverage" in settings:  # one primary: redis-py returns its reply alone
+        settings = {primaries[0].name: settings}
+    full = sorted(node for node, got in settings.items() if got.get("cluster-require-full-coverage") == "yes")
+    if full:
+        return Check("remote tier", "warn", what + f"; {', '.join(full)} refuse every key while any shard "
+                     "fails over (cluster-require-full-coverage yes)",
+                     "redis-cli -h HOST -p PORT CONFIG SET cluster-require-full-coverage no on each node")
+    return Check("remote tier", "ok", what)
 
 
 def run_checks(cfg: Config) -> list[Check]:
