@@ -35,9 +35,11 @@ class TestRemoteTier(TierTests):
         out = torch.empty_like(w)
         tier.read_into(loc, out, itemsize=2)
         assert torch.equal(out, w)
+        assert tier.slow_reads == 0  # received straight into `out` (compressed chunks via scratch)
         tier._redis.setrange(tier._key(loc.oid, 1), 10, b"\xff")
         with pytest.raises(CorruptObject, match="chunk 1 .* fails its checksum"):
             tier.read_into(loc, out, itemsize=2)
+        assert tier.slow_reads == 1  # the direct read saw the bad chunk; redis-py's read said what it is
 
     def test_vanished_chunk_is_reported(self, tier: RemoteTier) -> None:
         loc = tier.write(payload(600_000), codec=get_codec("none"), itemsize=1, durable=False)

@@ -24,10 +24,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RedisServer", "RedisCluster", "free_cluster_ports"]
+__all__ = ["RedisServer", "RedisCluster", "FailoverReport", "free_cluster_ports", "read_through_failover"]
 
 
 def _free_port() -> int:
@@ -195,6 +197,12 @@ class RedisCluster:
     def _serving(entry: dict[str, Any]) -> bool:
         return "master" in entry["flags"] and "fail" not in entry["flags"]
 
+    @classmethod
+    def _serves(cls, entry: dict[str, Any], slot: int) -> bool:
+        """Whether a CLUSTER NODES entry is a live primary owning ``slot`` (ranges or single slots)."""
+        return cls._serving(entry) and any(
+            int(r[0]) <= slot <= int(r[-1]) for r in entry["slots"] if r and str(r[0]).isdigit())
+
     def primaries(self) -> list[int]:
         """Ports of the primaries that are up, as the cluster sees them now."""
         return [port for port, e in self._nodes_table().items() if self._serving(e) and e["slots"]]
@@ -207,9 +215,33 @@ class RedisCluster:
         finally:
             client.close()
         for port, e in self._nodes_table().items():
-            if self._serving(e) and any(int(lo) <= slot <= int(hi) for lo, hi in e["slots"]):
+            if self._serves(e, slot):
                 return port
         raise RuntimeError(f"no primary serves slot {slot}")
+
+    def move_slot(self, slot: int, to: int) -> None:
+        """Reshard: move ``slot`` and its keys to the primary on port ``to``, as ``redis-cli --cluster
+        reshard`` does (IMPORTING / MIGRATING, MIGRATE, then SETSLOT NODE on every primary)."""
+        table = self._nodes_table()
+        frm = next(p for p, e in table.items() if self._serves(e, slot))
+        if frm == to:
+            return
+        src, dst = self.nodes[frm].client(socket_timeout=10), self.nodes[to].client(socket_timeout=10)
+        try:
+            src_id, dst_id = table[frm]["node_id"], table[to]["node_id"]
+            dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", src_id)
+            src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", dst_id)
+            while keys := src.execute_command("CLUSTER GETKEYSINSLOT", slot, 100):
+                src.execute_command("MIGRATE", "127.0.0.1", to, "", 0, 10_000, "KEYS", *keys)
+            for port in self.primaries():
+                client = self.nodes[port].client(socket_timeout=10)
+                try:
+                    client.execute_command("CLUSTER SETSLOT", slot, "NODE", dst_id)
+                finally:
+                    client.close()
+        finally:
+            src.close()
+            dst.close()
 
     def kill(self, port: int) -> None:
         """SIGKILL the node on ``port`` (nothing flushed, no goodbye to the cluster)."""
@@ -293,3 +325,48 @@ class RedisCluster:
     def stop(self) -> None:
         for node in self.nodes.values():
             node.stop()
+
+
+@dataclass
+class FailoverReport:
+    """What :func:`read_through_failover` saw: failed reads on the dead shard and on the others,
+    reads that returned other bytes, and seconds from the kill until a round read everything."""
+
+    victim_failures: int
+    healthy_failures: int
+    wrong: int
+    rounds: int
+    recovered_s: float | None
+
+
+def read_through_failover(cluster: RedisCluster, victim: int, reads: dict[str, Callable[[], bool]],
+                          on_victim: set[str], *, timeout_s: float = 30.0, poll_s: float = 0.05) -> FailoverReport:
+    """SIGKILL primary ``victim``, then call every read (True: the right bytes; False: other bytes;
+    a ``TierdError``: failed) in rounds every ``poll_s`` until a round has no failure.
+
+    ``on_victim`` names the reads whose keys lie in the victim's slots: their
+    failures are expected while the replica is promoted; any other read that
+    fails counts as a healthy failure.
+    """
+    from tierd.errors import TierdError
+
+    cluster.wait_replicated(victim)  # replication is asynchronous: a kill right after a write may lose it
+    cluster.kill(victim)
+    killed = time.monotonic()
+    victim_failures = healthy_failures = wrong = rounds = 0
+    while time.monotonic() - killed < timeout_s:
+        rounds += 1
+        failed = False
+        for name, read in reads.items():
+            try:
+                wrong += not read()
+            except TierdError:
+                failed = True
+                if name in on_victim:
+                    victim_failures += 1
+                else:
+                    healthy_failures += 1
+        if not failed:
+            return FailoverReport(victim_failures, healthy_failures, wrong, rounds, time.monotonic() - killed)
+        threading.Event().wait(poll_s)
+    return FailoverReport(victim_failures, healthy_failures, wrong, rounds, None)

@@ -1,0 +1,123 @@
+"""GET replies read off a redis-py connection's socket straight into the caller's memory.
+
+redis-py (with or without hiredis) turns every bulk reply into a new ``bytes``:
+for a 1 MiB chunk that is two copies on top of the kernel's (the parser's buffer,
+then the object), and the remote tier made a third into the destination. Here
+the pipelined GETs go out through redis-py's connection (its auth, TLS, database
+and cluster routing stay redis-py's), and each reply's payload is received with
+``recv_into`` into the destination itself: one copy, the kernel's.
+
+Only what this reader can be sure of is handled: ``$<n>`` bulk strings and
+``$-1`` nils. Anything else (an error reply such as MOVED or ASK, a closed or
+timed-out socket, a reply that is not RESP2) raises :class:`Unexpected` after
+the connection is disconnected (its stream position is unknown); the caller
+then reads the batch again through redis-py, which follows redirects and
+refreshes a cluster's topology.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = ["Unexpected", "get_into"]
+
+_SCRATCH = 1 << 16
+
+
+class Unexpected(Exception):
+    """The fast path cannot go on; the caller retries through redis-py."""
+
+
+class _Reader:
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+        self.buf = bytearray(_SCRATCH)
+        self.view = memoryview(self.buf)
+        self.start = self.end = 0
+
+    def _fill(self) -> None:
+        if self.start == self.end:
+            self.start = self.end = 0
+        elif self.end == len(self.buf):  # a line longer than what is left: move it to the front
+            n = self.end - self.start
+            self.buf[:n] = self.buf[self.start : self.end]
+            self.start, self.end = 0, n
+            if n == len(self.buf):
+                raise Unexpected("a reply header longer than 64 KiB")
+        got = self.sock.recv_into(self.view[self.end :])
+        if got == 0:
+            raise Unexpected("the server closed the connection")
+        self.end += got
+
+    def line(self) -> bytes:
+        while True:
+            i = self.buf.find(b"\r\n", self.start, self.end)
+            if i >= 0:
+                out = bytes(self.buf[self.start : i])
+                self.start = i + 2
+                return out
+            self._fill()
+
+    def read_into(self, dest: memoryview) -> None:
+        n = len(dest)
+        have = min(n, self.end - self.start)
+        dest[:have] = self.view[self.start : self.start + have]
+        self.start += have
+        while have < n:
+            got = self.sock.recv_into(dest[have:])
+            if got == 0:
+                raise Unexpected("the server closed the connection")
+            have += got
+
+    def expect_crlf(self) -> None:
+        tail = bytearray(2)
+        self.read_into(memoryview(tail))
+        if tail != b"\r\n":
+            raise Unexpected("a bulk reply without its CRLF")
+
+
+def get_into(pool: Any, keys: Sequence[str], sink: Callable[[int, int], memoryview | None]) -> list[int | None]:
+    """GET ``keys`` in one pipeline on a connection from redis-py ``pool``.
+
+    ``sink(i, n)`` is asked for where reply ``i``'s ``n`` bytes go (a memoryview
+    of exactly ``n`` bytes), or None when ``n`` is not what the caller expects (the
+    reply is then read into scratch memory and returned unread). Returns each
+    reply's length, None for a missing key.
+
+    Raises:
+        Unexpected: the fast path cannot serve this batch (see the module's text).
+    """
+    try:
+        conn = pool.get_connection()
+    except Exception as exc:  # noqa: BLE001 - a dead node: redis-py's path says so and refreshes the topology
+        raise Unexpected(str(exc)) from exc
+    try:
+        conn.send_packed_command(conn.pack_commands([("GET", k) for k in keys]))
+        sock = getattr(conn, "_sock", None)
+        if sock is None:
+            raise Unexpected("redis-py's connection has no socket attribute")
+        reader = _Reader(sock)
+        lengths: list[int | None] = []
+        for i in range(len(keys)):
+            header = reader.line()
+            if header[:1] != b"$":
+                raise Unexpected(f"reply {header[:80]!r}")  # -MOVED, -ASK, -ERR...: redis-py's to handle
+            n = int(header[1:])
+            if n < 0:
+                lengths.append(None)
+                continue
+            dest = sink(i, n)
+            reader.read_into(dest if dest is not None else memoryview(bytearray(n)))
+            reader.expect_crlf()
+            lengths.append(n)
+        if reader.start != reader.end:
+            raise Unexpected("bytes after the last reply")
+    except BaseException as exc:
+        conn.disconnect()  # where the stream stands is unknown: this connection is not reused as it is
+        pool.release(conn)
+        if isinstance(exc, Exception) and not isinstance(exc, Unexpected):
+            raise Unexpected(str(exc)) from exc  # a socket error, a timeout, redis-py's own errors
+        raise
+    pool.release(conn)
+    return lengths
