@@ -1,6 +1,6 @@
 """``tierd bench``: every benchmark in one run, one report.
 
-    tierd bench [tiers|daemon|policies|checkpoint|training|kv|gpu|scaling|all ...] [--quick] [--out DIR] [--dir DIR]
+    tierd bench [tiers|daemon|policies|checkpoint|training|kv|remote|gpu|scaling|all ...] [--quick] [--out DIR] [--dir DIR]
 
 The physical limits (bench/limits.py: memcpy, fio, pinned cudaMemcpy) are
 measured first, in the same run and on the same disk as the suites that are
@@ -32,12 +32,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from bench._common import BenchContext, default_workdir_base, machine, pyplot, row
 
-SUITES = ("tiers", "daemon", "batches", "policies", "checkpoint", "training", "kv", "gpu", "scaling")
+SUITES = ("tiers", "daemon", "batches", "policies", "checkpoint", "training", "kv", "remote", "gpu", "scaling")
 # Suites that divide by memcpy or fio: the limits run first when one of them runs.
-USES_LIMITS = {"tiers", "daemon", "checkpoint", "kv", "gpu", "scaling"}
+USES_LIMITS = {"tiers", "daemon", "checkpoint", "kv", "remote", "gpu", "scaling"}
 # Which issue's targets a suite carries, for the targets table when a suite fails.
 ISSUES = {"tiers": (2,), "gpu": (8,), "daemon": (3,), "batches": (16,), "policies": (4,), "training": (5,),
-          "checkpoint": (6,), "kv": (7,)}
+          "checkpoint": (6,), "kv": (7,), "remote": (19,)}
 TITLES = {
     "limits": "Limits (same run)",
     "tiers": "Tiers: host and nvme vs memcpy and fio, codecs vs zstd and zipnn (issue 2)",
@@ -48,6 +48,7 @@ TITLES = {
     "checkpoint": "Checkpoints vs torch.save, safetensors, torch.distributed.checkpoint (issue 6)",
     "training": "Training: activation and optimizer offload vs save_on_cpu and recompute (issue 5)",
     "kv": "KV cache: Llama-3-8B blocks through every tier, hit ratios (issue 7)",
+    "remote": "Remote tier: 1 MiB chunks vs redis-benchmark on a server and a cluster, a failover (issue 19)",
     "scaling": "Scaling: object size, object count, clients",
 }
 SUITE_COLUMNS = ("measure", "tierd", "limit", "peer", "tierd / limit", "tierd / peer", "target", "status")

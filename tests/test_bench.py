@@ -128,3 +128,21 @@ def test_the_package_and_bench_list_the_same_suites() -> None:
     from tierd import benchsuite
 
     assert benchsuite.SUITES == suite.SUITES  # tierd bench validates names before it can import bench/
+
+
+def test_the_remote_suite_runs_on_a_server_a_cluster_and_a_failover(tmp_path: Path) -> None:
+    import shutil
+
+    if shutil.which("redis-benchmark") is None or shutil.which("redis-server") is None:
+        pytest.skip("redis-server and redis-benchmark are not installed (apt-get install redis-server)")
+    out = tmp_path / "out"
+    res = _bench("remote", "--smoke", "--out", str(out), "--dir", str(tmp_path / "scratch"), timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    report = json.loads((out / "results.json").read_text())
+    remote = report["suites"]["remote"]
+    assert "error" not in remote and remote["plots"] == ["remote.png"]
+    failover = remote["results"]["failover"]
+    assert failover["healthy_failures"] == 0 and failover["wrong"] == 0 and failover["victim_failures"] > 0
+    rows = [t for t in report["targets"] if t["issue"] == 19]
+    assert len(rows) == 5 and all(t["status"] in ("met", "missed") for t in rows), rows
+    assert "#### A primary killed" in (out / "results.md").read_text()

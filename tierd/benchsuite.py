@@ -23,7 +23,7 @@ from tierd.errors import InvalidArgument, TierdError
 
 __all__ = ["SUITES", "BenchUnavailable", "bench_dir", "run"]
 
-SUITES = ("tiers", "daemon", "batches", "policies", "checkpoint", "training", "kv", "gpu", "scaling")  # = bench/suite.py's
+SUITES = ("tiers", "daemon", "batches", "policies", "checkpoint", "training", "kv", "remote", "gpu", "scaling")  # = bench/suite.py's
 
 
 class BenchUnavailable(TierdError, FileNotFoundError):

@@ -1,0 +1,290 @@
+"""Remote tier: 1 MiB chunks to and from Redis beside redis-benchmark (the C client), and a failover.
+
+    python bench/remote.py [--quick] [--out DIR]
+
+On one redis-server and on a 3-primary / 3-replica Redis Cluster, both on
+loopback and started by this script, in one run:
+
+* tierd's remote tier putting and getting a 64 MiB object in 1 MiB chunks
+  (codec none, xxh3 per chunk, gets received straight into the destination),
+  in GB/s; the same gets through redis-py's parser (the fallback path);
+* what a user would write instead: a redis-py pipeline of 1 MiB SET / GET
+  (redis-py's parser: hiredis when installed);
+* the physical limit on this machine for the same bytes: ``redis-benchmark``
+  (the C client, hiredis) with 1 MiB values on one connection, without
+  pipelining and with 4 commands in flight (what tierd's reads use); the
+  ratio is to the better of the two;
+* on a cluster of its own: a primary SIGKILLed under a reader that reads
+  48 objects every 50 ms through a tier whose only seed is the dead node:
+  reads failed on the dead shard and on the healthy ones, wrong bytes, and
+  seconds from the kill until every object reads again (node timeout 2 s).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._common import MIB, BenchContext, median_gbs, pyplot, row, save_figure, standalone  # noqa: E402
+from tierd.codecs import get_codec  # noqa: E402
+from tierd.testing.redis import RedisCluster, RedisServer, read_through_failover  # noqa: E402
+from tierd.tiers.remote import RemoteTier  # noqa: E402
+
+CHUNK = MIB
+
+
+def _redis_benchmark(port: int, *, cluster: bool, pipeline: int, n: int, new_keys: bool = False) -> dict[str, float]:
+    """redis-benchmark's SET and GET GB/s with 1 MiB values, one connection, ``pipeline`` in flight.
+
+    By default every SET overwrites one key (the server reuses the value's memory) and GET reads
+    it; ``new_keys`` SETs a new key each time (``-r``: the server allocates, as for tierd's puts,
+    which write new objects) and measures no GET (they would miss)."""
+    cmd = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-t", "set" if new_keys else "set,get",
+           "-d", str(CHUNK), "-n", str(n), "-c", "1", "-P", str(pipeline), "--csv",
+           *(["-r", "1000000000"] if new_keys else []), *(["--cluster"] if cluster else [])]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout
+    start = out.index('"test"')  # --cluster prints the topology first
+    rps = {r["test"]: float(r["rps"]) for r in csv.DictReader(io.StringIO(out[start:]))}
+    res = {"put_gbs": rps["SET"] * CHUNK / 1e9}
+    if not new_keys:
+        res["get_gbs"] = rps["GET"] * CHUNK / 1e9
+    return res
+
+
+def _c_client(port: int, *, cluster: bool, n: int) -> dict[str, dict[str, float]]:
+    runs = {f"P{p}": _redis_benchmark(port, cluster=cluster, pipeline=p, n=n) for p in (1, 4)}
+    runs["P4 new keys"] = _redis_benchmark(port, cluster=cluster, pipeline=4, n=n, new_keys=True)
+    return runs
+
+
+def _tierd(tier: RemoteTier, nbytes: int, reps: int) -> dict[str, float]:
+    src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
+    out = torch.empty_like(src)
+    none = get_codec("none")
+
+    # Each timed put writes a new object; the one before is deleted outside the timing, so that the
+    # server reuses its memory, as it does for redis-benchmark's SETs of one key (new memory would
+    # time the server's page faults instead).
+    times = []
+    loc = tier.write(src, codec=none, itemsize=1, durable=False)
+    for rep in range(reps + 2):  # two more first: the server's memory grows to its steady state
+        t0 = time.perf_counter()
+        new = tier.write(src, codec=none, itemsize=1, durable=False)
+        if rep >= 2:
+            times.append(time.perf_counter() - t0)
+        tier.free(loc)
+        tier.drain()
+        loc = new
+    res = {"put_gbs": nbytes / statistics.median(times) / 1e9}
+    res["get_gbs"] = median_gbs(lambda: tier.read_into(loc, out, itemsize=1), nbytes, reps)
+    if not torch.equal(out, src):
+        raise RuntimeError("the remote tier returned other bytes")
+    slow_before = tier.slow_reads
+    direct = tier._read_direct
+    tier._read_direct = lambda *a: False  # type: ignore[method-assign]  # redis-py's parser, as a fallback reads
+    try:
+        res["get_parser_gbs"] = median_gbs(lambda: tier.read_into(loc, out, itemsize=1), nbytes, reps)
+    finally:
+        tier._read_direct = direct  # type: ignore[method-assign]
+    res["direct_fallbacks"] = slow_before
+    tier.free(loc)
+    tier.drain()
+    return res
+
+
+def _redis_py(client: Any, nbytes: int, reps: int) -> dict[str, float]:
+    """A redis-py pipeline of 1 MiB SET, then GET, 4 in flight (keys on one slot: a cluster pipeline)."""
+    values = [torch.randint(0, 256, (CHUNK,), dtype=torch.uint8).numpy().tobytes() for _ in range(4)]
+    keys = [f"bench:{{obj}}:{i}" for i in range(nbytes // CHUNK)]
+
+    def put() -> None:
+        for b in range(0, len(keys), 4):
+            pipe = client.pipeline(transaction=False)
+            for i, key in enumerate(keys[b : b + 4]):
+                pipe.set(key, values[i])
+            pipe.execute()
+
+    def get() -> None:
+        for b in range(0, len(keys), 4):
+            pipe = client.pipeline(transaction=False)
+            for key in keys[b : b + 4]:
+                pipe.get(key)
+            pipe.execute()
+
+    res = {"put_gbs": median_gbs(put, nbytes, reps), "get_gbs": median_gbs(get, nbytes, reps)}
+    client.delete(*keys)
+    return res
+
+
+def _failover(workdir: Path) -> dict[str, Any]:
+    cluster = RedisCluster(workdir / "failover", node_timeout_ms=2000)
+    try:
+        victim = cluster.primaries()[0]
+        tier = RemoteTier(f"redis://127.0.0.1:{victim}", 1 << 30, chunk_size=64 << 10, cluster=True, timeout_s=1.0)
+        try:
+            values = [torch.randint(0, 256, (256 << 10,), dtype=torch.uint8) for _ in range(48)]
+            locs = [tier.write(v, codec=get_codec("none"), itemsize=1, durable=False) for v in values]
+            on_victim = {str(i) for i, loc in enumerate(locs) if cluster.primary_of(tier._key(loc.oid, 0)) == victim}
+
+            def reader(i: int) -> Any:
+                def read() -> bool:
+                    out = torch.zeros(256 << 10, dtype=torch.uint8)
+                    tier.read_into(locs[i], out, itemsize=1)
+                    return torch.equal(out, values[i])
+                return read
+
+            report = read_through_failover(cluster, victim, {str(i): reader(i) for i in range(48)}, on_victim)
+        finally:
+            tier.close()
+    finally:
+        cluster.stop()
+    return {"objects": 48, "on_victim": len(on_victim), "victim_failures": report.victim_failures,
+            "healthy_failures": report.healthy_failures, "wrong": report.wrong, "rounds": report.rounds,
+            "recovered_s": report.recovered_s, "node_timeout_s": 2.0}
+
+
+def run(ctx: BenchContext) -> dict[str, Any]:
+    if shutil.which("redis-server") is None or shutil.which("redis-benchmark") is None:
+        return {"skipped": "redis-server and redis-benchmark are not installed (apt-get install redis-server)"}
+    import redis
+
+    nbytes = (8 if ctx.smoke else 32 if ctx.quick else 64) * MIB
+    reps = 2 if ctx.smoke else 5
+    n = 256 if ctx.smoke else 1024  # redis-benchmark's requests: enough that its start does not count
+    task = ctx.progress.add_task("remote: redis-server, cluster, failover", total=3)
+    from redis.utils import HIREDIS_AVAILABLE
+
+    res: dict[str, Any] = {"chunk_bytes": CHUNK, "object_bytes": nbytes, "hiredis": bool(HIREDIS_AVAILABLE),
+                           "memcpy_gbs": ctx.memcpy()}
+    server = RedisServer(ctx.workdir / "redis")
+    try:
+        tier = RemoteTier(server.url, 1 << 40, chunk_size=CHUNK)
+        try:
+            res["server"] = {"tierd": _tierd(tier, nbytes, reps)}
+        finally:
+            tier.close()
+        res["server"]["redis_py"] = _redis_py(redis.Redis.from_url(server.url), nbytes, reps)
+        res["server"]["redis_benchmark"] = _c_client(server.port, cluster=False, n=n)
+    finally:
+        server.stop()
+    ctx.progress.advance(task)
+    cluster = RedisCluster(ctx.workdir / "cluster")
+    try:
+        tier = RemoteTier(cluster.seeds, 1 << 40, chunk_size=CHUNK, cluster=True)
+        try:
+            res["cluster"] = {"tierd": _tierd(tier, nbytes, reps)}
+        finally:
+            tier.close()
+        res["cluster"]["redis_py"] = _redis_py(cluster.client(), nbytes, reps)
+        res["cluster"]["redis_benchmark"] = _c_client(cluster.ports[0], cluster=True, n=n)
+    finally:
+        cluster.stop()
+    ctx.progress.advance(task)
+    t0 = time.perf_counter()
+    res["failover"] = _failover(ctx.workdir)
+    res["failover"]["wall_s"] = time.perf_counter() - t0
+    ctx.progress.advance(task)
+    for where in ("server", "cluster"):
+        r = res[where]
+        for op in ("put", "get"):
+            r[f"c_best_{op}_gbs"] = max(v[f"{op}_gbs"] for v in r["redis_benchmark"].values() if f"{op}_gbs" in v)
+    return res
+
+
+def markdown(res: dict[str, Any]) -> str:
+    if "skipped" in res:
+        return f"Not run: {res['skipped']}.\n"
+    lines = [f"#### 1 MiB chunks, a {res['object_bytes'] // MIB} MiB object, GB/s "
+             f"(redis-py's parser: {'hiredis' if res['hiredis'] else 'pure Python'}; "
+             f"memcpy {res['memcpy_gbs']:.1f} GB/s)", "",
+             "| Redis | client | put | get | put / C client | get / C client |", "|---|---|---|---|---|---|"]
+    for where, title in (("server", "one server"), ("cluster", "cluster 3+3")):
+        r = res[where]
+        bp, bg = r["c_best_put_gbs"], r["c_best_get_gbs"]
+        t, p = r["tierd"], r["redis_py"]
+        lines.append(f"| {title} | tierd remote tier | {t['put_gbs']:.2f} | {t['get_gbs']:.2f} | "
+                     f"{t['put_gbs'] / bp:.2f}x | {t['get_gbs'] / bg:.2f}x |")
+        lines.append(f"| {title} | tierd, gets through redis-py's parser | | {t['get_parser_gbs']:.2f} | | "
+                     f"{t['get_parser_gbs'] / bg:.2f}x |")
+        lines.append(f"| {title} | redis-py pipeline, 4 in flight | {p['put_gbs']:.2f} | {p['get_gbs']:.2f} | "
+                     f"{p['put_gbs'] / bp:.2f}x | {p['get_gbs'] / bg:.2f}x |")
+        for name, v in r["redis_benchmark"].items():
+            get = f"{v['get_gbs']:.2f} | " if "get_gbs" in v else "- | "
+            vs_get = f"{v['get_gbs'] / bg:.2f}x |" if "get_gbs" in v else "- |"
+            lines.append(f"| {title} | redis-benchmark -c 1 -{name} | {v['put_gbs']:.2f} | {get}"
+                         f"{v['put_gbs'] / bp:.2f}x | {vs_get}")
+    f = res["failover"]
+    rec = f"{f['recovered_s']:.2f} s" if f["recovered_s"] is not None else "not within 30 s"
+    lines += ["", "#### A primary killed (SIGKILL) under a reader; the tier's only seed is the dead node", "",
+              "| objects | on the dead shard | reads failed there | reads failed elsewhere | wrong bytes | "
+              "every object reads again after | node timeout |",
+              "|---|---|---|---|---|---|---|",
+              f"| {f['objects']} | {f['on_victim']} | {f['victim_failures']} (in {f['rounds']} rounds) | "
+              f"{f['healthy_failures']} | {f['wrong']} | {rec} | {f['node_timeout_s']:.0f} s |"]
+    return "\n".join(lines) + "\n"
+
+
+def headline(res: dict[str, Any], limits: dict[str, Any]) -> list[dict[str, Any]]:
+    if "skipped" in res:
+        return [row("remote tier vs redis-benchmark", "-", status=f"not run: {res['skipped']}", issue=19)]
+    rows = []
+    for where, title in (("server", "one server"), ("cluster", "cluster")):
+        r = res[where]
+        for op in ("put", "get"):
+            ours, c, py = r["tierd"][f"{op}_gbs"], r[f"c_best_{op}_gbs"], r["redis_py"][f"{op}_gbs"]
+            note = ""
+            if op == "put" and ours < 0.5 * c:
+                fresh = r["redis_benchmark"]["P4 new keys"]["put_gbs"]
+                note = (f"each put is a new object, for which the server allocates; redis-benchmark's SETs overwrite "
+                        f"one key (with new keys it gave {fresh:.2f} GB/s)")
+            rows.append(row(f"remote {op}, 1 MiB chunks, {title}", f"{ours:.2f} GB/s", limit=f"{c:.2f} GB/s",
+                            peer=f"{py:.2f} GB/s", vs_limit=f"{ours / c:.2f}x", vs_peer=f"{ours / py:.2f}x", issue=19,
+                            target=">= 0.5x redis-benchmark", status="met" if ours >= 0.5 * c else "missed",
+                            note=note))
+    f = res["failover"]
+    ok = f["healthy_failures"] == 0 and f["wrong"] == 0 and f["recovered_s"] is not None \
+        and f["recovered_s"] <= f["node_timeout_s"] + 5
+    rows.append(row("failover: reads failed off the dead shard, wrong bytes, recovery",
+                    f"{f['healthy_failures']}, {f['wrong']}, "
+                    + (f"{f['recovered_s']:.1f} s" if f["recovered_s"] is not None else "none"), issue=19,
+                    target="0, 0, <= node timeout + 5 s", ratio="-", status="met" if ok else "missed"))
+    return rows
+
+
+def plot(res: dict[str, Any], out: Path) -> list[Path]:
+    plt = pyplot()
+    if plt is None or "skipped" in res:
+        return []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    clients = [("tierd", lambda r, op: r["tierd"][f"{op}_gbs"]),
+               ("redis-py pipeline", lambda r, op: r["redis_py"][f"{op}_gbs"]),
+               ("redis-benchmark -P1", lambda r, op: r["redis_benchmark"]["P1"][f"{op}_gbs"]),
+               ("redis-benchmark -P4", lambda r, op: r["redis_benchmark"]["P4"][f"{op}_gbs"])]
+    for ax, where in zip(axes, ("server", "cluster"), strict=True):
+        for k, (name, fig_of) in enumerate(clients):
+            ax.bar([x + k * 0.2 for x in (0, 1)], [fig_of(res[where], "put"), fig_of(res[where], "get")],
+                   width=0.2, label=name)
+        ax.set_xticks([0.3, 1.3], ["put", "get"])
+        ax.set_title("one redis-server" if where == "server" else "Redis Cluster, 3 primaries + 3 replicas")
+        ax.set_ylabel("GB/s (1 MiB chunks)")
+    axes[0].legend()
+    return save_figure(fig, out, "remote")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return standalone(sys.modules[__name__], "remote", argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
