@@ -89,6 +89,8 @@ def test_a_store_starts_while_the_cluster_is_down_and_uses_it_once_up(tmp_path: 
     with tierd.open(_cluster_cfg(tmp_path / "a", url)) as s:  # no seed answers: the store starts anyway
         with pytest.raises(tierd.MediaError, match="remote tier at .* unreachable while writing"):
             s.put("r/0", _value(0), tier="remote")
+        with pytest.raises(tierd.MediaError, match="no seed answered"):  # asked again at most once a second
+            s.put("r/1", _value(1), tier="remote")
         s.put("l/0", _value(0))  # local tiers work
         assert torch.equal(s.get("l/0"), _value(0))
         cluster = RedisCluster(tmp_path / "cluster", ports=ports)  # the cluster comes up

@@ -91,6 +91,12 @@ def test_several_seeds_need_cluster_mode(redis_cluster: Any) -> None:
         RemoteTier(redis_cluster.seeds, 1 << 20)
     with pytest.raises(InvalidArgument, match="names no host"):
         RemoteTier("redis://:6379", 1 << 20, cluster=True)
+    with pytest.raises(InvalidArgument, match="Port could not be cast"):
+        RemoteTier("redis://127.0.0.1:abc", 1 << 20, cluster=True)
+    with pytest.raises(InvalidArgument, match="database 2; a cluster has only 0"):
+        RemoteTier(redis_cluster.url + "/2", 1 << 20, cluster=True)
+    with pytest.raises(InvalidArgument, match="other credentials or options than the first"):
+        RemoteTier(f"{redis_cluster.url},redis://user:secret@127.0.0.1:1", 1 << 20, cluster=True)
     # The first seed is dead; the second answers with the topology.
     t = RemoteTier("redis://127.0.0.1:1," + redis_cluster.seeds, 1 << 20, cluster=True, timeout_s=1.0)
     try:
@@ -136,4 +142,21 @@ def test_dead_server_gives_a_clear_error_then_reconnects(redis_server: Any, tmp_
             t.read_into(loc, out, itemsize=1)
     finally:
         revived.stop()
+        t.close()
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_direct_reads_speak_resp2_and_resp3(redis_server: Any, protocol: int) -> None:
+    t = RemoteTier(redis_server.url, 16 << 20, chunk_size=256 << 10, protocol=protocol)
+    try:
+        src = payload(600_000)
+        loc = t.write(src, codec=get_codec("none"), itemsize=1, durable=False)
+        out = torch.empty_like(src)
+        t.read_into(loc, out, itemsize=1)
+        assert torch.equal(out, src) and t.slow_reads == 0
+        t._redis.delete(t._key(loc.oid, 1))  # a null reply: $-1 in RESP2, _ in RESP3
+        with pytest.raises(MediaError, match="chunk 1 .* is gone"):
+            t.read_into(loc, out, itemsize=1)
+        assert t.slow_reads == 1 and t._direct
+    finally:
         t.close()

@@ -202,8 +202,11 @@ def _cluster_check(url: str, client: Any, redis: Any) -> Check:
                      "redis-cli --cluster check HOST:PORT tells which")
     try:
         settings = client.config_get("cluster-require-full-coverage", target_nodes=redis.RedisCluster.PRIMARIES)
-    except redis.RedisError:  # CONFIG is often disabled on managed services: nothing to tell then
+    except redis.ResponseError:  # CONFIG is often disabled on managed services: nothing to tell then
         return Check("remote tier", "ok", what)
+    except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+        return Check("remote tier", "warn", what + f"; a primary does not answer: {exc}",
+                     "redis-cli --cluster check HOST:PORT tells which")
     if "cluster-require-full-coverage" in settings:  # one primary: redis-py returns its reply alone
         settings = {primaries[0].name: settings}
     full = sorted(node for node, got in settings.items() if got.get("cluster-require-full-coverage") == "yes")

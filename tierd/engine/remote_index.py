@@ -1,7 +1,8 @@
 """The remote tier's shared index: how stores on other machines find an object.
 
-Next to each object's chunks, the remote tier keeps a hash ``key -> entry``
-(``{prefix}:idx``): the object's meta, size, codec and remote location. A
+Next to each object's chunks, the remote tier keeps one entry per key
+(``<prefix>:idx:<key>``, spread over a cluster's slots like the data): the
+object's meta, size, codec and remote location. A
 store that misses a key locally looks it up there and adopts the object (it
 reads the same chunks); a store that deletes or replaces an object that had
 a remote copy drops its entry. Failures are never fatal for the local

@@ -7,12 +7,20 @@ the pipelined GETs go out through redis-py's connection (its auth, TLS, database
 and cluster routing stay redis-py's), and each reply's payload is received with
 ``recv_into`` into the destination itself: one copy, the kernel's.
 
-Only what this reader can be sure of is handled: ``$<n>`` bulk strings and
-``$-1`` nils. Anything else (an error reply such as MOVED or ASK, a closed or
-timed-out socket, a reply that is not RESP2) raises :class:`Unexpected` after
-the connection is disconnected (its stream position is unknown); the caller
-then reads the batch again through redis-py, which follows redirects and
-refreshes a cluster's topology.
+Only what this reader can be sure of is handled: ``$<n>`` bulk strings of
+the expected length and nils (``$-1``, RESP3's ``_``); a RESP3 push (``>``)
+or any other reply is left to redis-py. Anything else raises :class:`Unexpected`
+after the connection is disconnected (its stream position is unknown), with a
+``kind`` saying what the caller may do:
+
+* ``"protocol"``: an error reply (MOVED, ASK, ...), a length other than the
+  chunk's, a reply that is not RESP2: read the batch again through redis-py,
+  which follows redirects and refreshes a cluster's topology;
+* ``"connection"``: the node did not answer (refused, reset, timed out): one
+  server's error to report; on a cluster, redis-py's read is what tells it to
+  look for the new topology;
+* ``"unsupported"``: this connection can never be read this way (no plain
+  socket, as with client-side caching): stop trying.
 """
 
 from __future__ import annotations
@@ -26,7 +34,11 @@ _SCRATCH = 1 << 16
 
 
 class Unexpected(Exception):
-    """The fast path cannot go on; the caller retries through redis-py."""
+    """The fast path cannot serve this batch; ``kind`` is ``protocol``, ``connection`` or ``unsupported``."""
+
+    def __init__(self, why: str, kind: str = "protocol") -> None:
+        super().__init__(why)
+        self.kind = kind
 
 
 class _Reader:
@@ -47,7 +59,7 @@ class _Reader:
                 raise Unexpected("a reply header longer than 64 KiB")
         got = self.sock.recv_into(self.view[self.end :])
         if got == 0:
-            raise Unexpected("the server closed the connection")
+            raise Unexpected("the server closed the connection", "connection")
         self.end += got
 
     def line(self) -> bytes:
@@ -67,7 +79,7 @@ class _Reader:
         while have < n:
             got = self.sock.recv_into(dest[have:])
             if got == 0:
-                raise Unexpected("the server closed the connection")
+                raise Unexpected("the server closed the connection", "connection")
             have += got
 
     def expect_crlf(self) -> None:
@@ -80,27 +92,33 @@ class _Reader:
 def get_into(pool: Any, keys: Sequence[str], sink: Callable[[int, int], memoryview | None]) -> list[int | None]:
     """GET ``keys`` in one pipeline on a connection from redis-py ``pool``.
 
-    ``sink(i, n)`` is asked for where reply ``i``'s ``n`` bytes go (a memoryview
-    of exactly ``n`` bytes), or None when ``n`` is not what the caller expects (the
-    reply is then read into scratch memory and returned unread). Returns each
-    reply's length, None for a missing key.
+    ``sink(i, n)`` says where reply ``i``'s ``n`` bytes go: a memoryview of
+    exactly ``n`` bytes, or None when ``n`` is not what the caller expects
+    (``Unexpected``, before anything is read). Returns each reply's length,
+    None for a missing key.
 
     Raises:
         Unexpected: the fast path cannot serve this batch (see the module's text).
     """
     try:
         conn = pool.get_connection()
-    except Exception as exc:  # noqa: BLE001 - a dead node: redis-py's path says so and refreshes the topology
-        raise Unexpected(str(exc)) from exc
+    except Exception as exc:  # noqa: BLE001 - a dead node: the caller decides (its kind says so)
+        raise Unexpected(str(exc), "connection") from exc
     try:
-        conn.send_packed_command(conn.pack_commands([("GET", k) for k in keys]))
+        if not hasattr(conn, "pack_commands"):
+            raise Unexpected(f"{type(conn).__name__} does not pack commands", "unsupported")
+        conn.connect()  # a no-op when connected; a pooled connection may not be yet
         sock = getattr(conn, "_sock", None)
         if sock is None:
-            raise Unexpected("redis-py's connection has no socket attribute")
+            raise Unexpected(f"{type(conn).__name__} has no plain socket", "unsupported")
+        conn.send_packed_command(conn.pack_commands([("GET", k) for k in keys]))
         reader = _Reader(sock)
         lengths: list[int | None] = []
         for i in range(len(keys)):
             header = reader.line()
+            if header == b"_":  # RESP3's null (redis-py 8 speaks RESP3 where the server does)
+                lengths.append(None)
+                continue
             if header[:1] != b"$":
                 raise Unexpected(f"reply {header[:80]!r}")  # -MOVED, -ASK, -ERR...: redis-py's to handle
             n = int(header[1:])
@@ -108,16 +126,22 @@ def get_into(pool: Any, keys: Sequence[str], sink: Callable[[int, int], memoryvi
                 lengths.append(None)
                 continue
             dest = sink(i, n)
-            reader.read_into(dest if dest is not None else memoryview(bytearray(n)))
+            if dest is None:
+                raise Unexpected(f"reply {i} holds {n} bytes, not the chunk's")
+            reader.read_into(dest)
             reader.expect_crlf()
             lengths.append(n)
         if reader.start != reader.end:
             raise Unexpected("bytes after the last reply")
     except BaseException as exc:
-        conn.disconnect()  # where the stream stands is unknown: this connection is not reused as it is
-        pool.release(conn)
-        if isinstance(exc, Exception) and not isinstance(exc, Unexpected):
-            raise Unexpected(str(exc)) from exc  # a socket error, a timeout, redis-py's own errors
-        raise
+        try:
+            conn.disconnect()  # where the stream stands is unknown: this connection is not reused as it is
+        finally:
+            pool.release(conn)
+        if isinstance(exc, Unexpected) or not isinstance(exc, Exception):
+            raise
+        kind = "connection" if isinstance(exc, OSError) or "Connection" in type(exc).__name__ \
+            or "Timeout" in type(exc).__name__ else "protocol"
+        raise Unexpected(str(exc), kind) from exc  # a socket error, a timeout, redis-py's own errors
     pool.release(conn)
     return lengths

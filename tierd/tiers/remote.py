@@ -36,10 +36,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import msgspec
 import torch
@@ -62,6 +62,7 @@ log = logging.getLogger("tierd.tiers.remote")
 # output buffer for this one client: past a few MiB that costs Redis more than the round trips
 # it saves (1 MiB chunks, loopback: 3 GB/s at 4 per pipeline, 1.3 GB/s at 32; bench/remote.py).
 _WRITE_BATCH_BYTES = 32 << 20
+_RECONNECT_S = 1.0  # a cluster no seed answered is asked again after this long
 _READ_BATCH_BYTES = 4 << 20
 
 
@@ -92,6 +93,7 @@ class RemoteTier(Tier):
         redis = require("redis", needed_by="tiers.remote.url (the remote tier)")
         # RedisClusterException (no seed answers, a slot no node covers) is not a RedisError.
         self._errors: tuple[type[Exception], ...] = (redis.RedisError, redis.exceptions.RedisClusterException)
+        self._redis_module = redis
         self.cluster = cluster
         self.slow_reads = 0  # batches read through redis-py's parser, not straight into the destination
         # A pooled client: redis-py reconnects on the next command after a failure. A cluster
@@ -100,10 +102,13 @@ class RemoteTier(Tier):
         self._client = client
         self._connect_lock = threading.Lock()
         self._connect = lambda: redis_client(url, cluster=cluster, timeout_s=timeout_s, **redis_options)
+        self._connect_failed: tuple[float, Exception] | None = None  # when and why the last try failed
+        self._direct = True  # replies received straight into the destination (tiers/_resp.py)
         if client is None:
             try:
                 self._client = self._connect()
             except self._errors as exc:
+                self._connect_failed = (time.monotonic(), exc)
                 log.warning("remote tier at %s does not answer yet (%s); local tiers keep working", url, exc)
         self._freer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tierd-remote-free")
 
@@ -114,7 +119,16 @@ class RemoteTier(Tier):
         if client is None:
             with self._connect_lock:
                 if self._client is None:
-                    self._client = self._connect()
+                    # A dead cluster is asked again at most once a second: between tries, every caller
+                    # fails at once instead of queueing on this lock for each seed's connect timeout.
+                    failed = self._connect_failed
+                    if failed is not None and time.monotonic() - failed[0] < _RECONNECT_S:
+                        raise self._redis_module.ConnectionError(f"no seed answered: {failed[1]}")
+                    try:
+                        self._client = self._connect()
+                    except self._errors as exc:
+                        self._connect_failed = (time.monotonic(), exc)
+                        raise
                 client = self._client
         return client
 
@@ -197,21 +211,35 @@ class RemoteTier(Tier):
             scratch[j] = bytearray(n)
             return memoryview(scratch[j])
 
+        if not self._direct:
+            return False
         try:
             lengths = _resp.get_into(self._pool_for(keys[0]), keys, sink)
-        except (_resp.Unexpected, *self._errors) as exc:
-            self.slow_reads += 1
-            log.debug("remote tier at %s: reading through redis-py (%s)", self.url, exc)
-            return False
+        except _resp.Unexpected as exc:
+            if exc.kind == "connection" and not self.cluster:
+                # One server that does not answer: that is the error (redis-py's read would only wait
+                # as long again). On a cluster, redis-py's read is what makes it find the new primary.
+                raise self._redis_module.ConnectionError(str(exc)) from exc
+            if exc.kind == "unsupported":
+                self._direct = False
+                log.info("remote tier at %s: replies go through redis-py's parser (%s)", self.url, exc)
+            return self._slow(exc)
+        except self._errors as exc:  # no client yet, a slot no node covers: redis-py's read says so
+            return self._slow(exc)
         for j, i in enumerate(batch):
             c = chunks[i]
             stored = memoryview(scratch[j]) if j in scratch else out[c.offset : c.offset + c.stored]
             if lengths[j] != c.stored or not c.intact(stored):
-                self.slow_reads += 1
-                return False
+                return self._slow(f"chunk {i} is missing or fails its checksum")
             if j in scratch:
                 c.decode_into(stored, out[c.offset : c.offset + c.raw], itemsize)
         return True
+
+    def _slow(self, why: object) -> bool:
+        with self._lock:
+            self.slow_reads += 1
+        log.debug("remote tier at %s: reading through redis-py (%s)", self.url, why)
+        return False
 
     def _pool_for(self, key: str) -> Any:
         """redis-py's connection pool for the node serving ``key`` (one server: its only pool)."""
@@ -305,10 +333,24 @@ class RemoteTier(Tier):
 
 def redis_client(url: str, *, cluster: bool, timeout_s: float, **options: Any) -> Any:
     """A redis-py client for ``url``: one server, or a cluster found from one or more seed URLs
-    (comma-separated; any one that answers gives the topology). ``InvalidArgument`` for a URL
-    that names no host, or several servers without ``cluster``."""
+    (comma-separated; any one that answers gives the topology; credentials and options such as
+    ``?ssl_cert_reqs=none`` come from the first seed, and a later seed may repeat them but not differ).
+
+    Raises:
+        InvalidArgument: a URL redis-py cannot parse or that names no host, several servers
+            without ``cluster``, or a cluster URL with a database other than 0 or a Unix socket.
+    """
     redis = require("redis", needed_by="tiers.remote.url (the remote tier)")
+    from redis.connection import parse_url
+
     seeds = [u.strip() for u in url.split(",") if u.strip()]
+    if not seeds:
+        raise InvalidArgument("tiers.remote.url is empty")
+    seeds = [seed if "//" in seed else f"redis://{seed}" for seed in seeds]
+    try:
+        parsed = [parse_url(seed) for seed in seeds]
+    except ValueError as exc:  # a scheme redis-py does not know, a port that is not a number ...
+        raise InvalidArgument(f"tiers.remote.url: {exc}") from exc
     common = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s, **options}
     if not cluster:
         if len(seeds) != 1:
@@ -316,19 +358,19 @@ def redis_client(url: str, *, cluster: bool, timeout_s: float, **options: Any) -
         return redis.Redis.from_url(seeds[0], **common)
     from redis.cluster import ClusterNode
 
-    nodes = []
-    for seed in seeds:
-        parts = urlsplit(seed if "//" in seed else f"redis://{seed}")
-        if parts.hostname is None:
+    for seed, opts in zip(seeds, parsed, strict=True):
+        if "path" in opts:
+            raise InvalidArgument(f"tiers.remote.url: {seed!r} is a Unix socket; a cluster is reached over TCP")
+        if not opts.get("host"):
             raise InvalidArgument(f"tiers.remote.url: {seed!r} names no host")
-        nodes.append(ClusterNode(parts.hostname, parts.port or 6379))
-    first = urlsplit(seeds[0] if "//" in seeds[0] else f"redis://{seeds[0]}")
-    if first.username:
-        common.setdefault("username", unquote(first.username))
-    if first.password:
-        common.setdefault("password", unquote(first.password))
-    if first.scheme == "rediss":
-        common.setdefault("ssl", True)
+        if opts.get("db", 0) != 0:
+            raise InvalidArgument(f"tiers.remote.url: {seed!r} names database {opts['db']}; a cluster has only 0")
+    first = {k: v for k, v in parsed[0].items() if k not in ("host", "port")}
+    for seed, opts in zip(seeds[1:], parsed[1:], strict=True):
+        rest = {k: v for k, v in opts.items() if k not in ("host", "port")}
+        if rest and rest != first:
+            raise InvalidArgument(f"tiers.remote.url: seed {seed!r} has other credentials or options than the "
+                                  "first; give them once, on the first seed")
     # Partial coverage is the normal state during a failover: the healthy shards keep serving.
     # One immediate retry (after a topology refresh), not redis-py's default backoff of seconds:
     # a cache read that cannot be served now is a miss the caller recomputes, not a stall.
@@ -336,4 +378,5 @@ def redis_client(url: str, *, cluster: bool, timeout_s: float, **options: Any) -
     from redis.retry import Retry
 
     common.setdefault("retry", Retry(NoBackoff(), retries=1))
-    return redis.RedisCluster(startup_nodes=nodes, require_full_coverage=False, **common)
+    others = [ClusterNode(opts["host"], opts.get("port", 6379)) for opts in parsed[1:]]
+    return redis.RedisCluster(url=seeds[0], startup_nodes=others, require_full_coverage=False, **common)
