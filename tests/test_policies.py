@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import heapq
 import itertools
+import math
 import random
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,6 +17,8 @@ from conftest import small_config
 
 import tierd
 from tierd.policies import EVICTION_POLICIES, Schedule, make_eviction_policy
+from tierd.policies.base import EvictionPolicy
+from tierd.policies.lru import LRUPolicy
 from tierd.policies.simulator import OPT, TraceEvent, read_trace, simulate
 from tierd.testing import wait_until
 
@@ -106,6 +111,101 @@ def test_schedule_never_wedges_on_random_accesses() -> None:
     assert _rotation_of(s.order, [f"c{i}" for i in range(10)])  # the cycle, from wherever it was caught
     assert len(s.upcoming(3)) == 3
 
+
+
+# -- indexed victims are the sorted ones --------------------------------------------------
+#
+# OPT and the schedule policy pick victims from heaps per object size (tierd/policies/farthest.py)
+# instead of sorting every key at every eviction. These references are the sorts they replaced;
+# the replay must be the same event for event.
+
+
+class _SortedBelady(EvictionPolicy):
+    name = OPT
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.next_use: dict[str, float] = {}
+        self._keys: dict[str, dict[str, int]] = {}
+
+    def _on_insert(self, key: str, tier: str, nbytes: int, now: float) -> None:
+        self._keys.setdefault(tier, {})[key] = max(nbytes, 1)
+
+    def _on_access(self, key: str, tier: str, now: float) -> None:
+        pass
+
+    def _on_remove(self, key: str, tier: str) -> None:
+        self._keys.get(tier, {}).pop(key, None)
+
+    def _candidates(self, tier: str, need_bytes: int, now: float) -> Any:
+        keys = self._keys.get(tier, {})
+        yield from sorted(keys, key=lambda k: -(self.next_use.get(k, math.inf) - now) * keys[k])
+
+
+class _SortedSchedule(LRUPolicy):
+    name = "schedule"
+
+    def __init__(self, schedule: Schedule) -> None:
+        super().__init__()
+        self.schedule = schedule
+        self._size: dict[tuple[str, str], int] = {}
+
+    def _on_insert(self, key: str, tier: str, nbytes: int, now: float) -> None:
+        super()._on_insert(key, tier, nbytes, now)
+        self._size[(tier, key)] = max(nbytes, 1)
+
+    def _on_remove(self, key: str, tier: str) -> None:
+        super()._on_remove(key, tier)
+        self._size.pop((tier, key), None)
+
+    def _candidates(self, tier: str, need_bytes: int, now: float) -> Any:
+        if not self.schedule.active:
+            yield from super()._candidates(tier, need_bytes, now)
+            return
+        dist = self.schedule.distance
+        heap = [(-dist(k) * self._size.get((tier, k), 1), i, k) for i, k in enumerate(self._tier(tier))]
+        heapq.heapify(heap)
+        while heap:
+            yield heapq.heappop(heap)[2]
+
+    def declare_schedule(self, keys: Any, *, cyclic: bool = True) -> None:
+        self.schedule.declare(keys, cyclic=cyclic)
+
+
+def _mixed_trace(seed: int, n: int = 4000) -> list[TraceEvent]:
+    """Cycles with noise, deletes and three sizes: resyncs, relearns and ties all happen."""
+    rng = random.Random(seed)
+    cycle = [f"k{i}" for i in range(rng.randrange(20, 60))]
+    sizes = {k: rng.choice([1, 2, 5]) * MIB for k in cycle + [f"x{i}" for i in range(40)]}
+    events = []
+    while len(events) < n:
+        for key in cycle:
+            r = rng.random()
+            if r < 0.05:
+                key = f"x{rng.randrange(40)}"  # noise: a key off the cycle
+            elif r < 0.08:
+                continue  # a skipped access: the schedule resyncs
+            op = "delete" if r > 0.995 else rng.choice(["get", "get", "get", "put"])
+            events.append(TraceEvent(float(len(events)), op, key, sizes[key]))
+    return events
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_indexed_opt_and_schedule_replay_exactly_as_the_sorted_ones(seed: int,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from tierd.policies import simulator
+
+    events = _mixed_trace(seed)
+    host = random.Random(seed).choice([6, 12, 30]) * MIB
+    declared = [e.key for e in events[:40]] if seed % 2 else None
+    fast = [simulate(events, p, host_bytes=host, nvme_bytes=1 << 30, declared=declared if p != OPT else None)
+            for p in (OPT, "schedule")]
+    monkeypatch.setattr(simulator, "_Belady", _SortedBelady)
+    monkeypatch.setattr(simulator, "make_eviction_policy", lambda name, schedule: _SortedSchedule(schedule))
+    slow = [simulate(events, p, host_bytes=host, nvme_bytes=1 << 30, declared=declared if p != OPT else None)
+            for p in (OPT, "schedule")]
+    assert fast == slow
+    assert 0 < fast[1].hits < fast[1].gets
 
 @pytest.mark.parametrize(
     ("workload", "host", "steps", "declare"),

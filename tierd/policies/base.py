@@ -12,6 +12,7 @@ yields a pinned one, and only then asks the subclass's ``_candidates``.
 
 from __future__ import annotations
 
+import heapq
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 
@@ -46,6 +47,7 @@ class EvictionPolicy(ABC):
     def __init__(self) -> None:
         self._pinned: set[tuple[str, str]] = set()
         self._expires: dict[tuple[str, str], float] = {}
+        self._deadlines: dict[str, list[tuple[float, str]]] = {}  # tier -> heap of (expires_at, key), lazy
         self.cost = CostModel()
 
     # -- what callers use ------------------------------------------------------
@@ -57,6 +59,7 @@ class EvictionPolicy(ABC):
             self._pinned.add((tier, key))
         if expires_at is not None:
             self._expires[(tier, key)] = expires_at
+            heapq.heappush(self._deadlines.setdefault(tier, []), (expires_at, key))
         self._on_insert(key, tier, nbytes, now)
 
     def on_access(self, key: str, tier: str, now: float) -> None:
@@ -72,11 +75,27 @@ class EvictionPolicy(ABC):
     def victims(self, tier: str, need_bytes: int, now: float) -> Iterator[str]:
         """Keys of ``tier`` in the order to evict them until ``need_bytes`` are free.
 
-        Expired objects come first; pinned ones never come; none comes twice.
+        Expired objects come first (from a heap of deadlines: no scan of every object); pinned
+        ones never come; none comes twice.
         """
-        expired = [k for (t, k), at in self._expires.items() if t == tier and at <= now]
-        yield from expired
-        offered = set(expired)
+        offered: set[str] = set()
+        heap = self._deadlines.get(tier, [])
+        due: list[tuple[float, str]] = []
+        try:
+            while heap and heap[0][0] <= now:
+                at, key = heapq.heappop(heap)
+                if self._expires.get((tier, key)) != at or key in offered:
+                    continue  # removed, or its TTL changed since: a stale entry
+                due.append((at, key))
+                offered.add(key)
+                yield key
+        finally:  # what the caller did not remove stays due
+            for at, key in due:
+                if self._expires.get((tier, key)) == at:
+                    heapq.heappush(heap, (at, key))
+        if len(heap) > 2 * len(self._expires) + 64:  # drop stale entries now and then
+            self._deadlines[tier] = [(at, k) for at, k in heap if self._expires.get((tier, k)) == at]
+            heapq.heapify(self._deadlines[tier])
         for key in self._candidates(tier, need_bytes, now):
             if (tier, key) not in self._pinned and key not in offered:
                 offered.add(key)

@@ -11,21 +11,27 @@ last 16 accesses repeat the ones ``p`` before them, wherever in the stream
 that happens (so a random stretch does not stop a later cycle from being
 learned). A key that occurs twice in one iteration (an activation put in
 forward and read in backward) gives short candidates that the check rejects.
+An order that turns out wrong (dropped after ``relearn_after`` accesses off
+it) doubles the accesses the next one must repeat (up to 1024), and a whole
+iteration followed in step brings it back to 16: a stream that only looks
+cyclic for moments (a conversation's turns over its own prefix) stops
+installing orders that every eviction would then have to plan with.
 """
 
 from __future__ import annotations
 
 import bisect
-import heapq
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from tierd.policies.base import PrefetchPolicy
+from tierd.policies.farthest import FarthestFirst
 from tierd.policies.lru import LRUPolicy
 
 __all__ = ["Schedule", "ScheduleEviction", "SchedulePrefetch"]
 
-_CONFIRM = 16  # accesses that must repeat before a period is believed
+_CONFIRM = 16  # accesses that must repeat before a period is believed (the first time)
+_MAX_CONFIRM = 1024  # after each order that turned out wrong, twice as many, up to this
 _OCCURRENCES = 4  # of each key, remembered while learning
 _MAX_RECORD = 1 << 18  # accesses kept while learning; periods up to half of it are learnable
 
@@ -44,7 +50,19 @@ class Schedule:
         self._recording: list[str] = []
         self._last_seen: dict[str, list[int]] = {}
         self._misses = 0
+        self._in_step = 0  # consecutive accesses at their expected position
+        self._confirm = _CONFIRM
         self._relearn_after = relearn_after
+        # Bumped when the order itself changes (learned, declared, dropped): every distance is new.
+        self.epoch = 0
+        self._listeners: list[Callable[[str, int, int | None], None]] = []
+
+    def listen(self, callback: Callable[[str, int, int | None], None]) -> None:
+        """Call ``callback(key, before, moved)`` after each access is observed while following:
+        the cursor was at ``before`` and advanced ``moved`` positions (1 in step, 0 for a key the
+        order does not know, more after a resync); ``moved`` is None when the order changed
+        (see :attr:`epoch`) or while learning."""
+        self._listeners.append(callback)
 
     @property
     def active(self) -> bool:
@@ -57,6 +75,7 @@ class Schedule:
         self.declared = True
 
     def _install(self, order: list[str], cursor: int) -> None:
+        self.epoch += 1
         self.order = order
         self._positions = {}
         for i, key in enumerate(order):
@@ -67,6 +86,7 @@ class Schedule:
         self._misses = 0
 
     def _relearn(self) -> None:
+        self.epoch += 1
         self.order = []
         self._positions = {}
         self.declared = False
@@ -77,10 +97,16 @@ class Schedule:
 
     def observe(self, key: str) -> None:
         """One access of ``key`` happened."""
+        before, moved = self.cursor, None
         if self.order:
+            epoch = self.epoch
             self._follow(key)
+            if self.order and self.epoch == epoch:
+                moved = (self.cursor - before) % len(self.order)
         else:
             self._learn(key)
+        for callback in self._listeners:
+            callback(key, before, moved)
 
     def _follow(self, key: str) -> None:
         n = len(self.order)
@@ -88,13 +114,20 @@ class Schedule:
         if self.order[self.cursor] == key:
             self.cursor = (self.cursor + 1) % n
             self._misses = 0
+            self._in_step += 1
+            if self._in_step >= n:  # a whole iteration in step: the order is right, trust the next one soon
+                self._confirm = _CONFIRM
             return
+        self._in_step = 0
         # Off the expected position: resynchronise at the key's next occurrence.
         nxt = self._next_index(key)
         if nxt is not None:
             self.cursor = (nxt + 1) % n
         self._misses += 1
         if self._misses >= self._relearn_after:
+            # Wrong: the next order must repeat for longer before it is believed. A stream that
+            # only looks cyclic for a moment (a conversation's turns) stops installing orders.
+            self._confirm = min(2 * self._confirm, _MAX_CONFIRM)
             self._relearn()
             self._learn(key)
 
@@ -111,7 +144,7 @@ class Schedule:
             # whole repetitions for periods under 16), wherever in the stream: one
             # iteration plus a little is enough to start planning, and a wrong
             # belief is dropped after relearn_after mismatches.
-            span = _CONFIRM if p >= _CONFIRM else min(2 * p, _CONFIRM)
+            span = self._confirm if p >= self._confirm else min(2 * p, self._confirm)
             if len(rec) >= span + p and rec[-span:] == rec[-span - p : -p]:
                 self._install(rec[-p:], cursor=0)
                 return
@@ -167,6 +200,15 @@ class ScheduleEviction(LRUPolicy):
 
     Objects the schedule does not know go first (least recently used first);
     with no schedule yet it is LRU.
+
+    Each tier's objects sit in a :class:`FarthestFirst` by their next use on
+    the schedule's clock (``clock + distance``), so a victim costs
+    ``O(sizes + log n)``, not a sort. Following the schedule changes no key's
+    next use except the one just accessed. A resync (the cursor jumps ``d``
+    positions) moves every next use by the same ``1 - d`` (kept as one
+    per-tier shift) except for the keys at the skipped positions, which are
+    set again: ``O(d)``, or a rebuild when ``d`` exceeds the tier's objects.
+    A new order (``Schedule.epoch``) rebuilds at the next eviction.
     """
 
     name = "schedule"
@@ -174,28 +216,84 @@ class ScheduleEviction(LRUPolicy):
     def __init__(self, schedule: Schedule | None = None) -> None:
         super().__init__()
         self.schedule = schedule or Schedule()
+        self.schedule.listen(self._observed)
         self._size: dict[tuple[str, str], int] = {}
+        self._recency: dict[tuple[str, str], int] = {}  # LRU order: ties go to the least recent
+        self._tick = 0
+        self._ff: dict[str, FarthestFirst] = {}
+        self._built: dict[str, int] = {}  # tier -> the schedule epoch its entries were made in
+        self._shift: dict[str, float] = {}  # tier -> true next use minus the stored one
+        self.rebuilds = 0
+
+    def _fresh(self, tier: str) -> FarthestFirst | None:
+        ff = self._ff.get(tier)
+        return ff if ff is not None and self._built.get(tier) == self.schedule.epoch else None
+
+    def _track(self, key: str, tier: str, ff: FarthestFirst) -> None:
+        next_use = self.schedule.clock + self.schedule.distance(key) - self._shift[tier]
+        ff.set(key, self._size[(tier, key)], next_use, self._recency[(tier, key)])
+
+    def _touch(self, key: str, tier: str) -> None:
+        self._tick += 1
+        self._recency[(tier, key)] = self._tick
+        ff = self._fresh(tier)
+        if ff is not None:
+            self._track(key, tier, ff)
 
     def _on_insert(self, key: str, tier: str, nbytes: int, now: float) -> None:
         super()._on_insert(key, tier, nbytes, now)
         self._size[(tier, key)] = max(nbytes, 1)
+        self._touch(key, tier)
+
+    def _on_access(self, key: str, tier: str, now: float) -> None:
+        super()._on_access(key, tier, now)
+        if (tier, key) in self._size:
+            self._touch(key, tier)
 
     def _on_remove(self, key: str, tier: str) -> None:
         super()._on_remove(key, tier)
         self._size.pop((tier, key), None)
+        self._recency.pop((tier, key), None)
+        ff = self._ff.get(tier)
+        if ff is not None:
+            ff.discard(key)
+
+    def _observed(self, key: str, before: int, moved: int | None) -> None:
+        """The schedule saw ``key``; its cursor moved ``moved`` positions from ``before``."""
+        if moved is None:
+            return  # a new order or none: rebuilt at the next eviction
+        order = self.schedule.order
+        for tier, ff in self._ff.items():
+            if self._fresh(tier) is None:
+                continue
+            self._shift[tier] += 1 - moved
+            if moved > 4 * len(ff) + 16:
+                self._built[tier] = -1  # cheaper to rebuild than to walk the skipped stretch
+                continue
+            for i in range(moved):
+                k = order[(before + i) % len(order)]
+                if (tier, k) in self._size:
+                    self._track(k, tier, ff)
+            if (tier, key) in self._size:
+                self._track(key, tier, ff)
+
+    def _rebuild(self, tier: str) -> FarthestFirst:
+        self.rebuilds += 1
+        ff = FarthestFirst()
+        self._ff[tier], self._built[tier], self._shift[tier] = ff, self.schedule.epoch, 0.0
+        for key in self._tier(tier):
+            self._track(key, tier, ff)
+        return ff
 
     def _candidates(self, tier: str, need_bytes: int, now: float) -> Iterator[str]:
         if not self.schedule.active:
             yield from super()._candidates(tier, need_bytes, now)
             return
-        dist = self.schedule.distance
-        # Farthest next use first, weighted by size (evicting one large object
-        # frees the room of several small ones that are each needed sooner);
-        # the unknown (inf) in LRU order ahead of all.
-        heap = [(-dist(k) * self._size.get((tier, k), 1), i, k) for i, k in enumerate(self._tier(tier))]
-        heapq.heapify(heap)
-        while heap:
-            yield heapq.heappop(heap)[2]
+        ff = self._fresh(tier)
+        if ff is None:
+            ff = self._rebuild(tier)
+        # (true next use - clock) x size = distance x size
+        yield from ff.farthest(self.schedule.clock - self._shift[tier])
 
     def declare_schedule(self, keys: Sequence[str], *, cyclic: bool = True) -> None:
         self.schedule.declare(keys, cyclic=cyclic)

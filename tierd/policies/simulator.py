@@ -38,6 +38,7 @@ import msgspec
 
 from tierd.policies import make_eviction_policy, make_prefetch_policy
 from tierd.policies.base import CostModel, EvictionPolicy
+from tierd.policies.farthest import FarthestFirst
 from tierd.policies.schedule import Schedule
 
 __all__ = ["TraceEvent", "SimResult", "read_trace", "simulate", "OPT"]
@@ -75,27 +76,42 @@ def read_trace(path: str | os.PathLike[str]) -> list[TraceEvent]:
 
 
 class _Belady(EvictionPolicy):
-    """Farthest next access first (times size), from the future the simulator tells it."""
+    """Farthest next access first (times size), from the future the simulator tells it.
+
+    ``next_use`` is set by the simulator before each event; a key's entry is
+    refreshed when it is inserted or read (the only times its next use changes
+    while it is in the tier). Ties go to the earliest inserted key.
+    """
 
     name = OPT
 
     def __init__(self) -> None:
         super().__init__()
         self.next_use: dict[str, float] = {}
-        self._keys: dict[str, dict[str, int]] = {}
+        self._tiers: dict[str, FarthestFirst] = {}
+        self._seq = 0
+
+    def _ff(self, tier: str) -> FarthestFirst:
+        ff = self._tiers.get(tier)
+        if ff is None:
+            ff = self._tiers[tier] = FarthestFirst()
+        return ff
 
     def _on_insert(self, key: str, tier: str, nbytes: int, now: float) -> None:
-        self._keys.setdefault(tier, {})[key] = max(nbytes, 1)
+        self._seq += 1
+        self._ff(tier).set(key, nbytes, self.next_use.get(key, math.inf), self._seq)
 
     def _on_access(self, key: str, tier: str, now: float) -> None:
-        pass
+        ff = self._ff(tier)
+        live = ff.get(key)
+        if live is not None:
+            ff.set(key, live[2], self.next_use.get(key, math.inf), live[1])
 
     def _on_remove(self, key: str, tier: str) -> None:
-        self._keys.get(tier, {}).pop(key, None)
+        self._ff(tier).discard(key)
 
     def _candidates(self, tier: str, need_bytes: int, now: float) -> Iterator[str]:
-        keys = self._keys.get(tier, {})
-        yield from sorted(keys, key=lambda k: -(self.next_use.get(k, math.inf) - now) * keys[k])
+        yield from self._ff(tier).farthest(now)
 
 
 def _next_uses(events: Sequence[TraceEvent]) -> list[float]:
