@@ -12,6 +12,9 @@ writes one JSON-lines trace per workload (fields t, op, key, size, tier):
   popularity; multi-turn conversations read their earlier blocks and add new ones.
 * ``checkpoint``: bursts of large checkpoint shards every few steps over a
   background of optimizer traffic.
+* ``serving``: a serving engine's prefix cache: shared system prompts,
+  interleaved multi-turn sessions extending their own prefix (with bursts),
+  and a long tail of one-shot documents.
 """
 
 from __future__ import annotations
@@ -100,7 +103,86 @@ def checkpoint(*, params: int = 60, steps: int = 30, every: int = 5, shards: int
                 yield TraceEvent(t, "delete", f"ckpt/step{step - every}/shard{s}", shard_size, "nvme")
 
 
-WORKLOADS = {"activations": activations, "optimizer": optimizer, "kv": kv, "checkpoint": checkpoint}
+def serving(*, requests: int = 20000, system_prompts: int = 32, system_blocks: int = 4,
+            new_session_p: float = 0.25, document_p: float = 0.45, document_blocks: tuple[int, int] = (8, 48),
+            first_turn_blocks: tuple[int, int] = (2, 8), turn_blocks: tuple[int, int] = (1, 3),
+            end_p: float = 0.15, active: int = 5000, recency: float = 0.05, burst_p: float = 0.15, burst_turns: tuple[int, int] = (2, 5),
+            block_size: int = MIB, seed: int = 0) -> Iterator[TraceEvent]:
+    """A serving engine's prefix cache: what each request's blocks do, block by block.
+
+    Every request starts with one of a few system prompts (Zipf-popular,
+    ``system_blocks`` blocks each, shared by all). Then either:
+
+    * a turn of a multi-turn session: it reads the session's whole history
+      (its own prefix, which only it has) and appends ``turn_blocks`` new
+      blocks; sessions start with ``first_turn_blocks``, end after each turn
+      with ``end_p``, and interleave: the next turn is of one of the
+      ``active`` open sessions, the recently used ones likelier (Pareto on
+      recency rank with shape ``recency``: smaller, a longer think time). A burst (``burst_p``) is several turns of one session back to back;
+    * a one-shot document (``document_p``): a long unique context, stored
+      and never read again (a long tail that floods an LRU).
+
+    A block is a ``put`` the first time it is seen and a ``get`` after, as a
+    prefix cache sees them; its key names its prefix (``kv/s<p>/b<i>``,
+    ``kv/u<session>/b<i>``, ``kv/d<doc>/b<i>``), so a block's parent is the
+    block before it in its request.
+    """
+    rng = random.Random(seed)
+    prompt_weights = [1 / (i + 1) for i in range(system_prompts)]
+    t = 0.0
+    stored: set[str] = set()
+    sessions: list[tuple[int, int, list[str]]] = []  # (session id, system prompt, history), most recent last
+    next_id = 0
+
+    def request(blocks: list[str]) -> Iterator[TraceEvent]:
+        nonlocal t
+        for key in blocks:
+            t += BLOCK_S
+            if key in stored:
+                yield TraceEvent(t, "get", key, block_size, "host")
+            else:
+                stored.add(key)
+                yield TraceEvent(t, "put", key, block_size, "host")
+
+    def system(prompt: int) -> list[str]:
+        return [f"kv/s{prompt}/b{b}" for b in range(system_blocks)]
+
+    done = 0
+    while done < requests:
+        r = rng.random()
+        if r < document_p:
+            doc = next_id
+            next_id += 1
+            prompt = rng.choices(range(system_prompts), prompt_weights)[0]
+            n = rng.randint(*document_blocks)
+            yield from request(system(prompt) + [f"kv/d{doc}/b{b}" for b in range(n)])
+            done += 1
+            continue
+        if r < document_p + new_session_p or not sessions:
+            sid, prompt = next_id, rng.choices(range(system_prompts), prompt_weights)[0]
+            next_id += 1
+            history = [f"kv/u{sid}/b{b}" for b in range(rng.randint(*first_turn_blocks))]
+            sessions.append((sid, prompt, history))
+            if len(sessions) > active:
+                sessions.pop(0)  # the oldest open session is abandoned
+            turns = 1
+        else:
+            # The recently used are likelier: a user who just got an answer types again soon.
+            i = len(sessions) - 1 - min(len(sessions) - 1, int(rng.paretovariate(recency)) - 1)
+            sid, prompt, history = sessions.pop(i)
+            sessions.append((sid, prompt, history))
+            turns = rng.randint(*burst_turns) if rng.random() < burst_p else 1
+        for _ in range(turns):
+            history.extend(f"kv/u{sid}/b{b}" for b in range(len(history), len(history) + rng.randint(*turn_blocks)))
+            yield from request(system(prompt) + history)
+            done += 1
+            if rng.random() < end_p:
+                sessions[:] = [s for s in sessions if s[0] != sid]
+                break
+
+
+WORKLOADS = {"activations": activations, "optimizer": optimizer, "kv": kv, "checkpoint": checkpoint,
+             "serving": serving}
 
 
 def write(path: Path, events: Iterator[TraceEvent]) -> int:

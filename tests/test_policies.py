@@ -355,3 +355,27 @@ def test_size_admission_keeps_huge_objects_off_host(nvme_dir: Path) -> None:
         s.put("w/forced", huge, tier="host")  # an explicit tier= overrides admission
         assert s.info("w/forced").tier == "host"
         assert torch.equal(s.get("w/huge", out=torch.empty_like(huge)), huge)
+
+
+def test_the_serving_trace_has_shared_prompts_growing_sessions_and_one_shot_documents() -> None:
+    events = list(traces.serving(requests=3000, seed=3))
+    per_key: dict[str, list[str]] = {}
+    for e in events:
+        per_key.setdefault(e.key, []).append(e.op)
+    assert all(ops[0] == "put" and set(ops[1:]) <= {"get"} for ops in per_key.values())  # a prefix cache's view
+    system = {k: ops for k, ops in per_key.items() if k.startswith("kv/s")}
+    docs = {k: ops for k, ops in per_key.items() if k.startswith("kv/d")}
+    sessions = {k: ops for k, ops in per_key.items() if k.startswith("kv/u")}
+    assert len(system) <= 32 * 4 and max(len(ops) for ops in system.values()) > 100  # shared by many requests
+    assert docs and all(ops == ["put"] for ops in docs.values())  # the one-shot tail: never read again
+    assert len(docs) > 0.3 * len(per_key)
+    # A session's turn reads its whole history in order before appending: block i is read after block i-1.
+    reread = [k for k, ops in sessions.items() if len(ops) > 1]
+    assert len(reread) > 0.2 * len(sessions)
+    order = [e.key for e in events if e.key.startswith("kv/u")]
+    first = {k: order.index(k) for k in set(order)}
+    for key in reread[:200]:
+        sid, b = key.rsplit("/b", 1)
+        if int(b) > 0:
+            assert first[f"{sid}/b{int(b) - 1}"] < first[key]  # its parent came first
+    assert traces.serving(requests=200, seed=1).__next__() == next(traces.serving(requests=200, seed=1))
