@@ -65,25 +65,36 @@ def optimizer(*, params: int = 120, steps: int = 20, seed: int = 0) -> Iterator[
                 yield TraceEvent(t, "put", f"opt/p{p}.{state}", sizes[p], "host")
 
 
+class _PrefixCache:
+    """What a prefix cache sees of requests: a block is a put the first time, a get after."""
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.t = 0.0
+        self.stored: set[str] = set()
+
+    def request(self, blocks: list[str]) -> Iterator[TraceEvent]:
+        for key in blocks:
+            self.t += BLOCK_S
+            if key in self.stored:
+                yield TraceEvent(self.t, "get", key, self.block_size, "host")
+            else:
+                self.stored.add(key)
+                yield TraceEvent(self.t, "put", key, self.block_size, "host")
+
+
 def kv(*, prefixes: int = 400, requests: int = 6000, blocks: int = 8, block_size: int = 2 * MIB,
        zipf_s: float = 1.1, turns: int = 3, seed: int = 0) -> Iterator[TraceEvent]:
     rng = random.Random(seed)
     weights = [1 / (i + 1) ** zipf_s for i in range(prefixes)]
-    t = 0.0
-    stored: set[str] = set()
+    cache = _PrefixCache(block_size)
     conversations = 0
     for _ in range(requests):
         p = rng.choices(range(prefixes), weights)[0]
         chain = [f"kv/p{p}/b{b}" for b in range(blocks)]
         conversations += 1
         for turn in range(rng.randint(1, turns)):
-            for key in chain:
-                t += BLOCK_S
-                if key in stored:
-                    yield TraceEvent(t, "get", key, block_size, "host")
-                else:
-                    stored.add(key)
-                    yield TraceEvent(t, "put", key, block_size, "host")
+            yield from cache.request(chain)
             # The turn's answer extends this conversation's private suffix.
             chain = chain + [f"kv/c{conversations}/t{turn}/b{b}" for b in range(2)]
 
@@ -129,20 +140,9 @@ def serving(*, requests: int = 20000, system_prompts: int = 32, system_blocks: i
     """
     rng = random.Random(seed)
     prompt_weights = [1 / (i + 1) for i in range(system_prompts)]
-    t = 0.0
-    stored: set[str] = set()
+    request = _PrefixCache(block_size).request
     sessions: list[tuple[int, int, list[str]]] = []  # (session id, system prompt, history), most recent last
     next_id = 0
-
-    def request(blocks: list[str]) -> Iterator[TraceEvent]:
-        nonlocal t
-        for key in blocks:
-            t += BLOCK_S
-            if key in stored:
-                yield TraceEvent(t, "get", key, block_size, "host")
-            else:
-                stored.add(key)
-                yield TraceEvent(t, "put", key, block_size, "host")
 
     def system(prompt: int) -> list[str]:
         return [f"kv/s{prompt}/b{b}" for b in range(system_blocks)]
