@@ -15,14 +15,32 @@ tierd's own::
         @pytest.fixture
         def store(self, tmp_path): ...
 
-Needs pytest (``pip install 'tierd[test]'``); ``import tierd`` never imports it.
+The contract suites need pytest (``pip install 'tierd[test]'``), imported
+when one of them is first named; ``import tierd`` never imports it, and
+``tierd.testing.redis`` (real Redis servers and clusters, also for the
+benchmarks and examples) works without it.
 """
 
-from tierd._optional import require
+from __future__ import annotations
 
-require("pytest", needed_by="tierd.testing")
-
-from tierd.testing.store import StoreTests, same_bits, sample, wait_until  # noqa: E402
-from tierd.testing.tiers import TierTests, payload  # noqa: E402
+from typing import Any
 
 __all__ = ["StoreTests", "TierTests", "payload", "sample", "same_bits", "wait_until"]
+
+_FROM = {"StoreTests": "store", "same_bits": "store", "sample": "store", "wait_until": "store",
+         "TierTests": "tiers", "payload": "tiers"}
+
+
+def __getattr__(name: str) -> Any:
+    """The suites and helpers, imported on first use (PEP 562): only they need pytest."""
+    where = _FROM.get(name)
+    if where is None:
+        raise AttributeError(f"module 'tierd.testing' has no attribute {name!r}")
+    import importlib
+
+    from tierd._optional import require
+
+    require("pytest", needed_by="tierd.testing")
+    value = getattr(importlib.import_module(f"tierd.testing.{where}"), name)
+    globals()[name] = value
+    return value
