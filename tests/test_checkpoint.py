@@ -9,8 +9,9 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
+import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -325,18 +326,20 @@ def test_prepare_faults_the_staging_pool_in_ahead_and_the_first_save_reuses_it(t
 # -- staging while training runs (Note [staging while training runs]) ----------------------
 
 
-def _slow_deferred_copy(monkeypatch: pytest.MonkeyPatch, delay: float = 0.5) -> None:
-    """Make the background copy of the optimizer's tensors start late, so that a step comes first."""
+def _gated_deferred_copy(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Hold the background copy of the optimizer's tensors until the returned event is set."""
     from tierd.clients import checkpoint as ckpt
 
     real = ckpt._copy_in
+    gate = threading.Event()
 
-    def slow(staged, shards, tensors, only, skip):  # noqa: ANN001, ANN202
+    def gated(staged, shards, tensors, only, skip):  # noqa: ANN001, ANN202
         if only is not None:
-            time.sleep(delay)
+            assert gate.wait(timeout=60), "the test never released the deferred copy"
         real(staged, shards, tensors, only, skip)
 
-    monkeypatch.setattr(ckpt, "_copy_in", slow)
+    monkeypatch.setattr(ckpt, "_copy_in", gated)
+    return gate
 
 
 def _trained(batchnorm: bool = False) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -371,14 +374,22 @@ def _assert_saved_is(path: Path, snap: dict, model: torch.nn.Module) -> None:
 def test_async_save_with_optimizer_returns_before_staging_and_step_waits(tmp_path: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     model, opt = _trained()
-    _slow_deferred_copy(monkeypatch)
+    gate = _gated_deferred_copy(monkeypatch)
+    staged_at_step: list[bool] = []
+
+    def release(optimizer: Any, args: Any, kwargs: Any) -> None:  # runs before tierd's hook, registered later
+        staged_at_step.append(pending.staged.done())
+        gate.set()
+
+    opt.register_step_pre_hook(release)
     snap = _snapshot(model, opt)
     pending = checkpoint.async_save({"model": model.state_dict(), "optim": opt.state_dict()}, tmp_path / "c",
                                     optimizer=opt)
     assert not pending.staged.done()  # returned at once: the parameters are copied in the background
     _train_step(model, opt, step=False)  # forward and backward proceed while it copies
     opt.step()  # must wait for the copy before it changes the parameters
-    assert pending.staged.done() and pending.step_wait_s > 0.1
+    assert staged_at_step == [False]  # the copy had not even started when step() began ...
+    assert pending.staged.done() and pending.step_wait_s > 0  # ... and step() waited for it
     with torch.no_grad():  # and right after step(), an in-place change
         for p in model.parameters():
             p.add_(1.0)
@@ -389,12 +400,13 @@ def test_async_save_with_optimizer_returns_before_staging_and_step_waits(tmp_pat
 
 def test_async_save_with_optimizer_copies_buffers_at_the_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model, opt = _trained(batchnorm=True)
-    _slow_deferred_copy(monkeypatch)
+    gate = _gated_deferred_copy(monkeypatch)
     snap = _snapshot(model, opt)
     pending = checkpoint.async_save({"model": model.state_dict(), "optim": opt.state_dict()}, tmp_path / "c",
                                     optimizer=opt)
     _train_step(model, opt, step=False)  # forward changes BatchNorm's running statistics, which no optimizer owns
     assert not torch.equal(model[1].running_mean, snap["model"]["1.running_mean"])
+    gate.set()
     pending.result(timeout=60)
     _assert_saved_is(tmp_path / "c", snap, model)
 
