@@ -90,14 +90,12 @@ def _tierd(tier: RemoteTier, nbytes: int, reps: int) -> dict[str, float]:
     res["get_gbs"] = median_gbs(lambda: tier.read_into(loc, out, itemsize=1), nbytes, reps)
     if not torch.equal(out, src):
         raise RuntimeError("the remote tier returned other bytes")
-    slow_before = tier.slow_reads
-    direct = tier._read_direct
-    tier._read_direct = lambda *a: False  # type: ignore[method-assign]  # redis-py's parser, as a fallback reads
+    res["direct_fallbacks"] = tier.slow_reads
+    tier._direct = False  # redis-py's parser, as a fallback reads
     try:
         res["get_parser_gbs"] = median_gbs(lambda: tier.read_into(loc, out, itemsize=1), nbytes, reps)
     finally:
-        tier._read_direct = direct  # type: ignore[method-assign]
-    res["direct_fallbacks"] = slow_before
+        tier._direct = True
     tier.free(loc)
     tier.drain()
     return res

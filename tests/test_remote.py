@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from typing import Any
 
@@ -160,3 +161,39 @@ def test_direct_reads_speak_resp2_and_resp3(redis_server: Any, protocol: int) ->
         assert t.slow_reads == 1 and t._direct
     finally:
         t.close()
+
+
+class _ShortReads:
+    """A socket that hands out a byte stream in random short pieces."""
+
+    def __init__(self, data: bytes, seed: int) -> None:
+        self.data, self.pos, self.rng = data, 0, random.Random(seed)
+
+    def recv_into(self, view: memoryview, nbytes: int = 0) -> int:
+        n = min(len(view), nbytes or len(view), self.rng.choice([1, 2, 3, 7, 100, 5000, 70000]),
+                len(self.data) - self.pos)
+        view[:n] = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return n
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_direct_reader_survives_short_reads(seed: int) -> None:
+    from tierd.tiers import _resp
+
+    rng = random.Random(seed)
+    values = [None if rng.random() < 0.2 else bytes(rng.randrange(256) for _ in range(rng.choice([0, 1, 5, 70000])))
+              for _ in range(6)]
+    stream = b"".join(b"$-1\r\n" if v is None and i % 2 else b"_\r\n" if v is None else b"$%d\r\n%s\r\n" % (len(v), v)
+                      for i, v in enumerate(values))
+    reader = _resp._Reader(_ShortReads(stream, seed))
+    for v in values:
+        header = reader.line()
+        if v is None:
+            assert header in (b"$-1", b"_")
+            continue
+        out = bytearray(int(header[1:]))
+        reader.read_into(memoryview(out))
+        reader.expect_crlf()
+        assert bytes(out) == v
+    assert reader.start == reader.end

@@ -62,8 +62,8 @@ log = logging.getLogger("tierd.tiers.remote")
 # output buffer for this one client: past a few MiB that costs Redis more than the round trips
 # it saves (1 MiB chunks, loopback: 3 GB/s at 4 per pipeline, 1.3 GB/s at 32; bench/remote.py).
 _WRITE_BATCH_BYTES = 32 << 20
-_RECONNECT_S = 1.0  # a cluster no seed answered is asked again after this long
 _READ_BATCH_BYTES = 4 << 20
+_RECONNECT_S = 1.0  # a cluster no seed answered is asked again after this long
 
 
 class RemoteLocation(msgspec.Struct, frozen=True, array_like=True):
@@ -198,6 +198,8 @@ class RemoteTier(Tier):
     def _read_direct(self, location: RemoteLocation, batch: range, out: memoryview, itemsize: int) -> bool:
         """Read ``batch`` with the replies received straight into ``out`` (tiers/_resp.py); False when
         that path cannot serve it: :meth:`_read_pipelined` then reads it again and says what is wrong."""
+        if not self._direct:
+            return False
         chunks = location.chunks
         keys = [self._key(location.oid, i) for i in batch]
         scratch: dict[int, bytearray] = {}
@@ -211,8 +213,6 @@ class RemoteTier(Tier):
             scratch[j] = bytearray(n)
             return memoryview(scratch[j])
 
-        if not self._direct:
-            return False
         try:
             lengths = _resp.get_into(self._pool_for(keys[0]), keys, sink)
         except _resp.Unexpected as exc:
