@@ -109,42 +109,26 @@ def size_label(n: int) -> str:
 
 
 def start_redis(workdir: Any, *, unix: bool = False) -> tuple[Any, str] | None:
-    """A private redis-server: (process, url), or None if redis is not installed.
+    """A private redis-server (tierd.testing.redis): (process, url), or None if redis-server,
+    redis-py or a working start is missing.
 
     ``unix=True`` serves on a Unix socket in ``workdir`` (``unix://`` URL), else on a loopback TCP port.
     """
     import shutil
-    import socket
 
-    exe = shutil.which("redis-server")
+    if shutil.which("redis-server") is None:
+        return None
     try:
-        import redis
+        import redis  # noqa: F401 - the peers are measured through redis-py
     except ImportError:
         return None
-    if exe is None:
+    from tierd.testing.redis import RedisServer
+
+    try:
+        server = RedisServer(Path(workdir), unix=unix)
+    except RuntimeError:
         return None
-    if unix:
-        path = f"{workdir}/redis.sock"
-        listen = ["--port", "0", "--unixsocket", path, "--unixsocketperm", "700"]
-        url = f"unix://{path}"
-    else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        listen = ["--port", str(port), "--bind", "127.0.0.1"]
-        url = f"redis://127.0.0.1:{port}/0"
-    proc = subprocess.Popen([exe, *listen, "--save", "", "--appendonly", "no", "--dir", str(workdir)],
-                            stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while True:  # redis has no readiness signal: PING until it answers
-        try:
-            if redis.Redis.from_url(url).ping():
-                return proc, url
-        except (redis.ConnectionError, FileNotFoundError):
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                return None
-            time.sleep(0.05)
+    return server.proc, server.url
 
 
 @contextmanager

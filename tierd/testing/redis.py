@@ -75,20 +75,32 @@ class RedisServer:
 
     cluster = False
 
-    def __init__(self, workdir: Path, port: int | None = None, *extra: str) -> None:
-        self.port = port or _free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+    def __init__(self, workdir: Path, port: int | None = None, *extra: str, unix: bool = False) -> None:
+        """``unix=True`` serves on a Unix socket in ``workdir`` only (``.url`` is ``unix://...``)."""
         workdir.mkdir(parents=True, exist_ok=True)
+        self.socket = str(workdir / "redis.sock") if unix else None
+        if self.socket is not None:
+            self.port = 0
+            self.url = f"unix://{self.socket}"
+            listen = ["--port", "0", "--unixsocket", self.socket, "--unixsocketperm", "700"]
+        else:
+            self.port = port or _free_port()
+            self.url = f"redis://127.0.0.1:{self.port}/0"
+            listen = ["--port", str(self.port), "--bind", "127.0.0.1"]
         self.proc = subprocess.Popen(
-            [_exe("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(workdir), *extra],
+            [_exe("redis-server"), *listen, "--save", "", "--appendonly", "no", "--dir", str(workdir), *extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self._wait_ping()
+        try:
+            self._wait_ping()
+        except BaseException:
+            self.stop()
+            raise
 
     def client(self, **kwargs: Any) -> Any:
         import redis
 
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=1, **kwargs)
+        where = {"unix_socket_path": self.socket} if self.socket else {"host": "127.0.0.1", "port": self.port}
+        return redis.Redis(**where, socket_connect_timeout=1, **kwargs)
 
     def _wait_ping(self) -> None:
         import redis
@@ -99,11 +111,11 @@ class RedisServer:
                 try:
                     if client.ping():
                         return
-                except redis.ConnectionError:
+                except (redis.ConnectionError, FileNotFoundError):
                     if self.proc.poll() is not None:
-                        raise RuntimeError(f"redis-server on port {self.port} exited at start") from None
+                        raise RuntimeError(f"redis-server at {self.url} exited at start") from None
                     threading.Event().wait(0.02)
-            raise RuntimeError(f"redis-server on port {self.port} did not answer PING")
+            raise RuntimeError(f"redis-server at {self.url} did not answer PING")
         finally:
             client.close()
 
