@@ -201,7 +201,7 @@ def test_indexed_opt_and_schedule_replay_exactly_as_the_sorted_ones(seed: int,
     fast = [simulate(events, p, host_bytes=host, nvme_bytes=1 << 30, declared=declared if p != OPT else None)
             for p in (OPT, "schedule")]
     monkeypatch.setattr(simulator, "_Belady", _SortedBelady)
-    monkeypatch.setattr(simulator, "make_eviction_policy", lambda name, schedule: _SortedSchedule(schedule))
+    monkeypatch.setattr(simulator, "make_eviction_policy", lambda name, schedule, **_: _SortedSchedule(schedule))
     slow = [simulate(events, p, host_bytes=host, nvme_bytes=1 << 30, declared=declared if p != OPT else None)
             for p in (OPT, "schedule")]
     assert fast == slow

@@ -185,13 +185,15 @@ class NamespaceConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only
 
     ``access = "cyclic"`` says the namespace repeats one access order (training
     steps): its policy and prefetch default to ``schedule``, learned from the
-    stream.
+    stream. ``access = "prefix"`` says it is a prefix cache (KV blocks): its
+    policy and admission default to ``prefix`` (tierd.policies.prefix).
     """
 
-    policy: Literal["lru", "s3fifo", "gdsf", "schedule"] | None = None
+    policy: Literal["lru", "s3fifo", "gdsf", "schedule", "prefix"] | None = None
     prefetch: Literal["none", "sequential", "schedule"] | None = None
     prefetch_depth: int = 2
-    access: Literal["random", "cyclic"] = "random"
+    access: Literal["random", "cyclic", "prefix"] = "random"
+    admission: Literal["all", "prefix"] | None = None  # which new objects may enter the host tier
     admit_max: int | None = None  # larger objects skip the host tier (admission)
     write_through: bool = False  # also keep a copy on the remote tier (shared between machines)
     codec: CodecName = "none"
@@ -202,11 +204,15 @@ class NamespaceConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only
 
     @property
     def eviction_policy(self) -> str:
-        return self.policy or ("schedule" if self.access == "cyclic" else "lru")
+        return self.policy or {"cyclic": "schedule", "prefix": "prefix"}.get(self.access, "lru")
 
     @property
     def prefetch_policy(self) -> str:
         return self.prefetch or ("schedule" if self.access == "cyclic" else "none")
+
+    @property
+    def admission_policy(self) -> str:
+        return self.admission or ("prefix" if self.access == "prefix" else "all")
 
 
 class TraceConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -44,6 +44,7 @@ from tierd.errors import ProtocolError
 __all__ = [
     "ObjectMeta", "PROTOCOL_VERSION", "HEADER", "Request", "Reply", "Hello", "Put", "PutCommit", "PutAbort", "PutChunk",
     "Get", "Release", "Delete", "Exists", "Info", "Keys", "GetStats", "Move", "Prefetch", "Status", "DeclareSchedule",
+    "DeclarePrefix",
     "Welcome", "Ok", "Fail", "PutReady", "GetReady", "Chunk", "FrameReader", "encode_frame",
     "PutItem", "PutMany", "GetMany", "ExistsMany", "DeleteMany", "PrefixLength", "ItemReady", "GetManyReady",
 ]
@@ -140,6 +141,10 @@ class DeclareSchedule(_Req, frozen=True, kw_only=True):
     cyclic: bool = True
 
 
+class DeclarePrefix(_Req, frozen=True, kw_only=True):
+    keys: list[str]  # one prefix chain, head first
+
+
 class PutItem(msgspec.Struct, frozen=True, array_like=True):
     """One object of a PutMany: its bytes always inline."""
 
@@ -184,7 +189,7 @@ class Status(_Req, frozen=True, kw_only=True):
 
 Request = (
     Hello | Put | PutCommit | PutAbort | PutChunk | Get | Release | Delete | Exists | Info | Keys | GetStats
-    | Move | Prefetch | Status | DeclareSchedule | PutMany | GetMany | ExistsMany | DeleteMany | PrefixLength
+    | Move | Prefetch | Status | DeclareSchedule | DeclarePrefix | PutMany | GetMany | ExistsMany | DeleteMany | PrefixLength
 )
 
 

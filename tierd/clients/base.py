@@ -116,6 +116,16 @@ class Store(ABC):
         the accesses when they stop matching it.
         """
 
+    def declare_prefix(self, keys: Sequence[str]) -> None:  # noqa: B027 - a hint; stores may ignore it
+        """Tell that ``keys`` form one prefix chain, head first: each key's parent is the key
+        before it (KV-cache blocks of one request; ``PrefixKVStore`` calls this).
+
+        Namespaces whose policy or admission is ``prefix`` keep a block's
+        parent and depth: a block whose children are cached is not evicted
+        before them, and new blocks are admitted to host by how often blocks
+        of their kind are read again. Other namespaces ignore it.
+        """
+
     @abstractmethod
     def move(self, key: str, tier: str) -> None:
         """Promote or demote ``key`` to ``tier`` now. Raises NotFound, OutOfSpace."""

@@ -15,7 +15,10 @@ Note [prefix eviction order]
     be hit. Blocks are therefore touched tail first, head last, on every put
     and get, so under a recency policy the head is the most recent and goes
     last. ``lookup`` stops at the first missing block, so a prefix that did
-    lose a block in the middle is reported only up to the hole.
+    lose a block in the middle is reported only up to the hole. ``put``
+    also declares each request's chain (``Store.declare_prefix``): a
+    namespace with ``access = "prefix"`` then never evicts a block before
+    its cached children, and keeps one-shot blocks out of host.
 
 ``kv`` tensors are shaped ``[layers, 2, tokens, kv_heads, head_dim]``; one
 object per block holds all layers.
@@ -148,6 +151,9 @@ class PrefixKVStore:
         b = self.block_tokens
         missing = {keys[i]: kv[:, :, i * b : (i + 1) * b] for i in reversed(range(len(keys))) if not present[i]}
         if missing:
+            # Each block's parent is the one before it: the namespace's prefix policies use it
+            # (Note [prefix eviction order]; ``access = "prefix"``).
+            self.store.declare_prefix(keys)
             stored = self.store.put_many(missing)
             if stored.errors:
                 raise next(iter(stored.errors.values()))

@@ -287,6 +287,9 @@ class RemoteStore(RemoteBatches, Store):
     def declare_schedule(self, keys: Sequence[str], *, cyclic: bool = True) -> None:
         self._call(p.DeclareSchedule, keys=[validate_key(k) for k in keys], cyclic=cyclic)
 
+    def declare_prefix(self, keys: Sequence[str]) -> None:
+        self._call(p.DeclarePrefix, keys=[validate_key(k) for k in keys])
+
     def move(self, key: str, tier: str) -> None:
         self._call(p.Move, key=validate_key(key), tier=tier)
 

@@ -39,7 +39,7 @@ __all__ = ["Connection", "StreamedPut"]
 log = logging.getLogger("tierd.daemon")
 
 _QUICK = (p.Release, p.PutChunk, p.PutAbort, p.Exists, p.Info, p.Keys, p.GetStats, p.Status, p.Prefetch,
-          p.DeclareSchedule)
+          p.DeclareSchedule, p.DeclarePrefix)
 
 
 @dataclass(eq=False)
@@ -400,6 +400,10 @@ class Connection:
         self.engine.declare_schedule([self.server.identity.scope(k, self.uid) for k in req.keys], cyclic=req.cyclic)
         return p.Ok(id=req.id)
 
+    def _declare_prefix(self, req: p.DeclarePrefix) -> Any:
+        self.engine.declare_prefix([self.server.identity.scope(k, self.uid) for k in req.keys])
+        return p.Ok(id=req.id)
+
     def _status(self, req: p.Status) -> Any:
         # Another uid's processes and namespaces are none of an untrusted client's business.
         clients = [{"pid": c.pid, "uid": c.uid, "since": c.since, "requests": c.requests,
@@ -418,6 +422,7 @@ _HANDLERS: dict[type, Callable[[Connection, Any], Any]] = {
     p.Delete: Connection._delete, p.Exists: Connection._exists, p.Info: Connection._info, p.Keys: Connection._keys,
     p.GetStats: Connection._stats, p.Move: Connection._move, p.Prefetch: Connection._prefetch,
     p.Status: Connection._status, p.DeclareSchedule: Connection._declare_schedule,
+    p.DeclarePrefix: Connection._declare_prefix,
     **batches.HANDLERS,
 }
 

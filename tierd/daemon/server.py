@@ -61,7 +61,7 @@ __all__ = ["Server", "run"]
 log = logging.getLogger("tierd.daemon")
 
 _QUICK = (p.Release, p.PutChunk, p.PutAbort, p.Exists, p.Info, p.Keys, p.GetStats, p.Status, p.Prefetch,
-          p.DeclareSchedule)
+          p.DeclareSchedule, p.DeclarePrefix)
 
 
 class Server:

@@ -58,7 +58,7 @@ class BatchCalls:
         if self._trace is not None:
             for lease in found:
                 if lease is not None:
-                    self._trace.write("get", lease.key, lease.nbytes, lease.rec.tier)
+                    self._trace_write("get", lease.key, lease.nbytes, lease.rec.tier)
         self._prefetch_beyond(upcoming, keys)
         return found
 
@@ -148,11 +148,12 @@ class BatchCalls:
                 for key, rec in recs.items():
                     if self._index.get(key) is rec:
                         self._catalog.retire_locked(rec)
+                    self._policies.on_delete(rec)
         for key, rec in recs.items():
             if "remote" in rec.copies and self._shared is not None:
                 self._shared.forget(key)
             if self._trace is not None:
-                self._trace.write("delete", key, rec.nbytes, rec.tier)
+                self._trace_write("delete", key, rec.nbytes, rec.tier)
         return out
 
     def put_many(self: Engine, items: Sequence[tuple[str, torch.Tensor | memoryview, ObjectMeta]],

@@ -152,7 +152,7 @@ class Engine(BatchCalls, SmallCalls):
             self._policies.on_access(rec)
             upcoming = self._observe_locked(rec.namespace, key)
         if self._trace is not None:
-            self._trace.write("get", key, rec.nbytes, rec.tier)
+            self._trace_write("get", key, rec.nbytes, rec.tier)
         if upcoming:
             self.prefetch(upcoming)  # overlaps the next objects' promotion with this one's use
         return rec
@@ -210,7 +210,7 @@ class Engine(BatchCalls, SmallCalls):
                     upcoming += self._observe_locked(rec.namespace, rec.key)
         if self._trace is not None:
             for rec in recs:
-                self._trace.write("put", rec.key, rec.nbytes, rec.tier)
+                self._trace_write("put", rec.key, rec.nbytes, rec.tier)
         if upcoming:
             self.prefetch(upcoming)
         return olds
@@ -249,6 +249,12 @@ class Engine(BatchCalls, SmallCalls):
                 out.append(k)
         return out
 
+    def _trace_write(self, op: str, key: str, nbytes: int, tier: str) -> None:
+        assert self._trace is not None
+        with self._lock:
+            parent = self._policies.parent_of(namespace_of(key), key)
+        self._trace.write(op, key, nbytes, tier, parent)
+
     def declare_schedule(self, keys: list[str], *, cyclic: bool = True) -> None:
         """The coming access order of ``keys`` (any namespaces), for schedule-aware policies."""
         by_ns: dict[str, list[str]] = {}
@@ -256,6 +262,15 @@ class Engine(BatchCalls, SmallCalls):
             by_ns.setdefault(namespace_of(key), []).append(key)
         with self._lock:
             self._policies.declare_schedule(by_ns, cyclic=cyclic)
+
+    def declare_prefix(self, keys: list[str]) -> None:
+        """``keys`` are one prefix chain, head first (see :meth:`tierd.Store.declare_prefix`)."""
+        by_ns: dict[str, list[str]] = {}
+        for key in keys:
+            by_ns.setdefault(namespace_of(key), []).append(key)
+        with self._lock:
+            for ns, chain in by_ns.items():
+                self._policies.declare_prefix(ns, chain)
 
     def move(self, key: str, tier: str) -> None:
         """Promote or demote ``key`` to ``tier`` now.
@@ -312,8 +327,10 @@ class Engine(BatchCalls, SmallCalls):
                     self._catalog.retire_locked(rec)
         if "remote" in rec.copies and self._shared is not None:
             self._shared.forget(key)  # other stores must not adopt it any more
+        with self._lock:
+            self._policies.on_delete(rec)
         if self._trace is not None:
-            self._trace.write("delete", key, rec.nbytes, rec.tier)
+            self._trace_write("delete", key, rec.nbytes, rec.tier)
         return True
 
     def exists(self, key: str) -> bool:

@@ -18,12 +18,12 @@ from tierd.config import Config, NamespaceConfig
 from tierd.engine.index import ObjectRecord
 from tierd.policies import (
     AdmissionPolicy,
-    AdmitAll,
     CostModel,
     EvictionPolicy,
     PrefetchPolicy,
+    PrefixHints,
     Schedule,
-    SizeAdmission,
+    make_admission_policy,
     make_eviction_policy,
     make_prefetch_policy,
 )
@@ -48,6 +48,7 @@ class Namespace:
     prefetch: PrefetchPolicy
     admission: AdmissionPolicy
     schedule: Schedule
+    hints: PrefixHints | None = None  # a prefix cache's blocks: parents, depths, reads (prefix policies)
     host_bytes: int = 0
 
     @property
@@ -76,13 +77,18 @@ class NamespacePolicies:
             ns = self._namespaces[name] = self._build(self._config().namespace(name))
         return ns
 
-    def _build(self, cfg: NamespaceConfig) -> Namespace:
+    def _build(self, cfg: NamespaceConfig, hints: PrefixHints | None = None) -> Namespace:
+        """``hints``: what an earlier build of this namespace learned of its blocks (kept across a swap)."""
         schedule = Schedule()
-        eviction = make_eviction_policy(cfg.eviction_policy, schedule)
+        if "prefix" not in (cfg.eviction_policy, cfg.admission_policy):
+            hints = None
+        elif hints is None:
+            hints = PrefixHints()
+        eviction = make_eviction_policy(cfg.eviction_policy, schedule, hints=hints)
         eviction.cost = self._cost  # GDSF's fetch cost: measured by the engine
         prefetch = make_prefetch_policy(cfg.prefetch_policy, schedule, depth=cfg.prefetch_depth)
-        admission = SizeAdmission(cfg.admit_max) if cfg.admit_max is not None else AdmitAll()
-        return Namespace(cfg, eviction, prefetch, admission, schedule)
+        admission = make_admission_policy(cfg.admission_policy, hints=hints, max_bytes=cfg.admit_max)
+        return Namespace(cfg, eviction, prefetch, admission, schedule, hints)
 
     # -- what happens to objects -------------------------------------------------
 
@@ -96,7 +102,29 @@ class NamespacePolicies:
         ns.eviction.on_remove(rec.key, tier)
 
     def on_access(self, rec: ObjectRecord) -> None:
-        self.get(rec.namespace).eviction.on_access(rec.key, rec.tier, time.monotonic())
+        """``rec`` is read."""
+        ns = self.get(rec.namespace)
+        if ns.hints is not None:
+            ns.hints.read(rec.key)  # before the eviction policy: it classifies by the read
+        ns.eviction.on_access(rec.key, rec.tier, time.monotonic())
+
+    def on_delete(self, rec: ObjectRecord) -> None:
+        """``rec`` was deleted (after its copies were removed)."""
+        ns = self.get(rec.namespace)
+        if ns.hints is not None:
+            ns.hints.forget(rec.key)
+
+    def declare_prefix(self, namespace: str, keys: list[str]) -> None:
+        """``keys`` (all of ``namespace``) are one prefix chain, head first."""
+        ns = self.get(namespace)
+        if ns.hints is not None:
+            ns.hints.declare(keys)
+
+    def parent_of(self, namespace: str, key: str) -> str:
+        """``key``'s declared parent ("" if none or not a prefix namespace): what traces record."""
+        hints = self.get(namespace).hints
+        block = hints.get(key) if hints is not None else None
+        return block.parent or "" if block is not None else ""
 
     def observe(self, namespace: str, key: str) -> list[str]:
         """Feed the namespace's schedule with an access; the keys its prefetch policy wants up now."""
@@ -106,7 +134,11 @@ class NamespacePolicies:
         return ns.prefetch.on_access(key, time.monotonic())
 
     def admit(self, namespace: str, key: str, tier: str, nbytes: int) -> bool:
-        return self.get(namespace).admission.admit(key, tier, nbytes, time.monotonic())
+        """Whether a put of ``key`` may land in ``tier`` (asked once per put that would)."""
+        ns = self.get(namespace)
+        if ns.hints is not None:
+            ns.hints.put(key)
+        return ns.admission.admit(key, tier, nbytes, time.monotonic())
 
     # -- choices ---------------------------------------------------------------
 
@@ -133,12 +165,12 @@ class NamespacePolicies:
         for name, ns in self._namespaces.items():
             new = self._config().namespace(name)
             old = ns.config
-            if (new.eviction_policy, new.prefetch_policy, new.prefetch_depth, new.admit_max) == (
-                old.eviction_policy, old.prefetch_policy, old.prefetch_depth, old.admit_max
+            if (new.eviction_policy, new.prefetch_policy, new.prefetch_depth, new.admission_policy, new.admit_max) == (
+                old.eviction_policy, old.prefetch_policy, old.prefetch_depth, old.admission_policy, old.admit_max
             ):
                 ns.config = new
             else:
-                changed[name] = self._build(new)
+                changed[name] = self._build(new, ns.hints)
         if not changed:
             return
         for rec in records:
@@ -148,5 +180,5 @@ class NamespacePolicies:
                     fresh.track(rec, tier)
         for name, fresh in changed.items():
             self._namespaces[name] = fresh
-            log.info("namespace %r now uses eviction %s, prefetch %s", name, fresh.config.eviction_policy,
-                     fresh.config.prefetch_policy)
+            log.info("namespace %r now uses eviction %s, prefetch %s, admission %s", name,
+                     fresh.config.eviction_policy, fresh.config.prefetch_policy, fresh.config.admission_policy)

@@ -70,7 +70,7 @@ class SmallCalls:
         if self._trace is not None:
             for key, got in zip(keys, out, strict=True):
                 if isinstance(got, tuple):
-                    self._trace.write("get", key, len(got[1]), "host")
+                    self._trace_write("get", key, len(got[1]), "host")
         self._prefetch_beyond(upcoming, keys)
         return out
 
@@ -95,7 +95,9 @@ class SmallCalls:
             ns = namespace_of(key)
             if ns not in codec_of:
                 ns_cfg = config.namespace(ns)
+                # A learning admission policy is asked once a put (it counts what it is asked): the usual path.
                 small_ok = not (ns_cfg.durable or ns_cfg.write_through or ns_cfg.quota is not None
+                                or ns_cfg.admission_policy != "all"
                                 or tier not in (None, "host") or (tier is None and ns_cfg.tier not in (None, "host"))
                                 or (owner is not None and config.daemon.uid_quota is not None))
                 codec_of[ns] = get_codec(codec if codec is not None else ns_cfg.codec).name if small_ok else None
@@ -139,7 +141,7 @@ class SmallCalls:
         if self._trace is not None:
             for (i, rec) in staged:
                 if done[i]:
-                    self._trace.write("put", rec.key, rec.nbytes, "host")
+                    self._trace_write("put", rec.key, rec.nbytes, "host")
         self._prefetch_beyond(upcoming, [key for key, _, _ in items])
         if self._moves.over_high_watermark():
             self._moves.wake()

@@ -12,7 +12,10 @@ __all__ = ["TraceWriter"]
 
 
 class TraceWriter:
-    """JSON lines ``{t, op, key, size, tier}``; buffered, flushed at close. Thread-safe."""
+    """JSON lines ``{t, op, key, size, tier[, parent]}``; buffered, flushed at close. Thread-safe.
+
+    ``parent``: the block before this one in its prefix, where a prefix namespace was told
+    (``Store.declare_prefix``), so that ``tierd simulate`` can replay the prefix policies."""
 
     def __init__(self, path: str) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -20,8 +23,11 @@ class TraceWriter:
         self._lock = threading.Lock()
         self._encoder = msgspec.json.Encoder()
 
-    def write(self, op: str, key: str, size: int, tier: str) -> None:
-        line = self._encoder.encode({"t": time.time(), "op": op, "key": key, "size": size, "tier": tier})
+    def write(self, op: str, key: str, size: int, tier: str, parent: str = "") -> None:
+        event = {"t": time.time(), "op": op, "key": key, "size": size, "tier": tier}
+        if parent:
+            event["parent"] = parent
+        line = self._encoder.encode(event)
         with self._lock:
             if not self._fh.closed:
                 self._fh.write(line + b"\n")

@@ -148,10 +148,14 @@ class AdmitAll(AdmissionPolicy):
 
 class SizeAdmission(AdmissionPolicy):
     """Keeps objects larger than ``max_bytes`` out of the host tier, so one huge
-    tensor does not flush everything else; they go straight to nvme."""
+    tensor does not flush everything else; they go straight to nvme. The rest
+    are asked of ``then`` (admit all by default)."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, then: AdmissionPolicy | None = None) -> None:
         self.max_bytes = max_bytes
+        self.then = then or AdmitAll()
 
     def admit(self, key: str, tier: str, nbytes: int, now: float) -> bool:
-        return tier != "host" or nbytes <= self.max_bytes
+        if tier == "host" and nbytes > self.max_bytes:
+            return False
+        return self.then.admit(key, tier, nbytes, now)

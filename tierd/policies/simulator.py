@@ -36,8 +36,9 @@ from dataclasses import dataclass
 
 import msgspec
 
-from tierd.policies import make_eviction_policy, make_prefetch_policy
-from tierd.policies.base import CostModel, EvictionPolicy
+from tierd.policies import make_admission_policy, make_eviction_policy, make_prefetch_policy
+from tierd.policies.base import AdmissionPolicy, AdmitAll, CostModel, EvictionPolicy
+from tierd.policies.prefix import PrefixHints
 from tierd.policies.farthest import FarthestFirst
 from tierd.policies.schedule import Schedule
 
@@ -52,6 +53,7 @@ class TraceEvent(msgspec.Struct, frozen=True):
     key: str
     size: int = 0
     tier: str = ""
+    parent: str = ""  # the block before this one in its prefix ("": none, or not a prefix cache)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,8 +131,10 @@ def _next_uses(events: Sequence[TraceEvent]) -> list[float]:
 
 
 class _Model:
-    def __init__(self, policy: EvictionPolicy, host_bytes: int, nvme_bytes: int, cost: CostModel) -> None:
+    def __init__(self, policy: EvictionPolicy, host_bytes: int, nvme_bytes: int, cost: CostModel,
+                 admission: AdmissionPolicy) -> None:
         self.policy = policy
+        self.admission = admission
         self.host_cap, self.nvme_cap = host_bytes, nvme_bytes
         self.host: dict[str, int] = {}
         self.nvme: OrderedDict[str, int] = OrderedDict()  # LRU below host
@@ -159,9 +163,10 @@ class _Model:
             self._to_nvme(victim, vsize)
         return True
 
-    def place(self, key: str, size: int, now: float) -> bool:
-        """Put ``key`` on host if it can be made to fit; else on nvme."""
-        if size <= self.host_cap and self.make_room(size, now, keep=key):
+    def place(self, key: str, size: int, now: float, *, put: bool = False) -> bool:
+        """Put ``key`` on host if it can be made to fit (a put: if admitted, as the engine asks); else on nvme."""
+        if (size <= self.host_cap and (not put or self.admission.admit(key, "host", size, now))
+                and self.make_room(size, now, keep=key)):
             self.host[key] = size
             self.host_used += size
             self.policy.on_insert(key, "host", size, now)
@@ -189,9 +194,12 @@ class _Model:
 def simulate(
     events: Iterable[TraceEvent], policy: str, *, host_bytes: int, nvme_bytes: int,
     prefetch: str = "none", prefetch_depth: int = 2, cost: CostModel | None = None,
-    declared: Sequence[str] | None = None,
+    declared: Sequence[str] | None = None, admission: str = "all",
 ) -> SimResult:
-    """Replay ``events`` with eviction ``policy`` (or ``"opt"``) and prefetch ``prefetch``.
+    """Replay ``events`` with eviction ``policy`` (or ``"opt"``), prefetch ``prefetch`` and
+    ``admission`` (``"all"`` or ``"prefix"``: see :mod:`tierd.policies.prefix`).
+
+    Events' ``parent`` fields are told to the prefix policies as ``PrefixKVStore`` tells the engine's.
 
     ``declared``: an access order the caller declares up front (``store.declare_schedule``),
     instead of leaving the schedule to be learned from the stream.
@@ -199,14 +207,17 @@ def simulate(
     events = list(events)
     cost = cost or CostModel()
     schedule = Schedule()
-    evict: EvictionPolicy = _Belady() if policy == OPT else make_eviction_policy(policy, schedule)
+    hints = PrefixHints(max_entries=1 << 62)  # the whole trace: the simulator is not short of memory
+    evict: EvictionPolicy = _Belady() if policy == OPT else make_eviction_policy(policy, schedule, hints=hints)
+    admit = make_admission_policy(admission, hints=hints)
+    linked = policy == "prefix" or admission == "prefix"
     evict.cost = cost
     pre = make_prefetch_policy(prefetch, schedule, depth=prefetch_depth)
     if declared is not None:
         evict.declare_schedule(declared)
         pre.declare_schedule(declared)
     future = _next_uses(events) if policy == OPT else None
-    model = _Model(evict, host_bytes, nvme_bytes, cost)
+    model = _Model(evict, host_bytes, nvme_bytes, cost, admit)
     gets = hits = 0
     stall = 0.0
     sizes: dict[str, int] = {}
@@ -220,14 +231,22 @@ def simulate(
         if ev.op == "delete":
             model.remove(ev.key)
             sizes.pop(ev.key, None)
+            if linked:
+                hints.forget(ev.key)
             continue
         schedule.observe(ev.key)
+        if linked and ev.parent:
+            hints.link(ev.key, ev.parent)
         if ev.op == "put":
             model.remove(ev.key)
             sizes[ev.key] = ev.size
-            model.place(ev.key, ev.size, now)
+            if linked:
+                hints.put(ev.key)
+            model.place(ev.key, ev.size, now, put=True)
         elif ev.op == "get":
             gets += 1
+            if linked:
+                hints.read(ev.key)
             if ev.key in model.host:
                 hits += 1
                 evict.on_access(ev.key, "host", now)

@@ -201,6 +201,16 @@ class StoreTests:
         with pytest.raises(tierd.InvalidArgument):
             store.declare_schedule(["ok/key", ""])
 
+    def test_declare_prefix(self, store: tierd.Store) -> None:
+        chain = [f"pfx/{i}" for i in range(4)]
+        store.declare_prefix(chain)  # a hint: accepted before the blocks exist, for any namespace
+        for k in chain:
+            store.put(k, torch.full((10,), 2.0))
+        store.declare_prefix(chain)
+        assert all(torch.equal(store.get(k), torch.full((10,), 2.0)) for k in chain)
+        with pytest.raises(tierd.InvalidArgument):
+            store.declare_prefix(["ok/key", ""])
+
     def test_async_put_and_get(self, store: tierd.Store) -> None:
         ts = [sample(torch.float16, (300, 100), seed=i) for i in range(8)]
         futs = [store.put_async(f"a/{i}", t) for i, t in enumerate(ts)]

@@ -1,0 +1,227 @@
+"""KV-aware policies (tierd/policies/prefix.py): hints, prefix-aware eviction, admission, in the
+simulator and in the engine through PrefixKVStore."""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import small_config
+
+import tierd
+from tierd.policies import PrefixAdmission, PrefixHints, PrefixPolicy, make_admission_policy
+from tierd.policies.prefix import KINDS
+from tierd.policies.simulator import OPT, TraceEvent, read_trace, simulate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import traces  # noqa: E402
+
+MIB = 1 << 20
+
+
+def test_hints_know_parents_depths_and_children() -> None:
+    h = PrefixHints()
+    h.declare(["s", "a1", "a2"])
+    h.declare(["s", "b1"])
+    assert [h.get(k).depth for k in ("s", "a1", "a2", "b1")] == [0, 1, 2, 1]
+    assert h.get("a2").parent == "a1" and h.get("s").children == 2
+    h.forget("b1")
+    assert h.get("s").children == 1
+    small = PrefixHints(max_entries=3)
+    small.declare(["x", "y", "z", "w"])  # the oldest entry goes: x is unknown again
+    assert "x" not in small and len(small) == 3 and small.dropped == 1
+
+
+def test_kinds_follow_the_parent() -> None:
+    h = PrefixHints()
+    h.declare(["sys", "d0", "d1"])  # a new document under a system prompt
+    assert KINDS[h.kind("sys")] == "root" and KINDS[h.kind("d1")] == "fresh"
+    h.read("sys")
+    h.declare(["sys", "u0"])
+    h.read("d0")  # a session's history read again: its extension continues it
+    h.declare(["sys", "d0", "d1", "d2"])
+    assert KINDS[h.kind("u0")] == "branch"  # "sys" has children d0 and u0
+    h2 = PrefixHints()
+    h2.declare(["a", "b"])
+    h2.read("a")
+    assert KINDS[h2.kind("b")] == "continue"  # "a" was read and b is its only child
+
+
+def _victims(policy: PrefixPolicy, n: int) -> list[str]:
+    out = []
+    for _ in range(n):
+        key = next(policy.victims("host", 1, 0.0))
+        policy.on_remove(key, "host")
+        out.append(key)
+    return out
+
+
+@pytest.mark.parametrize("tail_first", [False, True])
+def test_eviction_takes_leaves_only(tail_first: bool) -> None:
+    hints = PrefixHints()
+    policy = PrefixPolicy(hints)
+    chains = [["sys"] + [f"c{c}/{i}" for i in range(5)] for c in range(6)]
+    for chain in chains:
+        hints.declare(chain)
+        for key in (reversed(chain) if tail_first else chain):  # PrefixKVStore stores tail first
+            if key != "sys" or chain is chains[0]:
+                policy.on_insert(key, "host", MIB, 0.0)
+    gone: set[str] = set()
+    for key in _victims(policy, 30):
+        gone.add(key)
+        # Nothing below a block is still cached when it goes: a chain is cut from its tail.
+        assert all(f"{key.split('/')[0]}/{i}" in gone for i in range(int(key.split("/")[1]) + 1, 5)) \
+            if key != "sys" else len(gone) == 31
+    assert "sys" not in gone  # the shared block outlives every chain below it
+    assert _victims(policy, 1) == ["sys"]
+
+
+def test_admission_learns_to_keep_one_shot_blocks_out() -> None:
+    hints = PrefixHints()
+    admit = PrefixAdmission(hints)
+    for doc in range(200):  # one-shot documents: stored, never read again
+        hints.declare(["sys"] + [f"d{doc}/{i}" for i in range(8)])
+        for _ in range(4):
+            hints.read("sys")
+        for i in range(8):
+            hints.put(f"d{doc}/{i}")
+            admit.admit(f"d{doc}/{i}", "host", MIB, 0.0)
+    hints.declare(["sys", "new/0", "new/1"])
+    hints.put("new/1")
+    assert not admit.admit("new/1", "host", MIB, 0.0)
+    assert admit.admit("new/1", "nvme", MIB, 0.0)  # only the fast tier is guarded
+    hints.read("new/1")
+    hints.put("new/1")
+    assert admit.admit("new/1", "host", MIB, 0.0)  # read once: no longer one-shot
+    rows = {(r["kind"], r["depth"]): r for r in admit.table()}
+    assert rows[("fresh", ">= 8")]["refused"] > 0 and rows[("fresh", ">= 8")]["reuse"] < 0.1
+    # A session whose history is read again: its extensions are admitted (the kind's prior, then its record).
+    hints = PrefixHints()
+    admit = PrefixAdmission(hints)
+    for turn in range(1, 300):
+        chain = [f"s/{i}" for i in range(turn + 1)]
+        hints.declare(chain)
+        for key in chain[:-1]:
+            hints.read(key)
+        hints.put(chain[-1])
+        assert admit.admit(chain[-1], "host", MIB, 0.0)
+    assert all(r["reuse"] > 0.9 for r in admit.table() if r["kind"] == "continue" and r["depth"] == ">= 16")
+
+
+def test_size_admission_wraps_prefix_admission() -> None:
+    admit = make_admission_policy("prefix", max_bytes=4 * MIB)
+    assert not admit.admit("k", "host", 8 * MIB, 0.0)  # too large, whatever the kind
+    with pytest.raises(tierd.ConfigError, match="unknown admission policy"):
+        make_admission_policy("nope")
+
+
+def test_serving_trace_prefix_policies_beat_lru_and_s3fifo() -> None:
+    events = list(traces.serving(requests=4000, seed=2))
+    host = int(len({e.key for e in events}) * 0.02) * MIB
+    hit = {(p, a): simulate(events, p, host_bytes=host, nvme_bytes=1 << 40, admission=a).hit_ratio
+           for p, a in [("lru", "all"), ("s3fifo", "all"), ("prefix", "prefix"), ("lru", "prefix"), (OPT, "all")]}
+    assert hit[("prefix", "prefix")] > 1.4 * hit[("lru", "all")]
+    assert hit[("prefix", "prefix")] > 1.2 * hit[("s3fifo", "all")]
+    assert hit[("lru", "prefix")] > hit[("lru", "all")]  # admission alone helps a recency cache
+    assert hit[("prefix", "prefix")] < hit[(OPT, "all")]
+
+
+def test_without_parents_the_prefix_policy_still_works() -> None:
+    """A trace with no hints (every block a root) replays; the policy falls back on reads and gaps."""
+    events = [TraceEvent(e.t, e.op, e.key, e.size, e.tier) for e in traces.serving(requests=1500, seed=4)]
+    host = int(len({e.key for e in events}) * 0.05) * MIB
+    r = simulate(events, "prefix", host_bytes=host, nvme_bytes=1 << 40, admission="prefix")
+    assert 0 < r.hits < r.gets
+
+
+# -- in the engine ------------------------------------------------------------------
+
+def _kv(tokens: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 2, tokens, 2, 64, generator=g)  # 64 KiB a block of 32 tokens
+
+
+def _where(store: tierd.Store, kv: tierd.PrefixKVStore, tokens: list[int]) -> list[str]:
+    return [store.info(k).tier for k in kv.block_keys(tokens)]
+
+
+def test_engine_keeps_one_shot_documents_out_of_host_and_sessions_in(nvme_dir: Path) -> None:
+    cfg = small_config(nvme_dir, host="16MiB", namespaces={"kv": {"access": "prefix"}})
+    rng = random.Random(0)
+    with tierd.open(cfg) as store:
+        kv = tierd.PrefixKVStore(store, model="m", block_tokens=32, dtype=torch.float32)
+        system = [rng.randrange(1000) for _ in range(32)]
+        docs = []
+        for d in range(40):  # long one-shot documents under one system prompt
+            tokens = system + [rng.randrange(1000) for _ in range(8 * 32)]
+            kv.get(tokens)  # the engine reads the cached prefix first, as a serving engine does
+            kv.put(tokens, _kv(len(tokens), d))
+            docs.append(tokens)
+        assert set(_where(store, kv, docs[-1])[1:]) == {"nvme"}  # learned: documents are not read again
+        assert "host" in _where(store, kv, docs[0])[1:]  # the first were admitted (nothing learned yet)
+        # A session: its history is read again each turn, so what each turn adds stays in host.
+        history = system + [rng.randrange(1000) for _ in range(64)]
+        session = _kv(len(history) + 6 * 32, 100)  # the whole session's KV; each turn stores a prefix of it
+        kv.put(history, session[:, :, : len(history)])
+        for _turn in range(6):
+            got = kv.get(history)
+            assert torch.equal(got[:, :, 32:], session[:, :, 32 : len(history)])  # block 0: doc 0's system prompt
+            history = history + [rng.randrange(1000) for _ in range(32)]
+            kv.put(history, session[:, :, : len(history)])
+        assert _where(store, kv, history)[-1] == "host"
+        for d, tokens in enumerate(docs):  # nothing was lost, wherever it went
+            assert torch.equal(kv.get(tokens)[:, :, 32:], _kv(len(tokens), d)[:, :, 32:])
+
+
+@pytest.mark.parametrize("policy", ["prefix", pytest.param("lru", marks=pytest.mark.xfail(strict=True))])
+def test_engine_evicts_chains_from_their_tail(nvme_dir: Path, policy: str) -> None:
+    cfg = small_config(nvme_dir, host="8MiB", namespaces={"kv": {"policy": policy}})
+    rng = random.Random(1)
+    with tierd.open(cfg) as store:
+        kv = tierd.PrefixKVStore(store, model="m", block_tokens=32, dtype=torch.float32)
+        chains = [[rng.randrange(1000) for _ in range(32 * 8)] for _ in range(40)]  # 40 x 8 blocks x 64 KiB
+        for c, tokens in enumerate(chains):
+            kv.put(tokens, _kv(len(tokens), c))
+            # Reading a tail makes it the most recent (an LRU would evict its head first). Only blocks
+            # in host are read: a read from below promotes, in whatever order there is room for.
+            for old in chains[max(0, c - 4) : c]:
+                tail = kv.block_keys(old)[-1]
+                if store.info(tail).tier == "host":
+                    store.get(tail)
+        assert store.stats()["host"].used_bytes <= 8 * MIB
+        demoted = 0
+        for tokens in chains:
+            where = _where(store, kv, tokens)
+            demoted += where.count("nvme")
+            # Host holds a head of each chain: never a block whose parent left.
+            assert where == sorted(where, key=lambda t: t != "host"), where
+        assert demoted > 0
+        for c, tokens in enumerate(chains):
+            assert torch.equal(kv.get(tokens), _kv(len(tokens), c))
+
+
+def test_trace_records_parents_and_replays_prefix_policies(nvme_dir: Path, tmp_path: Path) -> None:
+    trace = tmp_path / "kv.jsonl"
+    cfg = small_config(nvme_dir, trace={"path": str(trace)}, namespaces={"kv": {"access": "prefix"}})
+    with tierd.open(cfg) as store:
+        kv = tierd.PrefixKVStore(store, model="m", block_tokens=32, dtype=torch.float32)
+        tokens = list(range(32 * 4))
+        kv.put(tokens, _kv(len(tokens), 0))
+        kv.get(tokens)
+        keys = kv.block_keys(tokens)
+    events = read_trace(trace)
+    puts = {e.key: e.parent for e in events if e.op == "put"}
+    assert puts == {keys[0]: "", **{keys[i]: keys[i - 1] for i in range(1, 4)}}
+    assert simulate(events, "prefix", host_bytes=MIB, nvme_bytes=1 << 30, admission="prefix").gets == 4
+
+
+def test_config_access_prefix_sets_policy_and_admission() -> None:
+    cfg = tierd.load_config({"namespaces": {"kv": {"access": "prefix"}, "k2": {"access": "prefix", "admission": "all"}}})
+    assert (cfg.namespace("kv").eviction_policy, cfg.namespace("kv").admission_policy) == ("prefix", "prefix")
+    assert cfg.namespace("k2").admission_policy == "all"
+    assert cfg.namespace("other").admission_policy == "all"
+    with pytest.raises(tierd.ConfigError, match="admission"):
+        tierd.load_config({"namespaces": {"kv": {"admission": "ghost"}}})

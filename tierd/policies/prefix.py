@@ -1,0 +1,411 @@
+"""KV-cache policies: eviction that knows prefixes, admission that keeps one-shot blocks out.
+
+A prefix cache's blocks form a forest: block ``i`` of a request is only
+useful after blocks ``0..i-1`` (its parent chain), a shared system prompt is
+the parent of many requests' blocks, and a session's history is a chain only
+it extends. :class:`PrefixHints` holds what the cache says of each block
+(``PrefixKVStore`` declares each request's chain, head first: parent and
+depth) and what the stream shows of it (reads, the gap between its last two
+reads, children), in a bounded table that doubles as the ghost of recently
+seen keys. Time is counted in events (the namespace's reads and first
+stores), so nothing here reads a clock.
+
+Each new block gets a *kind* from its parent when it is first stored:
+
+* ``root``: no parent (the first block of a request, or no hints at all);
+* ``fresh``: the parent was never read either (a new document, a new
+  session's first turn, block after block);
+* ``continue``: the parent was read and has no other child (a session
+  extending its own history: its next turn reads this block again);
+* ``branch``: the parent was read and has other children (a new branch off a
+  shared prefix such as a system prompt).
+
+:class:`PrefixPolicy` (eviction ``"prefix"``) evicts by learned hit density
+(LHD, Beckmann et al., NSDI '18): blocks fall into classes (kind, reads so
+far, the gap between their last two reads); per class, histograms of the
+ages at which blocks were hit and at which they left give the expected hits
+per byte and per unit of time still to come at each age. A victim is the
+lowest density among a sample of candidates (``O(samples)``, no sort), and
+it is prefix-aware: only leaves are candidates, so a block whose children
+are cached in the tier stays until they are gone (a shared system prompt
+stays while anything below it stays; a chain is cut from its tail), and
+``depth_gain`` weighs a block by the recomputation it saves: a block at
+depth ``d`` is attention over ``d`` blocks (Marconi, PBKV, BatchLLM).
+
+:class:`PrefixAdmission` (admission ``"prefix"``) admits a new block to the
+fast tier only if blocks of its kind (and depth band) have been read again
+often enough; the rest go one tier down, where a read still finds them (and
+promotes them: a block read twice is no longer one-shot). A key seen before
+(a rewrite, a block read already) is always admitted.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import OrderedDict, deque
+from collections.abc import Iterator, Sequence
+
+from tierd.policies.base import AdmissionPolicy, EvictionPolicy
+
+__all__ = ["PrefixHints", "PrefixPolicy", "PrefixAdmission", "KINDS"]
+
+KINDS = ("root", "fresh", "continue", "branch")
+_ROOT, _FRESH, _CONTINUE, _BRANCH = range(4)
+_BANDS = 6  # depth bands for admission: 0, 1, 2-3, 4-7, 8-15, 16+
+
+
+def _band(depth: int) -> int:
+    return min(depth.bit_length(), _BANDS - 1)
+
+
+class _Block:
+    __slots__ = ("parent", "depth", "children", "reads", "puts", "last", "gap", "kind", "counted")
+
+    def __init__(self, parent: str | None, depth: int) -> None:
+        self.parent = parent
+        self.depth = depth
+        self.children = 0
+        self.reads = 0
+        self.puts = 0
+        self.last = -1  # the read clock at its last read (or first store)
+        self.gap = -1  # reads between its last two reads; -1: read at most once
+        self.kind = -1  # (kind, band) of its first store through admission; -1: none
+        self.counted = False  # whether a read again was counted for its kind
+
+
+class PrefixHints:
+    """Each known block's parent, depth, children and reads, and how often each kind is read again.
+
+    Entries are kept in recency order and the oldest are dropped beyond
+    ``max_entries`` (a dropped key is simply unknown again: depth 0, no
+    parent). Shared by a namespace's eviction and admission policies.
+    """
+
+    def __init__(self, *, max_entries: int = 1 << 18, window: int = 1 << 13) -> None:
+        self.max_entries = max_entries
+        self.window = window
+        self._blocks: OrderedDict[str, _Block] = OrderedDict()
+        self.clock = 0  # reads and first stores observed: the time of everything here
+        self.dropped = 0
+        # Per (kind, depth band): of the blocks stored whose fate is known, how many were read again,
+        # decayed (recent blocks count most). A block's fate is known at its first read, or when it
+        # has gone unread for ``horizon()`` reads. Every class starts at one read again of two.
+        self.stored = [2.0] * (len(KINDS) * _BANDS)
+        self.reused = [1.0] * (len(KINDS) * _BANDS)
+        self._pending: deque[tuple[int, str, _Block]] = deque()  # (deadline, key, block): fate unknown
+        self.typical_gap = 64.0  # events between two reads of a block (EWMA of what is seen)
+        # Of the blocks read k times (k = 1, 2, 3+), how many were read again: decayed counts.
+        self._read_k = [2.0] * (4 * len(KINDS))  # by (kind, reads)
+        self._again_k = [1.0] * (4 * len(KINDS))
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._blocks
+
+    def get(self, key: str) -> _Block | None:
+        return self._blocks.get(key)
+
+    # -- what the cache says -------------------------------------------------------
+
+    def declare(self, keys: Sequence[str]) -> None:
+        """``keys`` is one prefix chain, head first: each key's parent is the one before it."""
+        parent: str | None = None
+        for key in keys:
+            self.link(key, parent)
+            parent = key
+
+    def link(self, key: str, parent: str | None) -> _Block:
+        """``key``'s parent is ``parent`` (``None``: a chain's head); its entry, now the most recent."""
+        block = self._blocks.get(key)
+        pblock = self._blocks.get(parent) if parent is not None else None
+        depth = pblock.depth + 1 if pblock is not None else (1 if parent is not None else 0)
+        if block is None:
+            block = self._blocks[key] = _Block(parent, depth)
+            if pblock is not None:
+                pblock.children += 1
+            self._trim()
+            return block
+        if block.parent != parent:  # declared under another parent: believe the latest
+            old = self._blocks.get(block.parent) if block.parent is not None else None
+            if old is not None:
+                old.children -= 1
+            if pblock is not None:
+                pblock.children += 1
+            block.parent = parent
+        block.depth = depth
+        self._blocks.move_to_end(key)
+        return block
+
+    def forget(self, key: str) -> None:
+        """``key`` was deleted: it is no longer anyone's parent."""
+        block = self._blocks.pop(key, None)
+        if block is not None:
+            self._unparent(block)
+
+    # -- what the stream shows -------------------------------------------------------
+
+    def touch(self, key: str) -> _Block:
+        block = self._blocks.get(key)
+        if block is None:
+            block = self._blocks[key] = _Block(None, 0)
+            self._trim()
+        else:
+            self._blocks.move_to_end(key)
+        return block
+
+    def read(self, key: str) -> _Block:
+        """``key`` was read (from any tier): the clock ticks, its gap and its kind's reuse are counted."""
+        block = self.touch(key)
+        base = 4 * max(block.kind // _BANDS, 0)
+        if block.reads:
+            self._again_k[base + min(block.reads, 3)] += 1
+        block.reads += 1
+        k = base + min(block.reads, 3)
+        self._read_k[k] += 1
+        if self._read_k[k] > self.window:
+            self._read_k[k] /= 2
+            self._again_k[k] /= 2
+        block.gap = self.clock - block.last if block.last >= 0 else -1
+        if block.gap >= 0:
+            self.typical_gap += (block.gap - self.typical_gap) / 256
+        block.last = self.clock
+        self.clock += 1
+        if block.kind >= 0 and not block.counted:
+            block.counted = True
+            self._count(block.kind, 1.0)
+        self._settle()
+        return block
+
+    def horizon(self) -> int:
+        """Reads after which a stored block that was not read counts as one-shot."""
+        return max(256, int(4 * self.typical_gap))
+
+    def _count(self, cls: int, reused: float) -> None:
+        self.stored[cls] += 1
+        self.reused[cls] += reused
+        if self.stored[cls] > self.window:
+            self.stored[cls] /= 2
+            self.reused[cls] /= 2
+
+    def _settle(self) -> None:
+        pending = self._pending
+        while pending and pending[0][0] <= self.clock:
+            _, _, block = pending.popleft()
+            if not block.counted:
+                block.counted = True
+                self._count(block.kind, 0.0)
+
+    def put(self, key: str) -> _Block:
+        """``key`` is stored (the engine calls this before placing it); the first store gives its class."""
+        block = self.touch(key)
+        block.puts += 1
+        if block.kind >= 0:
+            return block
+        cls = block.kind = self.kind(key) * _BANDS + _band(block.depth)
+        parent = self._blocks.get(block.parent) if block.parent is not None else None
+        if parent is not None and parent.gap >= 0 and self.clock - parent.last <= 1:
+            block.gap = parent.gap  # extends a chain just read: expect the chain's rhythm
+        block.last = self.clock
+        self._pending.append((self.clock + self.horizon(), key, block))
+        self.clock += 1
+        self._settle()
+        return block
+
+    def kind(self, key: str) -> int:
+        """The kind of block ``key`` by its parent (see the module docstring)."""
+        block = self._blocks.get(key)
+        if block is None or block.parent is None:
+            return _ROOT
+        parent = self._blocks.get(block.parent)
+        if parent is None or parent.reads == 0:
+            return _FRESH
+        return _CONTINUE if parent.children <= 1 else _BRANCH
+
+    def read_again(self, block: _Block | None) -> float:
+        """The chance ``block`` is read again: by its reads so far, or its kind's reuse rate if never read."""
+        if block is None:
+            return 0.5
+        if block.reads:
+            k = 4 * max(block.kind // _BANDS, 0) + min(block.reads, 3)
+            return self._again_k[k] / self._read_k[k]
+        if block.kind >= 0:
+            return self.reuse_rate(block.kind)
+        return 0.5
+
+    def reuse_rate(self, cls: int) -> float:
+        """Of the blocks of (kind, band) class ``cls`` stored lately, the share read again."""
+        return self.reused[cls] / self.stored[cls]
+
+    def _unparent(self, block: _Block) -> None:
+        if block.parent is not None:
+            parent = self._blocks.get(block.parent)
+            if parent is not None:
+                parent.children -= 1
+
+    def _trim(self) -> None:
+        while len(self._blocks) > self.max_entries:
+            _, block = self._blocks.popitem(last=False)
+            self.dropped += 1
+            self._unparent(block)
+
+
+class PrefixAdmission(AdmissionPolicy):
+    """Admits a new block to ``tier`` if blocks of its kind and depth band are read again often enough.
+
+    ``threshold``: the share of a class's blocks that must be read again. A
+    key seen before is always admitted.
+    """
+
+    def __init__(self, hints: PrefixHints | None = None, *, tier: str = "host", threshold: float = 0.5) -> None:
+        self.hints = hints if hints is not None else PrefixHints()
+        self.tier = tier
+        self.threshold = threshold
+        self.admitted = [0] * (len(KINDS) * _BANDS)
+        self.refused = [0] * (len(KINDS) * _BANDS)
+
+    def admit(self, key: str, tier: str, nbytes: int, now: float) -> bool:
+        if tier != self.tier:
+            return True
+        block = self.hints.get(key)
+        if block is None or block.kind < 0:  # the caller did not tell the hints of this put
+            block = self.hints.put(key)
+        if block.reads > 0 or block.puts > 1:
+            return True  # seen before: a rewrite, or read already (the ghost)
+        ok = self.hints.reuse_rate(block.kind) >= self.threshold
+        (self.admitted if ok else self.refused)[block.kind] += 1
+        return ok
+
+    def table(self) -> list[dict[str, object]]:
+        """Per kind and depth band with any traffic: reuse rate, admitted, refused."""
+        rows = []
+        for cls in range(len(self.admitted)):
+            if self.admitted[cls] or self.refused[cls]:
+                kind, band = divmod(cls, _BANDS)
+                rows.append({"kind": KINDS[kind], "depth": f">= {(1 << band) >> 1}", "reuse": self.hints.reuse_rate(cls),
+                             "admitted": self.admitted[cls], "refused": self.refused[cls]})
+        return rows
+
+
+class _Tier:
+    """One tier's blocks: leaves in an array (sampled), each block's size and parent."""
+
+    __slots__ = ("meta", "kids", "leaves", "where")
+
+    def __init__(self) -> None:
+        self.meta: dict[str, list] = {}  # key -> [size, parent when inserted, last access (read clock)]
+        self.kids: dict[str, int] = {}  # key -> its children in this tier (counted before it arrives too)
+        self.leaves: list[str] = []
+        self.where: dict[str, int] = {}  # leaf -> its index in leaves
+
+    def add_leaf(self, key: str) -> None:
+        if key not in self.where:
+            self.where[key] = len(self.leaves)
+            self.leaves.append(key)
+
+    def drop_leaf(self, key: str) -> None:
+        i = self.where.pop(key, None)
+        if i is None:
+            return
+        last = self.leaves.pop()
+        if last != key:
+            self.leaves[i] = last
+            self.where[last] = i
+
+
+class PrefixPolicy(EvictionPolicy):
+    """Prefix-aware eviction by predicted next read (see the module docstring)."""
+
+    name = "prefix"
+
+    def __init__(self, hints: PrefixHints | None = None, *, depth_gain: float = 0.0, samples: int = 32,
+                 seed: int = 0) -> None:
+        super().__init__()
+        self.hints = hints if hints is not None else PrefixHints()
+        self.depth_gain = depth_gain
+        self.samples = samples
+        self._rng = random.Random(seed)
+        self._tiers: dict[str, _Tier] = {}
+
+    def _t(self, tier: str) -> _Tier:
+        t = self._tiers.get(tier)
+        if t is None:
+            t = self._tiers[tier] = _Tier()
+        return t
+
+    def _on_insert(self, key: str, tier: str, nbytes: int, now: float) -> None:
+        t = self._t(tier)
+        if key in t.meta:
+            self._on_remove(key, tier)
+        block = self.hints.get(key)
+        parent = block.parent if block is not None else None
+        if parent is not None:
+            t.kids[parent] = t.kids.get(parent, 0) + 1
+            t.drop_leaf(parent)  # if it is here, it is no longer a leaf
+        t.meta[key] = [nbytes, parent, self.hints.clock]
+        if key not in t.kids:
+            t.add_leaf(key)
+
+    def _on_access(self, key: str, tier: str, now: float) -> None:
+        m = self._t(tier).meta.get(key)
+        if m is not None:
+            m[2] = self.hints.clock
+
+    def _on_remove(self, key: str, tier: str) -> None:
+        t = self._t(tier)
+        m = t.meta.pop(key, None)
+        if m is None:
+            return
+        t.drop_leaf(key)
+        parent = m[1]
+        if parent is None:
+            return
+        left = t.kids[parent] - 1
+        if left:
+            t.kids[parent] = left
+        else:
+            del t.kids[parent]
+            if parent in t.meta:  # a leaf again
+                t.add_leaf(parent)
+
+    def _score(self, key: str, m: list) -> float:
+        """Expected reads until ``key`` is read again, times its size: the largest goes first."""
+        hints = self.hints
+        block = hints.get(key)
+        now = hints.clock
+        age = now - (block.last if block is not None and block.last >= 0 else m[2])
+        if block is None or block.gap < 0:
+            gap = hints.typical_gap
+        else:
+            gap = block.gap
+        remaining = abs(gap - age) if age <= 2 * gap else age  # overdue: as long again as it has waited
+        p = hints.read_again(block)
+        score = (remaining + 1) * m[0] / max(p, 1e-3)
+        if self.depth_gain and block is not None:
+            score /= 1 + self.depth_gain * block.depth
+        return score
+
+    def _candidates(self, tier: str, need_bytes: int, now: float) -> Iterator[str]:
+        t = self._t(tier)
+        offered: set[str] = set()
+        leaves, rng = t.leaves, self._rng
+        while leaves and len(offered) < len(t.meta):
+            n = len(leaves)
+            best, best_s = None, -1.0
+            for _ in range(min(self.samples, n)):
+                key = leaves[int(rng.random() * n)]
+                if key not in offered:
+                    sc = self._score(key, t.meta[key])
+                    if sc > best_s:
+                        best, best_s = key, sc
+            if best is None:
+                break  # the samples found only what the caller skipped
+            offered.add(best)
+            yield best
+        # The caller skipped most leaves (being read or moved, pinned): the other leaves, then, only
+        # if those are exhausted too, blocks with children here, the largest score first in each.
+        rest = sorted((k not in t.where, -self._score(k, m), k) for k, m in t.meta.items() if k not in offered)
+        for _, _, key in rest:
+            yield key
