@@ -378,4 +378,11 @@ def test_the_serving_trace_has_shared_prompts_growing_sessions_and_one_shot_docu
         sid, b = key.rsplit("/b", 1)
         if int(b) > 0:
             assert first[f"{sid}/b{int(b) - 1}"] < first[key]  # its parent came first
+    # Each block's parent is the block before it in its request (what PrefixKVStore declares).
+    for e in events[:5000]:
+        where, b = e.key.rsplit("/b", 1)
+        if int(b) > 0:
+            assert e.parent == f"{where}/b{int(b) - 1}"
+        elif not where.startswith("kv/s"):
+            assert e.parent.startswith("kv/s")  # a session's or document's first block: under its system prompt
     assert traces.serving(requests=200, seed=1).__next__() == next(traces.serving(requests=200, seed=1))
