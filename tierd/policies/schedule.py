@@ -16,6 +16,39 @@ it) doubles the accesses the next one must repeat (up to 1024), and a whole
 iteration followed in step brings it back to 16: a stream that only looks
 cyclic for moments (a conversation's turns over its own prefix) stops
 installing orders that every eviction would then have to plan with.
+
+The first pass: the period is learned one iteration and 16 accesses in, but
+what the cache keeps during that first iteration decides the next one's hits
+(LRU keeps the step's tail, which the next step needs last). So until an
+order is installed, the schedule guesses that the stream so far is the first
+iteration of a cycle still going on: each key is next used one period after
+its first access, and a period not over after ``n`` accesses is guessed as
+``2n`` (its median when nothing says where in it we are; only the ranking
+between sizes depends on it). Evicting on that guess keeps a step's head, as
+Belady would. One exception: a key used in the last ``_RECENT`` (4) accesses
+is guessed as LRU would, next used as soon as it was last used ago, so a
+read is not evicted before its write-back (the optimizer reads a
+parameter's m and v, then writes them back; a key stream cannot tell that
+from a read and a re-read).
+
+The guess ends for good at the first installed (or declared) order, or when
+a key occurs a fifth time before any order was (a hot key of a non-cyclic
+stream, such as a shared KV prefix; a cycle that re-reads a key that often
+within one step just goes without the guess), or when the recording is
+trimmed, or when it keeps being wrong: :class:`ScheduleEviction` counts the
+keys it evicted on the guess that are accessed again while the guess lasts
+(regrets), and ends it after more than ``_REGRETS`` (32). Were the stream a
+cycle's first pass, an evicted key (out of the recent window) would not come
+back before the cycle repeats, and then the order is installed at the 16th
+access of the second pass (the ``2p``-th for periods ``p`` under 8), so at
+most 15 come back first; 32 leaves about as many again for keys a cycle
+re-reads within its step (an activation put in forward and read in
+backward). A cycle that re-reads more than that within a step goes on as
+LRU (on the activations trace, as many hits: Belady keeps the forward's
+tail too). A stream whose keys are re-read a few times soon after their
+first access (no key hot, nothing cyclic) thus costs about 32 re-reads that
+LRU would have hit, then runs as LRU. After the guess, no order means LRU
+as before; the guess is never made again after an order is dropped.
 """
 
 from __future__ import annotations
@@ -34,6 +67,11 @@ _CONFIRM = 16  # accesses that must repeat before a period is believed (the firs
 _MAX_CONFIRM = 1024  # after each order that turned out wrong, twice as many, up to this
 _OCCURRENCES = 4  # of each key, remembered while learning
 _MAX_RECORD = 1 << 18  # accesses kept while learning; periods up to half of it are learnable
+# The first pass's guess ends when more of the keys it evicted come back while it lasts than this:
+# a cycle's second pass brings back at most _CONFIRM - 1 before its order is installed, and as many
+# again are left for keys a cycle re-reads within its step (see the module docstring).
+_REGRETS = 2 * _CONFIRM
+_RECENT = 4  # while guessing, a key used in the last 4 accesses is guessed as LRU would (read, then write-back)
 
 
 class Schedule:
@@ -53,6 +91,9 @@ class Schedule:
         self._in_step = 0  # consecutive accesses at their expected position
         self._confirm = _CONFIRM
         self._relearn_after = relearn_after
+        # The stream's first pass (see the module docstring): where each key first occurred in it,
+        # while no order has been installed and nothing has ruled the guess out.
+        self._first: dict[str, int] | None = {}
         # Bumped when the order itself changes (learned, declared, dropped): every distance is new.
         self.epoch = 0
         self._listeners: list[Callable[[str, int, int | None], None]] = []
@@ -61,13 +102,31 @@ class Schedule:
         """Call ``callback(key, before, moved)`` after each access is observed while following:
         the cursor was at ``before`` and advanced ``moved`` positions (1 in step, 0 for a key the
         order does not know, more after a resync); ``moved`` is None when the order changed
-        (see :attr:`epoch`) or while learning."""
+        (see :attr:`epoch`) or while learning, and 0 during the first pass's guess (every
+        guessed distance grows by one, except the accessed key's and :meth:`aged`'s)."""
         self._listeners.append(callback)
 
     @property
     def active(self) -> bool:
-        """Whether there is a schedule to plan with (learned or declared, and matching)."""
-        return bool(self.order)
+        """Whether there is a schedule to plan with (learned or declared, and matching), or the
+        first pass's guess (:attr:`guessing`)."""
+        return bool(self.order) or self._first is not None
+
+    @property
+    def guessing(self) -> bool:
+        """Whether distances are the first pass's guess: nothing learned yet, and the stream so far
+        may be the first iteration of a cycle."""
+        return not self.order and self._first is not None
+
+    def stop_guessing(self) -> None:
+        """End the first pass's guess for good (no order: LRU); :class:`ScheduleEviction` does when
+        the keys it evicted on the guess keep coming back."""
+        self._stop_guessing()
+
+    def _stop_guessing(self) -> None:
+        if self._first is not None:
+            self._first = None
+            self.epoch += 1
 
     def declare(self, keys: Sequence[str], *, cyclic: bool = True) -> None:
         self._install(list(keys), cursor=0)
@@ -75,6 +134,7 @@ class Schedule:
         self.declared = True
 
     def _install(self, order: list[str], cursor: int) -> None:
+        self._first = None
         self.epoch += 1
         self.order = order
         self._positions = {}
@@ -104,7 +164,10 @@ class Schedule:
             if self.order and self.epoch == epoch:
                 moved = (self.cursor - before) % len(self.order)
         else:
+            epoch = self.epoch
             self._learn(key)
+            if self.guessing and self.epoch == epoch:
+                moved = 0  # nothing comes nearer: every guessed distance grows by one (see distance)
         for callback in self._listeners:
             callback(key, before, moved)
 
@@ -136,6 +199,13 @@ class Schedule:
         i = len(rec)
         rec.append(key)
         seen = self._last_seen.setdefault(key, [])
+        if self._first is not None:
+            if len(seen) >= _OCCURRENCES:
+                # A key this hot before any order was learned: not one iteration of a cycle (or
+                # one that re-reads keys more than the learner tracks); plan without a guess (LRU).
+                self._stop_guessing()
+            else:
+                self._first.setdefault(key, i)
         # A key may occur several times per iteration (put in forward, get in
         # backward): the period is the distance to one of its last occurrences.
         for last in reversed(seen):
@@ -152,7 +222,8 @@ class Schedule:
         if len(seen) > _OCCURRENCES:
             del seen[0]
         if len(rec) > _MAX_RECORD:
-            # Keep the recent half: a period longer than that is not learnable here.
+            # Keep the recent half: a period longer than that is not learnable here (nor guessed).
+            self._stop_guessing()
             keep = rec[-(_MAX_RECORD // 2) :]
             self._recording = keep
             self._last_seen = {}
@@ -172,11 +243,34 @@ class Schedule:
     def distance(self, key: str) -> float:
         """Accesses from the latest one until ``key`` is next used (1 = the next access); inf if unknown."""
         if not self.order:
-            return math.inf
+            first = self._first.get(key) if self._first is not None else None
+            if first is None:
+                return math.inf
+            n = len(self._recording)
+            ago = n - 1 - self._last_seen[key][-1]
+            if ago < _RECENT:
+                # Used in the last few accesses: maybe again soon (a read before its write-back);
+                # as LRU ranks it, as soon as it was used ago.
+                return ago + 1
+            # The first pass: next used one period after its first access, and the period, not
+            # over after n accesses, is guessed as 2n (the median, knowing nothing of where in it
+            # we are). From the latest access (n - 1): first + 2n - (n - 1).
+            return first + n + 1
         nxt = self._next_index(key)
         if nxt is None:
             return math.inf
         return ((nxt - self.cursor) % len(self.order) if self.cyclic else nxt - self.cursor) + 1
+
+    def aged(self) -> str | None:
+        """While guessing: the key whose guessed distance the latest access changed other than its
+        own (it was used ``_RECENT`` accesses ago and not since: see :meth:`distance`), or None."""
+        if not self.guessing:
+            return None
+        rec = self._recording
+        i = len(rec) - 1 - _RECENT
+        if i < 0 or self._last_seen[rec[i]][-1] != i:
+            return None
+        return rec[i]
 
     def upcoming(self, k: int) -> list[str]:
         """The next ``k`` distinct keys the schedule expects."""
@@ -199,7 +293,21 @@ class ScheduleEviction(LRUPolicy):
     with large objects).
 
     Objects the schedule does not know go first (least recently used first);
-    with no schedule yet it is LRU.
+    during the first pass it plans with the schedule's guess (see the module
+    docstring), and with no schedule and no guess it is LRU.
+
+    The guess's feedback: a key offered as a victim while guessing and then
+    removed from that tier before it is touched again counts as evicted on the
+    guess (one the caller skipped and then read or rewrote stays a kept key;
+    one it skipped and then deleted is taken for evicted, which matters only
+    if it is put again while the guess lasts). The first access to such a key
+    while the guess lasts is a regret; more than ``_REGRETS`` end the guess
+    for good (:meth:`Schedule.stop_guessing`). The policy sees keys, not
+    operations, so a write-back of an evicted key counts as much as a read of
+    it: the recent window (see :meth:`Schedule.distance`) is what keeps the
+    optimizer's reads from being evicted before their write-backs. The
+    bookkeeping is ``O(1)`` a victim and an access, and holds at most the
+    tier's objects and the keys evicted while the guess lasts.
 
     Each tier's objects sit in a :class:`FarthestFirst` by their next use on
     the schedule's clock (``clock + distance``), so a victim costs
@@ -208,6 +316,9 @@ class ScheduleEviction(LRUPolicy):
     positions) moves every next use by the same ``1 - d`` (kept as one
     per-tier shift) except for the keys at the skipped positions, which are
     set again: ``O(d)``, or a rebuild when ``d`` exceeds the tier's objects.
+    During the first pass every guessed distance grows by one per access (the
+    same shift, ``moved = 0``) but the accessed key's and that of the key that
+    just left the recent window (:meth:`Schedule.aged`), which are set again.
     A new order (``Schedule.epoch``) rebuilds at the next eviction.
     """
 
@@ -224,6 +335,11 @@ class ScheduleEviction(LRUPolicy):
         self._built: dict[str, int] = {}  # tier -> the schedule epoch its entries were made in
         self._shift: dict[str, float] = {}  # tier -> true next use minus the stored one
         self.rebuilds = 0
+        # The guess's feedback (see the class docstring): victims offered while guessing, until
+        # removed (evicted) or touched (kept); the keys it evicted, until they come back (regrets).
+        self._offered: set[tuple[str, str]] = set()
+        self._evicted: set[str] = set()
+        self.regrets = 0
 
     def _fresh(self, tier: str) -> FarthestFirst | None:
         ff = self._ff.get(tier)
@@ -234,6 +350,8 @@ class ScheduleEviction(LRUPolicy):
         ff.set(key, self._size[(tier, key)], next_use, self._recency[(tier, key)])
 
     def _touch(self, key: str, tier: str) -> None:
+        if self._offered:
+            self._offered.discard((tier, key))  # offered but kept (the caller skipped it): not evicted
         self._tick += 1
         self._recency[(tier, key)] = self._tick
         ff = self._fresh(tier)
@@ -252,6 +370,10 @@ class ScheduleEviction(LRUPolicy):
 
     def _on_remove(self, key: str, tier: str) -> None:
         super()._on_remove(key, tier)
+        if self._offered and (tier, key) in self._offered:
+            self._offered.discard((tier, key))
+            if self.schedule.guessing:
+                self._evicted.add(key)
         self._size.pop((tier, key), None)
         self._recency.pop((tier, key), None)
         ff = self._ff.get(tier)
@@ -260,9 +382,12 @@ class ScheduleEviction(LRUPolicy):
 
     def _observed(self, key: str, before: int, moved: int | None) -> None:
         """The schedule saw ``key``; its cursor moved ``moved`` positions from ``before``."""
+        if self._evicted or self._offered:
+            self._feedback(key)
         if moved is None:
             return  # a new order or none: rebuilt at the next eviction
         order = self.schedule.order
+        aged = self.schedule.aged() if moved == 0 and self.schedule.guessing else None
         for tier, ff in self._ff.items():
             if self._fresh(tier) is None:
                 continue
@@ -276,6 +401,23 @@ class ScheduleEviction(LRUPolicy):
                     self._track(k, tier, ff)
             if (tier, key) in self._size:
                 self._track(key, tier, ff)
+            if aged is not None and (tier, aged) in self._size:
+                self._track(aged, tier, ff)
+
+    def _feedback(self, key: str) -> None:
+        """``key`` was accessed: a regret if the guess evicted it (see the class docstring)."""
+        if not self.schedule.guessing:  # over (an order, or ruled out): nothing more to judge
+            self._offered.clear()
+            self._evicted.clear()
+            return
+        if key not in self._evicted:
+            return
+        self._evicted.discard(key)
+        self.regrets += 1
+        if self.regrets > _REGRETS:
+            self.schedule.stop_guessing()
+            self._offered.clear()
+            self._evicted.clear()
 
     def _rebuild(self, tier: str) -> FarthestFirst:
         self.rebuilds += 1
@@ -289,6 +431,15 @@ class ScheduleEviction(LRUPolicy):
         if not self.schedule.active:
             yield from super()._candidates(tier, need_bytes, now)
             return
+        if not self.schedule.guessing:
+            yield from self._ranked(tier)
+            return
+        for key in self._ranked(tier):  # the guess: what it offers is remembered
+            self._offered.add((tier, key))  # evicted if removed before it is touched again
+            yield key
+
+    def _ranked(self, tier: str) -> Iterator[str]:
+        """Every key of ``tier``, farthest next use (times size) first."""
         ff = self._fresh(tier)
         if ff is None:
             ff = self._rebuild(tier)
