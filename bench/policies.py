@@ -8,6 +8,13 @@ stall per policy, with Belady-size (``opt``, offline, knows the future) as
 the reference, and the schedule policies both learned from the stream and
 declared by the caller.
 
+On the prefix-cache traces (``kv``, ``serving``) the KV-aware ``prefix``
+eviction runs with and without ``prefix`` admission (tierd/policies/prefix.py),
+and each policy is swept over fast-tier sizes (0.5 % to 25 % of the distinct
+blocks): hit ratio against size, plotted per policy. ``prefill saved`` weighs
+each get by the recomputation a miss costs (``1 + depth`` for a block at
+depth d).
+
 Then the simulator's own speed: events replayed a minute per policy (and
 OPT) on a large multi-turn KV trace (bench/traces.py ``kv``: 374,558 events,
 59,144 distinct 1 MiB blocks), with the fast tier holding 2 % and 25 % of
@@ -36,12 +43,18 @@ WORKLOADS = {
     "serving": ({}, None),  # None: the fast tier holds SERVING_FRACTION of the trace's distinct blocks
 }
 SERVING_FRACTION = 0.02
-# (eviction, prefetch, schedule declared by the caller)
-RUNS = [("lru", "none", False), ("s3fifo", "none", False), ("gdsf", "none", False), ("schedule", "none", False),
-        ("schedule", "none", True), ("schedule", "schedule", False), ("lru", "schedule", False)]
+# (eviction, prefetch, schedule declared by the caller, admission)
+RUNS = [("lru", "none", False, "all"), ("s3fifo", "none", False, "all"), ("gdsf", "none", False, "all"),
+        ("schedule", "none", False, "all"), ("schedule", "none", True, "all"), ("schedule", "schedule", False, "all"),
+        ("lru", "schedule", False, "all"), ("prefix", "none", False, "all"), ("prefix", "none", False, "prefix"),
+        ("lru", "none", False, "prefix")]
+PREFIX_TRACES = ("kv", "serving")  # prefix caches: the KV-aware runs and the size sweep
 CYCLIC = ("optimizer", "checkpoint")  # the cyclic training traces of issue 4's target
-SPEED_POLICIES = ("lru", "s3fifo", "gdsf", "schedule", OPT)
+SPEED_POLICIES = (("lru", "all"), ("s3fifo", "all"), ("gdsf", "all"), ("schedule", "all"), ("prefix", "all"),
+                  ("prefix", "prefix"), (OPT, "all"))
 SPEED_FRACTIONS = (0.02, 0.25)  # of the trace's distinct blocks, in the fast tier
+SWEEP_FRACTIONS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.25)
+SWEEP_RUNS = (("lru", "all"), ("s3fifo", "all"), ("gdsf", "all"), ("prefix", "prefix"), ("lru", "prefix"), (OPT, "all"))
 
 
 def _one_step(events: list[TraceEvent]) -> list[str]:
@@ -55,32 +68,62 @@ def _one_step(events: list[TraceEvent]) -> list[str]:
     return keys
 
 
+def _runs(name: str) -> list[tuple[str, str, bool, str]]:
+    # KV traces have no repeating step to declare (a "declared" schedule there would be the future
+    # itself); training traces have no prefixes for the KV-aware runs.
+    kv = name in PREFIX_TRACES
+    return [r for r in RUNS if not ((r[2] and kv) or (not kv and (r[0] == "prefix" or r[3] == "prefix")))]
+
+
+def _events(ctx: BenchContext, name: str, kwargs: dict[str, Any]) -> list[TraceEvent]:
+    kw = dict(kwargs)
+    if ctx.smoke or ctx.quick:
+        kw.update({"steps": 4 if ctx.smoke else 6} if name not in PREFIX_TRACES
+                  else {"requests": 500 if ctx.smoke else 1500 if name == "kv" else 5000})
+    return list(traces.WORKLOADS[name](**kw))
+
+
 def run(ctx: BenchContext) -> dict[str, Any]:
     results: dict[str, Any] = {}
-    task = ctx.progress.add_task("policies: simulated traces vs OPT", total=len(WORKLOADS) * (len(RUNS) + 1) - 1)
+    sweeps: dict[str, Any] = {}
+    fractions = SWEEP_FRACTIONS[1::2] if ctx.smoke else SWEEP_FRACTIONS
+    total = sum(len(_runs(n)) + 1 for n in WORKLOADS) + len(PREFIX_TRACES) * len(fractions) * len(SWEEP_RUNS)
+    task = ctx.progress.add_task("policies: simulated traces vs OPT", total=total)
     for name, (kwargs, host) in WORKLOADS.items():
-        kw = dict(kwargs)
-        if ctx.smoke or ctx.quick:
-            kw.update({"steps": 4 if ctx.smoke else 6} if name not in ("kv", "serving")
-                      else {"requests": 500 if ctx.smoke else 1500 if name == "kv" else 5000})
-        events = list(traces.WORKLOADS[name](**kw))
+        events = _events(ctx, name, kwargs)
+        distinct = len({e.key for e in events})
         if host is None:
-            host = max(1, int(len({e.key for e in events}) * SERVING_FRACTION)) * MIB
+            host = max(1, int(distinct * SERVING_FRACTION)) * MIB
         rows = []
-        # KV traces have no repeating step to declare: a "declared" schedule there would be the future itself.
-        runs = [r for r in RUNS if not (r[2] and name in ("kv", "serving"))]
-        for policy, prefetch, declared in [*runs, (OPT, "none", False)]:
+        for policy, prefetch, declared, admission in [*_runs(name), (OPT, "none", False, "all")]:
             r = simulate(events, policy, host_bytes=host, nvme_bytes=64 << 30, prefetch=prefetch,
-                         declared=_one_step(events) if declared else None)
+                         declared=_one_step(events) if declared else None, admission=admission)
             rows.append({"policy": policy, "prefetch": prefetch, "schedule": "declared" if declared else "learned",
-                         "hit_ratio": r.hit_ratio, "gets": r.gets, "promoted": r.bytes_promoted,
-                         "demoted": r.bytes_demoted, "stall_s": r.stall_s})
+                         "admission": admission, "hit_ratio": r.hit_ratio, "gets": r.gets,
+                         "promoted": r.bytes_promoted, "demoted": r.bytes_demoted, "stall_s": r.stall_s,
+                         "prefill_saved": r.prefill_saved})
             ctx.progress.advance(task)
         opt = rows[-1]["hit_ratio"]
         for r_ in rows:
             r_["vs_opt"] = r_["hit_ratio"] / opt if opt else None
         results[name] = {"events": len(events), "host_bytes": host, "rows": rows}
-    return {"workloads": results, "speed": _speed(ctx)}
+        if name in PREFIX_TRACES:
+            sweeps[name] = _sweep(ctx, task, events, distinct, fractions)
+    return {"workloads": results, "sweeps": sweeps, "speed": _speed(ctx)}
+
+
+def _sweep(ctx: BenchContext, task: Any, events: list[TraceEvent], distinct: int,
+           fractions: tuple[float, ...]) -> dict[str, Any]:
+    """Hit ratio against fast-tier size, per policy (nvme holds every block)."""
+    rows = []
+    for fraction in fractions:
+        host = max(1, int(distinct * fraction)) * MIB
+        for policy, admission in SWEEP_RUNS:
+            r = simulate(events, policy, host_bytes=host, nvme_bytes=distinct * MIB * 4, admission=admission)
+            rows.append({"policy": policy, "admission": admission, "fraction": fraction, "host_bytes": host,
+                         "hit_ratio": r.hit_ratio, "prefill_saved": r.prefill_saved})
+            ctx.progress.advance(task)
+    return {"distinct": distinct, "rows": rows}
 
 
 def _speed(ctx: BenchContext) -> dict[str, Any]:
@@ -92,18 +135,22 @@ def _speed(ctx: BenchContext) -> dict[str, Any]:
     rows = []
     for fraction in SPEED_FRACTIONS:
         host = max(1, int(distinct * fraction)) * MIB
-        for policy in SPEED_POLICIES:
+        for policy, admission in SPEED_POLICIES:
             t0 = time.perf_counter()
-            r = simulate(events, policy, host_bytes=host, nvme_bytes=64 << 30)
+            r = simulate(events, policy, host_bytes=host, nvme_bytes=64 << 30, admission=admission)
             seconds = time.perf_counter() - t0
-            rows.append({"policy": policy, "fraction": fraction, "host_bytes": host, "seconds": seconds,
-                         "events_per_min": len(events) / seconds * 60, "hit_ratio": r.hit_ratio})
+            rows.append({"policy": _name(policy, admission), "fraction": fraction, "host_bytes": host,
+                         "seconds": seconds, "events_per_min": len(events) / seconds * 60, "hit_ratio": r.hit_ratio})
             ctx.progress.advance(task)
     return {"events": len(events), "distinct": distinct, "rows": rows}
 
 
+def _name(policy: str, admission: str) -> str:
+    return policy if admission == "all" else f"{policy} + {admission} admission"
+
+
 def _label(r: dict[str, Any]) -> str:
-    label = r["policy"] + (" (declared)" if r["schedule"] == "declared" else "")
+    label = _name(r["policy"], r.get("admission", "all")) + (" (declared)" if r["schedule"] == "declared" else "")
     return label + (f" + {r['prefetch']} prefetch" if r["prefetch"] != "none" else "")
 
 
@@ -112,12 +159,25 @@ def markdown(res: dict[str, Any]) -> str:
              "prefetching (for equal sizes, Belady's optimum). Prefetching policies can pass its hit ratio; compare "
              "them by modelled stall. `schedule` is learned from the stream unless marked declared.\n"]
     for name, wl in res["workloads"].items():
+        kv = name in PREFIX_TRACES
         lines += [f"#### {name}: {wl['events']} events, host tier {format_size(wl['host_bytes'])}\n",
-                  "| policy | hit ratio | / opt | promoted | demoted | modelled stall s |", "|---|---|---|---|---|---|"]
+                  "| policy | hit ratio | / opt | promoted | demoted | modelled stall s |" + (" prefill saved |" if kv else ""),
+                  "|---|---|---|---|---|---|" + ("---|" if kv else "")]
         for r in wl["rows"]:
             vs = f"{r['vs_opt']:.3f}" if r["vs_opt"] is not None else "-"
             lines.append(f"| {_label(r)} | {r['hit_ratio']:.3f} | {vs} | {format_size(r['promoted'])} "
-                         f"| {format_size(r['demoted'])} | {r['stall_s']:.2f} |")
+                         f"| {format_size(r['demoted'])} | {r['stall_s']:.2f} |"
+                         + (f" {r.get('prefill_saved', 0):.3f} |" if kv else ""))
+        lines.append("")
+    for name, sw in res.get("sweeps", {}).items():
+        fractions = sorted({r["fraction"] for r in sw["rows"]})
+        lines += [f"#### {name}: hit ratio against fast-tier size ({sw['distinct']} distinct 1 MiB blocks)\n",
+                  "| policy | " + " | ".join(f"{f:.1%}" for f in fractions) + " |", "|---|" + "---|" * len(fractions)]
+        by: dict[str, dict[float, float]] = {}
+        for r in sw["rows"]:
+            by.setdefault(_name(r["policy"], r["admission"]), {})[r["fraction"]] = r["hit_ratio"]
+        for label, hits in by.items():
+            lines.append(f"| {label} | " + " | ".join(f"{hits[f]:.3f}" for f in fractions) + " |")
         lines.append("")
     sp = res.get("speed")
     if sp:
@@ -133,7 +193,7 @@ def markdown(res: dict[str, Any]) -> str:
 def headline(res: dict[str, Any], limits: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for name, wl in res["workloads"].items():
-        by = {(r["policy"], r["prefetch"], r["schedule"]): r for r in wl["rows"]}
+        by = {(r["policy"], r["prefetch"], r["schedule"]): r for r in wl["rows"] if r.get("admission", "all") == "all"}
         opt, lru = by[(OPT, "none", "learned")], by[("lru", "none", "learned")]
         if name in CYCLIC:
             for mode in ("learned", "declared"):
@@ -143,8 +203,8 @@ def headline(res: dict[str, Any], limits: dict[str, Any]) -> list[dict[str, Any]
                                 f"{s['hit_ratio']:.3f}", limit=f"opt {opt['hit_ratio']:.3f}",
                                 peer=f"lru {lru['hit_ratio']:.3f}", vs_limit=f"{s['vs_opt']:.3f}", issue=4,
                                 target=">= 0.98 x opt (lru far below)", status=verdict(ok),
-                                note="" if ok else "learning takes the first steps of the trace (misses while it "
-                                "confirms the period); the gap shrinks with the number of steps, declared removes it"))
+                                note="" if ok else "the first step is the learner's: the guess of a first pass "
+                                "did not match this trace"))
         elif name == "kv":
             best = max((r for r in wl["rows"] if r["policy"] != OPT), key=lambda r: r["hit_ratio"])
             rows.append(row(f"kv trace ({wl['events']} events): hit ratio per policy",
@@ -158,11 +218,11 @@ def headline(res: dict[str, Any], limits: dict[str, Any]) -> list[dict[str, Any]
             vs_lru = best["hit_ratio"] / lru["hit_ratio"] if lru["hit_ratio"] else float("inf")
             ok = best["vs_opt"] is not None and best["vs_opt"] >= 0.8 and vs_lru >= 2
             rows.append(row(f"serving trace ({wl['events']} events), fast tier {SERVING_FRACTION:.0%} of the blocks: "
-                            "best policy", f"{best['policy']} {best['hit_ratio']:.3f}", limit=f"opt {opt['hit_ratio']:.3f}",
+                            "best policy", f"{_label(best)} {best['hit_ratio']:.3f}", limit=f"opt {opt['hit_ratio']:.3f}",
                             peer=f"lru {lru['hit_ratio']:.3f}", vs_limit=f"{best['vs_opt']:.3f}", vs_peer=f"{vs_lru:.2f}",
                             issue=20, target=">= 0.8 x opt and >= 2 x lru", status=verdict(ok),
-                            note="" if ok else "no KV-aware policy yet (prefix-aware eviction, admission, cost per "
-                            "byte by depth: issue 20, item 2)"))
+                            note="" if ok else "think times vary turn to turn: which session returns next is known "
+                            "to opt, estimated online from each block's read gaps"))
         else:
             pf = by[("schedule", "schedule", "learned")]
             rows.append(row(f"{name} trace: modelled stall, schedule prefetch", f"{pf['stall_s']:.2f} s",
@@ -185,11 +245,29 @@ def plot(res: dict[str, Any], out: Path) -> list[Path]:
     wls = res["workloads"]
     fig, axes = plt.subplots(1, len(wls), figsize=(4.2 * len(wls), 4.6))
     for ax, (name, wl) in zip(axes, wls.items(), strict=True):
-        ax.bar([_label(r).replace(" + schedule prefetch", "+pf") for r in wl["rows"]], [r["hit_ratio"] for r in wl["rows"]],
+        labels = [_label(r).replace(" + schedule prefetch", "+pf").replace(" admission", " adm") for r in wl["rows"]]
+        ax.bar(labels, [r["hit_ratio"] for r in wl["rows"]],
                color=["k" if r["policy"] == OPT else "C0" if r["prefetch"] == "none" else "C1" for r in wl["rows"]])
         ax.set(title=name, ylim=(0, 1.05), ylabel="hit ratio")
         ax.tick_params(axis="x", rotation=60, labelsize=8)
-    return save_figure(fig, out, "policies")
+    paths = save_figure(fig, out, "policies")
+    sweeps = res.get("sweeps") or {}
+    if sweeps:
+        fig, axes = plt.subplots(1, len(sweeps), figsize=(6 * len(sweeps), 4.4), squeeze=False)
+        for ax, (name, sw) in zip(axes[0], sweeps.items(), strict=True):
+            by: dict[str, list[tuple[float, float]]] = {}
+            for r in sw["rows"]:
+                by.setdefault(_name(r["policy"], r["admission"]), []).append((r["fraction"] * 100, r["hit_ratio"]))
+            for label, pts in by.items():
+                pts.sort()
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label,
+                        color="k" if label == OPT else None, linestyle="--" if label == OPT else "-")
+            ax.set(title=f"{name}: hit ratio against fast-tier size", xscale="log", ylim=(0, 1.02),
+                   xlabel="fast tier, % of the distinct blocks", ylabel="hit ratio")
+            ax.axvline(SERVING_FRACTION * 100, color="grey", linewidth=0.8, linestyle=":")
+            ax.legend(fontsize=8)
+        paths += save_figure(fig, out, "policies_sizes")
+    return paths
 
 
 def main(argv: list[str] | None = None) -> int:

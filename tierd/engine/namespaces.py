@@ -87,7 +87,8 @@ class NamespacePolicies:
         eviction = make_eviction_policy(cfg.eviction_policy, schedule, hints=hints)
         eviction.cost = self._cost  # GDSF's fetch cost: measured by the engine
         prefetch = make_prefetch_policy(cfg.prefetch_policy, schedule, depth=cfg.prefetch_depth)
-        admission = make_admission_policy(cfg.admission_policy, hints=hints, max_bytes=cfg.admit_max)
+        admission = make_admission_policy(cfg.admission_policy, hints=hints, max_bytes=cfg.admit_max,
+                                          eviction=eviction)
         return Namespace(cfg, eviction, prefetch, admission, schedule, hints)
 
     # -- what happens to objects -------------------------------------------------

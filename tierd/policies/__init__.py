@@ -50,12 +50,19 @@ def make_prefetch_policy(name: str, schedule: Schedule | None = None, *, depth: 
     raise ConfigError(f"unknown prefetch policy {name!r}; choose one of {list(PREFETCH_POLICIES)}")
 
 
-def make_admission_policy(name: str, *, hints: PrefixHints | None = None, max_bytes: int | None = None) -> AdmissionPolicy:
-    """A new admission policy for the host tier; ``max_bytes`` keeps larger objects out whatever ``name`` says."""
+def make_admission_policy(name: str, *, hints: PrefixHints | None = None, max_bytes: int | None = None,
+                          eviction: EvictionPolicy | None = None) -> AdmissionPolicy:
+    """A new admission policy for the host tier; ``max_bytes`` keeps larger objects out whatever ``name`` says.
+
+    ``prefix`` with the ``prefix`` eviction policy admits a new block if it is worth more than
+    what it would displace (``PrefixPolicy.worth_admitting``); with any other, if blocks of its
+    kind are read again often enough.
+    """
     if name == "all":
         inner: AdmissionPolicy = AdmitAll()
     elif name == "prefix":
-        inner = PrefixAdmission(hints)
+        judge = eviction.worth_admitting if isinstance(eviction, PrefixPolicy) else None
+        inner = PrefixAdmission(hints, judge=judge)
     else:
         raise ConfigError(f"unknown admission policy {name!r}; choose one of {list(ADMISSION_POLICIES)}")
     return inner if max_bytes is None else SizeAdmission(max_bytes, inner)

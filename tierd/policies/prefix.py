@@ -20,23 +20,34 @@ Each new block gets a *kind* from its parent when it is first stored:
 * ``branch``: the parent was read and has other children (a new branch off a
   shared prefix such as a system prompt).
 
-:class:`PrefixPolicy` (eviction ``"prefix"``) evicts by learned hit density
-(LHD, Beckmann et al., NSDI '18): blocks fall into classes (kind, reads so
-far, the gap between their last two reads); per class, histograms of the
-ages at which blocks were hit and at which they left give the expected hits
-per byte and per unit of time still to come at each age. A victim is the
-lowest density among a sample of candidates (``O(samples)``, no sort), and
-it is prefix-aware: only leaves are candidates, so a block whose children
-are cached in the tier stays until they are gone (a shared system prompt
-stays while anything below it stays; a chain is cut from its tail), and
-``depth_gain`` weighs a block by the recomputation it saves: a block at
-depth ``d`` is attention over ``d`` blocks (Marconi, PBKV, BatchLLM).
+:class:`PrefixPolicy` (eviction ``"prefix"``) evicts the block expected back
+last, per chance that it comes back at all and per byte, among a sample of
+candidates (``O(samples)`` a victim, no sort):
 
-:class:`PrefixAdmission` (admission ``"prefix"``) admits a new block to the
-fast tier only if blocks of its kind (and depth band) have been read again
-often enough; the rest go one tier down, where a read still finds them (and
-promotes them: a block read twice is no longer one-shot). A key seen before
-(a rewrite, a block read already) is always admitted.
+* prefix-aware: only leaves are candidates, so a block whose children are
+  cached in the tier stays until they are gone (a shared system prompt stays
+  while anything below it stays; a chain is cut from its tail);
+* the chance a block is read again is learned: per kind and reads so far (a
+  session's block is read again as long as the session goes on; a document's
+  never), or for a new block, its kind and depth band's reuse rate;
+* when it comes back, two experts estimate: *recency* (as long as it has
+  been idle, LRU's guess) and *rhythm* (its last read gap less its idle time:
+  a user's think time repeats; overdue twice over, as recency). Which one
+  decides is learned as LeCaR does (Vietri et al., HotStorage '18): a block
+  read again soon after an expert evicted it costs that expert trust;
+* cost-aware: ``depth_gain`` weighs a block by the recomputation it saves: a
+  block at depth ``d`` is attention over ``d`` blocks (Marconi, PBKV,
+  BatchLLM); 0.1 by default.
+
+:class:`PrefixAdmission` (admission ``"prefix"``) keeps new blocks that are
+not worth their room out of the fast tier; they go one tier down, where a
+read still finds them (and promotes them: a block read twice is no longer
+one-shot). With the ``prefix`` eviction policy it admits a block expected
+back sooner (per chance, per byte) than the worst of a sample of the tier's
+leaves, as TinyLFU asks of a candidate, so a tier with room to spare admits
+nearly everything; with another eviction policy, a block whose kind (and
+depth band) is read again at least ``threshold`` of the time. A key seen
+before (a rewrite, a block read already) is always admitted.
 """
 
 from __future__ import annotations
@@ -44,7 +55,7 @@ from __future__ import annotations
 import math
 import random
 from collections import OrderedDict, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from tierd.policies.base import AdmissionPolicy, EvictionPolicy
 
@@ -95,6 +106,7 @@ class PrefixHints:
         self.reused = [1.0] * (len(KINDS) * _BANDS)
         self._pending: deque[tuple[int, str, _Block]] = deque()  # (deadline, key, block): fate unknown
         self.typical_gap = 64.0  # events between two reads of a block (EWMA of what is seen)
+        self.first_gap = [64.0] * len(KINDS)  # events from a block's store to its first read, per kind (EWMA)
         # Of the blocks read k times (k = 1, 2, 3+), how many were read again: decayed counts.
         self._read_k = [2.0] * (4 * len(KINDS))  # by (kind, reads)
         self._again_k = [1.0] * (4 * len(KINDS))
@@ -171,6 +183,9 @@ class PrefixHints:
         block.gap = self.clock - block.last if block.last >= 0 else -1
         if block.gap >= 0:
             self.typical_gap += (block.gap - self.typical_gap) / 256
+            if block.reads == 1 and block.kind >= 0:
+                k = block.kind // _BANDS
+                self.first_gap[k] += (block.gap - self.first_gap[k]) / 64
         block.last = self.clock
         self.clock += 1
         if block.kind >= 0 and not block.counted:
@@ -259,10 +274,14 @@ class PrefixAdmission(AdmissionPolicy):
     key seen before is always admitted.
     """
 
-    def __init__(self, hints: PrefixHints | None = None, *, tier: str = "host", threshold: float = 0.5) -> None:
+    def __init__(self, hints: PrefixHints | None = None, *, tier: str = "host", threshold: float = 0.5,
+                 judge: Callable[[str, int, str], bool] | None = None) -> None:
         self.hints = hints if hints is not None else PrefixHints()
         self.tier = tier
         self.threshold = threshold
+        # With the prefix eviction policy: whether a new block is worth more than what it would
+        # displace (PrefixPolicy.worth_admitting), instead of a fixed threshold.
+        self.judge = judge
         self.admitted = [0] * (len(KINDS) * _BANDS)
         self.refused = [0] * (len(KINDS) * _BANDS)
 
@@ -274,7 +293,10 @@ class PrefixAdmission(AdmissionPolicy):
             block = self.hints.put(key)
         if block.reads > 0 or block.puts > 1:
             return True  # seen before: a rewrite, or read already (the ghost)
-        ok = self.hints.reuse_rate(block.kind) >= self.threshold
+        if self.judge is not None:
+            ok = self.judge(key, nbytes, tier)
+        else:
+            ok = self.hints.reuse_rate(block.kind) >= self.threshold
         (self.admitted if ok else self.refused)[block.kind] += 1
         return ok
 
@@ -289,16 +311,22 @@ class PrefixAdmission(AdmissionPolicy):
         return rows
 
 
+_LEARNING_RATE = 0.45  # LeCaR's: how fast a regret moves trust between the experts
+
+
 class _Tier:
     """One tier's blocks: leaves in an array (sampled), each block's size and parent."""
 
-    __slots__ = ("meta", "kids", "leaves", "where")
+    __slots__ = ("meta", "kids", "leaves", "where", "weights", "chosen", "history")
 
     def __init__(self) -> None:
         self.meta: dict[str, list] = {}  # key -> [size, parent when inserted, last access (read clock)]
         self.kids: dict[str, int] = {}  # key -> its children in this tier (counted before it arrives too)
         self.leaves: list[str] = []
         self.where: dict[str, int] = {}  # leaf -> its index in leaves
+        self.weights = [0.5, 0.5]  # trust in each expert (recency, rhythm)
+        self.chosen: dict[str, int] = {}  # offered victims -> the expert that chose them
+        self.history: OrderedDict[str, tuple[int, int]] = OrderedDict()  # evicted -> (expert, when)
 
     def add_leaf(self, key: str) -> None:
         if key not in self.where:
@@ -320,7 +348,7 @@ class PrefixPolicy(EvictionPolicy):
 
     name = "prefix"
 
-    def __init__(self, hints: PrefixHints | None = None, *, depth_gain: float = 0.0, samples: int = 32,
+    def __init__(self, hints: PrefixHints | None = None, *, depth_gain: float = 0.1, samples: int = 32,
                  seed: int = 0) -> None:
         super().__init__()
         self.hints = hints if hints is not None else PrefixHints()
@@ -339,6 +367,13 @@ class PrefixPolicy(EvictionPolicy):
         t = self._t(tier)
         if key in t.meta:
             self._on_remove(key, tier)
+        regret = t.history.pop(key, None)
+        if regret is not None:  # back soon after an expert evicted it: trust that expert less
+            expert, at = regret
+            n = max(len(t.meta), 16)
+            t.weights[expert] *= math.exp(-_LEARNING_RATE * 0.005 ** ((self.hints.clock - at) / n))
+            total = sum(t.weights)
+            t.weights = [max(w / total, 0.01) for w in t.weights]
         block = self.hints.get(key)
         parent = block.parent if block is not None else None
         if parent is not None:
@@ -358,6 +393,11 @@ class PrefixPolicy(EvictionPolicy):
         m = t.meta.pop(key, None)
         if m is None:
             return
+        expert = t.chosen.pop(key, None)
+        if expert is not None:
+            t.history[key] = (expert, self.hints.clock)
+            while len(t.history) > max(len(t.meta), 16):
+                t.history.popitem(last=False)
         t.drop_leaf(key)
         parent = m[1]
         if parent is None:
@@ -370,42 +410,72 @@ class PrefixPolicy(EvictionPolicy):
             if parent in t.meta:  # a leaf again
                 t.add_leaf(parent)
 
-    def _score(self, key: str, m: list) -> float:
-        """Expected reads until ``key`` is read again, times its size: the largest goes first."""
+    def _score(self, key: str, m: list, expert: int) -> float:
+        """Expected events until ``key`` is read again, per chance it is, times its size: the largest goes first.
+
+        Expert 0 (recency) takes the time since the block's last use for it, expert 1
+        (rhythm) the block's last read gap minus that time, and the time since the
+        last use again once it is more than twice overdue.
+        """
         hints = self.hints
         block = hints.get(key)
-        now = hints.clock
-        age = now - (block.last if block is not None and block.last >= 0 else m[2])
-        if block is None or block.gap < 0:
-            gap = hints.typical_gap
+        age = hints.clock - (block.last if block is not None and block.last >= 0 else m[2])
+        if expert == 0 or block is None or block.gap < 0:
+            remaining = age
         else:
             gap = block.gap
-        remaining = abs(gap - age) if age <= 2 * gap else age  # overdue: as long again as it has waited
-        p = hints.read_again(block)
-        score = (remaining + 1) * m[0] / max(p, 1e-3)
+            remaining = abs(gap - age) if age <= 2 * gap else age
+        score = (remaining + 1) * m[0] / max(hints.read_again(block), 1e-3)
         if self.depth_gain and block is not None:
             score /= 1 + self.depth_gain * block.depth
         return score
+
+    def worth_admitting(self, key: str, nbytes: int, tier: str) -> bool:
+        """Whether new block ``key`` is expected back sooner (per byte, per chance) than the worst of a
+        sample of ``tier``'s leaves: what TinyLFU asks of a candidate, in this policy's own terms.
+
+        A new block's time to its first read is its kind's typical one; a tier with
+        room to spare holds old, unread leaves, so it admits nearly everything.
+        """
+        t = self._t(tier)
+        leaves = t.leaves
+        if len(leaves) < self.samples:
+            return True  # nearly empty: nothing to displace
+        hints = self.hints
+        block = hints.get(key)
+        kind = max(block.kind, 0) // _BANDS if block is not None else _ROOT
+        mine = (hints.first_gap[kind] + 1) * nbytes / max(hints.read_again(block), 1e-3)
+        if self.depth_gain and block is not None:
+            mine /= 1 + self.depth_gain * block.depth
+        expert = 0 if t.weights[0] >= t.weights[1] else 1
+        rng, n = self._rng, len(leaves)
+        worst = max(self._score(k, t.meta[k], expert) for k in (leaves[int(rng.random() * n)]
+                                                                 for _ in range(self.samples)))
+        return mine < worst
 
     def _candidates(self, tier: str, need_bytes: int, now: float) -> Iterator[str]:
         t = self._t(tier)
         offered: set[str] = set()
         leaves, rng = t.leaves, self._rng
+        if len(t.chosen) > 4096:
+            t.chosen.clear()  # offered long ago and never removed
         while leaves and len(offered) < len(t.meta):
             n = len(leaves)
+            expert = 0 if rng.random() < t.weights[0] else 1
             best, best_s = None, -1.0
             for _ in range(min(self.samples, n)):
                 key = leaves[int(rng.random() * n)]
                 if key not in offered:
-                    sc = self._score(key, t.meta[key])
+                    sc = self._score(key, t.meta[key], expert)
                     if sc > best_s:
                         best, best_s = key, sc
             if best is None:
                 break  # the samples found only what the caller skipped
             offered.add(best)
+            t.chosen[best] = expert
             yield best
         # The caller skipped most leaves (being read or moved, pinned): the other leaves, then, only
         # if those are exhausted too, blocks with children here, the largest score first in each.
-        rest = sorted((k not in t.where, -self._score(k, m), k) for k, m in t.meta.items() if k not in offered)
+        rest = sorted((k not in t.where, -self._score(k, m, 0), k) for k, m in t.meta.items() if k not in offered)
         for _, _, key in rest:
             yield key

@@ -65,10 +65,20 @@ class SimResult:
     bytes_promoted: int
     bytes_demoted: int
     stall_s: float
+    admission: str = "all"
+    # Prefix-cache traces: each get weighted by the recomputation a miss costs, ``1 + depth`` (a block
+    # at depth d attends over the d blocks before it); the hit share of that is the prefill saved.
+    depth_weighted_gets: float = 0.0
+    depth_weighted_hits: float = 0.0
 
     @property
     def hit_ratio(self) -> float:
         return self.hits / self.gets if self.gets else 0.0
+
+    @property
+    def prefill_saved(self) -> float:
+        """Of the prefill a miss would recompute (``1 + depth`` a block), the share hits saved; 0 without parents."""
+        return self.depth_weighted_hits / self.depth_weighted_gets if self.depth_weighted_gets else 0.0
 
 
 def read_trace(path: str | os.PathLike[str]) -> list[TraceEvent]:
@@ -209,7 +219,7 @@ def simulate(
     schedule = Schedule()
     hints = PrefixHints(max_entries=1 << 62)  # the whole trace: the simulator is not short of memory
     evict: EvictionPolicy = _Belady() if policy == OPT else make_eviction_policy(policy, schedule, hints=hints)
-    admit = make_admission_policy(admission, hints=hints)
+    admit = make_admission_policy(admission, hints=hints, eviction=evict)
     linked = policy == "prefix" or admission == "prefix"
     evict.cost = cost
     pre = make_prefetch_policy(prefetch, schedule, depth=prefetch_depth)
@@ -221,6 +231,8 @@ def simulate(
     gets = hits = 0
     stall = 0.0
     sizes: dict[str, int] = {}
+    depth: dict[str, int] = {}  # from the events' parents
+    wgets = whits = 0.0
     ready_at: dict[str, float] = {}  # prefetched objects: when their copy lands on host
     channel_free = 0.0  # prefetches queue on one nvme channel
     for i, ev in enumerate(events):
@@ -235,8 +247,10 @@ def simulate(
                 hints.forget(ev.key)
             continue
         schedule.observe(ev.key)
-        if linked and ev.parent:
-            hints.link(ev.key, ev.parent)
+        if ev.parent:
+            depth[ev.key] = depth.get(ev.parent, 0) + 1
+            if linked:
+                hints.link(ev.key, ev.parent)
         if ev.op == "put":
             model.remove(ev.key)
             sizes[ev.key] = ev.size
@@ -247,8 +261,11 @@ def simulate(
             gets += 1
             if linked:
                 hints.read(ev.key)
+            weight = 1 + depth.get(ev.key, 0) if ev.parent else 0
+            wgets += weight
             if ev.key in model.host:
                 hits += 1
+                whits += weight
                 evict.on_access(ev.key, "host", now)
                 landed = ready_at.pop(ev.key, None)
                 if landed is not None and landed > ev.t:
@@ -264,7 +281,7 @@ def simulate(
             if key != ev.key and model.promote(key, now):
                 channel_free = max(channel_free, ev.t) + cost.fetch_s(model.host.get(key, 0))
                 ready_at[key] = channel_free
-    return SimResult(policy, prefetch, gets, hits, model.promoted, model.demoted, stall)
+    return SimResult(policy, prefetch, gets, hits, model.promoted, model.demoted, stall, admission, wgets, whits)
 
 
 def plot_results(results: Sequence[SimResult], path: str | os.PathLike[str], *, title: str = "") -> None:
