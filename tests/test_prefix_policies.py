@@ -158,10 +158,13 @@ def test_engine_keeps_one_shot_documents_out_of_host_and_sessions_in(nvme_dir: P
     with tierd.open(cfg) as store:
         kv = tierd.PrefixKVStore(store, model="m", block_tokens=32, dtype=torch.float32)
         system = [rng.randrange(1000) for _ in range(32)]
-        sessions = [system + [rng.randrange(1000) for _ in range(2 * 32)] for _ in range(4)]  # 4 x 12 blocks at the end
+        # 3 x 12 blocks at the end: what stays under the low watermark (75 % of 64 blocks)
+        sessions = [system + [rng.randrange(1000) for _ in range(2 * 32)] for _ in range(3)]
         full = [_kv(len(h) + 10 * 32, 100 + i) for i, h in enumerate(sessions)]  # each session's whole KV
         docs = []
+        demoted_at = {}
         for round_ in range(10):
+            demoted_at[round_] = store.stats()["nvme"].demoted_bytes
             for i, history in enumerate(sessions):  # a turn: read the history, store what it adds
                 got = kv.get(history)
                 if round_:
@@ -173,10 +176,13 @@ def test_engine_keeps_one_shot_documents_out_of_host_and_sessions_in(nvme_dir: P
                 kv.get(tokens)
                 kv.put(tokens, _kv(len(tokens), len(docs)))
                 docs.append(tokens)
-        late_docs = [t for tokens in docs[-16:] for t in _where(store, kv, tokens)[1:]]
         held = [t for history in sessions for t in _where(store, kv, history)[1:]]
-        assert late_docs.count("host") < 0.25 * len(late_docs)  # learned: documents are not read again
         assert held.count("host") > 0.9 * len(held)  # the sessions, read every round, stay in host
+        # Learned within a few rounds (a block's fate is known after a few hundred events): documents are
+        # not read again, so they go straight to nvme instead of through host (LRU writes every one to
+        # host, then demotes it).
+        late_doc_bytes = 5 * 16 * 4 * 64 * 1024
+        assert store.stats()["nvme"].demoted_bytes - demoted_at[5] < 0.1 * late_doc_bytes
         for d, tokens in enumerate(docs):  # nothing was lost, wherever it went
             assert torch.equal(kv.get(tokens)[:, :, 32:], _kv(len(tokens), d)[:, :, 32:])
 

@@ -42,12 +42,13 @@ candidates (``O(samples)`` a victim, no sort):
 :class:`PrefixAdmission` (admission ``"prefix"``) keeps new blocks that are
 not worth their room out of the fast tier; they go one tier down, where a
 read still finds them (and promotes them: a block read twice is no longer
-one-shot). With the ``prefix`` eviction policy it admits a block expected
-back sooner (per chance, per byte) than the worst of a sample of the tier's
-leaves, as TinyLFU asks of a candidate, so a tier with room to spare admits
-nearly everything; with another eviction policy, a block whose kind (and
-depth band) is read again at least ``threshold`` of the time. A key seen
-before (a rewrite, a block read already) is always admitted.
+one-shot). A block whose kind (and depth band) is read again at least half
+the time is admitted, one whose kind almost never is (under 10 %) is not; in
+between, with the ``prefix`` eviction policy, a block is admitted if it is
+expected back sooner (per chance, per byte) than the worst of a sample of the
+tier's leaves, as TinyLFU asks of a candidate, so a tier with room to spare
+takes the uncertain ones too. A key seen before (a rewrite, a block read
+already) is always admitted.
 """
 
 from __future__ import annotations
@@ -270,15 +271,19 @@ class PrefixHints:
 class PrefixAdmission(AdmissionPolicy):
     """Admits a new block to ``tier`` if blocks of its kind and depth band are read again often enough.
 
-    ``threshold``: the share of a class's blocks that must be read again. A
-    key seen before is always admitted.
+    A class read again at least ``threshold`` of the time is admitted, one
+    read again less than ``floor`` of the time is not (one-shot blocks); in
+    between, ``judge`` decides where there is one (the prefix eviction
+    policy: is it worth more than what it would displace?), else refused.
+    A key seen before is always admitted.
     """
 
     def __init__(self, hints: PrefixHints | None = None, *, tier: str = "host", threshold: float = 0.5,
-                 judge: Callable[[str, int, str], bool] | None = None) -> None:
+                 floor: float = 0.1, judge: Callable[[str, int, str], bool] | None = None) -> None:
         self.hints = hints if hints is not None else PrefixHints()
         self.tier = tier
         self.threshold = threshold
+        self.floor = floor
         # With the prefix eviction policy: whether a new block is worth more than what it would
         # displace (PrefixPolicy.worth_admitting), instead of a fixed threshold.
         self.judge = judge
@@ -293,10 +298,11 @@ class PrefixAdmission(AdmissionPolicy):
             block = self.hints.put(key)
         if block.reads > 0 or block.puts > 1:
             return True  # seen before: a rewrite, or read already (the ghost)
-        if self.judge is not None:
-            ok = self.judge(key, nbytes, tier)
+        rate = self.hints.reuse_rate(block.kind)
+        if rate >= self.threshold or rate < self.floor or self.judge is None:
+            ok = rate >= self.threshold  # likely read again / almost surely not
         else:
-            ok = self.hints.reuse_rate(block.kind) >= self.threshold
+            ok = self.judge(key, nbytes, tier)  # in between: if it is worth more than what it displaces
         (self.admitted if ok else self.refused)[block.kind] += 1
         return ok
 
@@ -439,8 +445,8 @@ class PrefixPolicy(EvictionPolicy):
         """
         t = self._t(tier)
         leaves = t.leaves
-        if len(leaves) < self.samples:
-            return True  # nearly empty: nothing to displace
+        if not leaves:
+            return True  # empty: nothing to displace
         hints = self.hints
         block = hints.get(key)
         kind = max(block.kind, 0) // _BANDS if block is not None else _ROOT
