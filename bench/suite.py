@@ -13,7 +13,7 @@ into ``--out``:
 * ``results.md``: the targets of issues 2-8 and 16 (ratio, met or missed, and what
   limits a missed one), then one table per suite (tierd, the limit, the
   peer, the ratios) followed by its detailed tables;
-* PNG plots: tiers.png, daemon.png, policies.png, checkpoint.png, gpu.png (on a GPU), scaling.png.
+* PNG plots: tiers.png, daemon.png, policies.png, policies_sizes.png, checkpoint.png, gpu.png (on a GPU), scaling.png.
 """
 
 from __future__ import annotations

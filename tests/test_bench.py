@@ -85,10 +85,13 @@ def test_results_md_has_a_table_and_plot_per_suite(report: tuple[Path, dict[str,
         assert heading in md, heading
     assert md.count("| measure | tierd | limit | peer | tierd / limit | tierd / peer | target | status |") == 3
     for name in ("policies", "scaling"):
-        assert res["suites"][name]["plots"] == [f"{name}.png"]
-        assert f"![{name}]({name}.png)" in md
-        width, height = _png_size(out / f"{name}.png")
-        assert width > 400 and height > 200
+        plots = res["suites"][name]["plots"]
+        assert plots[0] == f"{name}.png"
+        for plot in plots:
+            assert f"![{name}]({plot})" in md
+            width, height = _png_size(out / plot)
+            assert width > 400 and height > 200
+    assert res["suites"]["policies"]["plots"] == ["policies.png", "policies_sizes.png"]  # hit ratio by fast-tier size
 
 
 def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:

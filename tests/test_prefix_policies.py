@@ -4,6 +4,7 @@ simulator and in the engine through PrefixKVStore."""
 from __future__ import annotations
 
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -236,3 +237,15 @@ def test_config_access_prefix_sets_policy_and_admission() -> None:
     assert cfg.namespace("other").admission_policy == "all"
     with pytest.raises(tierd.ConfigError, match="admission"):
         tierd.load_config({"namespaces": {"kv": {"admission": "ghost"}}})
+
+
+def test_simulate_command_runs_prefix_admission(tmp_path: Path) -> None:
+    path = tmp_path / "serving.jsonl"
+    traces.write(path, traces.serving(requests=600, seed=5))
+    res = subprocess.run([sys.executable, "-m", "tierd", "simulate", str(path), "--policy", "lru,prefix+prefix",
+                          "--tiers", "host=64MiB,nvme=64GiB"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "prefix+prefix" in res.stdout and "prefill saved" in res.stdout
+    bad = subprocess.run([sys.executable, "-m", "tierd", "simulate", str(path), "--policy", "lru+ghost"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "unknown admission 'ghost'" in bad.stderr

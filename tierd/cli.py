@@ -159,7 +159,7 @@ def _top(args: argparse.Namespace, console: Console) -> int:
 
 def _simulate(args: argparse.Namespace, console: Console) -> int:
     from tierd.errors import InvalidArgument
-    from tierd.policies import EVICTION_POLICIES, CostModel
+    from tierd.policies import ADMISSION_POLICIES, EVICTION_POLICIES, CostModel
     from tierd.policies.simulator import OPT, read_trace, simulate
     from tierd.units import parse_size
 
@@ -172,27 +172,35 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
             tiers[name] = parse_size(size)
         except ValueError as exc:
             raise InvalidArgument(f"--tiers {name}: {exc}") from None
-    policies = [p for p in args.policy.split(",") if p]
-    for name in policies:
+    # "policy" or "policy+admission": prefix+prefix is the prefix policy with prefix admission.
+    runs = [(p.partition("+")[0], p.partition("+")[2] or "all") for p in args.policy.split(",") if p]
+    for name, admission in runs:
         if name not in EVICTION_POLICIES:
             raise InvalidArgument(f"unknown policy {name!r}; choose from {', '.join(EVICTION_POLICIES)}")
+        if admission not in ADMISSION_POLICIES:
+            raise InvalidArgument(f"unknown admission {admission!r} in {name}+{admission}; choose from "
+                                  f"{', '.join(ADMISSION_POLICIES)}")
     try:
         events = read_trace(args.trace)
     except OSError as exc:
         raise InvalidArgument(f"cannot read trace {args.trace!r}: {exc.strerror}") from None
     cost = CostModel(latency_s=args.latency_us * 1e-6, bytes_per_s=parse_size(args.bandwidth))
     host, nvme = tiers.get("host", 1 << 30), tiers.get("nvme", 8 << 30)
-    results = [simulate(events, name, host_bytes=host, nvme_bytes=nvme, prefetch=args.prefetch, cost=cost)
-               for name in policies]
+    results = [simulate(events, name, host_bytes=host, nvme_bytes=nvme, prefetch=args.prefetch, cost=cost,
+                        admission=admission) for name, admission in runs]
     opt = simulate(events, OPT, host_bytes=host, nvme_bytes=nvme, cost=cost)
+    prefixed = any(e.parent for e in events)
     table = Table(title=f"{args.trace}: {len(events)} events, host {format_size(host)}, nvme {format_size(nvme)}",
                   title_justify="left")
-    for col in ("policy", "prefetch", "gets", "hit ratio", "/ opt", "promoted", "demoted", "stall (modelled)"):
+    for col in ("policy", "prefetch", "gets", "hit ratio", "/ opt", "promoted", "demoted", "stall (modelled)",
+                *(["prefill saved"] if prefixed else [])):
         table.add_column(col)
     for r in [*results, opt]:
         rel = r.hit_ratio / opt.hit_ratio if opt.hit_ratio else float("nan")
-        table.add_row(r.policy, r.prefetch, str(r.gets), f"{r.hit_ratio:.3f}", f"{rel:.2f}",
-                      format_size(r.bytes_promoted), format_size(r.bytes_demoted), f"{r.stall_s:.2f} s")
+        name = r.policy if r.admission == "all" else f"{r.policy}+{r.admission}"
+        table.add_row(name, r.prefetch, str(r.gets), f"{r.hit_ratio:.3f}", f"{rel:.2f}",
+                      format_size(r.bytes_promoted), format_size(r.bytes_demoted), f"{r.stall_s:.2f} s",
+                      *([f"{r.prefill_saved:.3f}"] if prefixed else []))
     console.print(table)
     if args.png:
         from tierd.policies.simulator import plot_results
@@ -230,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--iterations", type=int, default=0, help="stop after this many refreshes (0: never)")
     p = sub.add_parser("simulate", help="replay an access trace under several policies, beside OPT")
     p.add_argument("trace", help="JSON lines t, op, key, size, tier (as [trace] path records)")
-    p.add_argument("--policy", default="lru,s3fifo,gdsf,schedule", help="comma-separated eviction policies")
+    p.add_argument("--policy", default="lru,s3fifo,gdsf,schedule,prefix+prefix",
+                   help="comma-separated eviction policies, each optionally +ADMISSION (prefix+prefix: the prefix "
+                   "policy with prefix admission)")
     p.add_argument("--prefetch", default="none", choices=["none", "sequential", "schedule"])
     p.add_argument("--tiers", default="host=1GiB,nvme=8GiB", help="tier sizes, e.g. host=1GiB,nvme=8GiB")
     p.add_argument("--bandwidth", default="2GB", help="nvme read bandwidth per second for the stall model")

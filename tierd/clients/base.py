@@ -13,6 +13,7 @@ import torch
 
 from tierd.clients.batch import BatchLease, Completions, Results
 from tierd.clients.values import Value
+from tierd.engine.keys import validate_key
 from tierd.errors import InvalidArgument, NotFound, TierdError
 from tierd.types import ObjectInfo, Stats
 
@@ -116,7 +117,7 @@ class Store(ABC):
         the accesses when they stop matching it.
         """
 
-    def declare_prefix(self, keys: Sequence[str]) -> None:  # noqa: B027 - a hint; stores may ignore it
+    def declare_prefix(self, keys: Sequence[str]) -> None:
         """Tell that ``keys`` form one prefix chain, head first: each key's parent is the key
         before it (KV-cache blocks of one request; ``PrefixKVStore`` calls this).
 
@@ -125,6 +126,8 @@ class Store(ABC):
         before them, and new blocks are admitted to host by how often blocks
         of their kind are read again. Other namespaces ignore it.
         """
+        for key in keys:  # a store that keeps no hints still refuses what no store could hold
+            validate_key(key)
 
     @abstractmethod
     def move(self, key: str, tier: str) -> None:

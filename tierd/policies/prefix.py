@@ -43,12 +43,14 @@ candidates (``O(samples)`` a victim, no sort):
 not worth their room out of the fast tier; they go one tier down, where a
 read still finds them (and promotes them: a block read twice is no longer
 one-shot). A block whose kind (and depth band) is read again at least half
-the time is admitted, one whose kind almost never is (under 10 %) is not; in
-between, with the ``prefix`` eviction policy, a block is admitted if it is
-expected back sooner (per chance, per byte) than the worst of a sample of the
-tier's leaves, as TinyLFU asks of a candidate, so a tier with room to spare
-takes the uncertain ones too. A key seen before (a rewrite, a block read
-already) is always admitted.
+the time is admitted. Below that, with the ``prefix`` eviction policy, a
+block is admitted if it is expected back sooner (per chance, per byte) than
+the worst of a sample of the tier's leaves, as TinyLFU asks of a candidate;
+a block of a kind that is almost never read again (under 10 %) only if that
+leaf is expected back 16 times later still: a tier with room to spare holds
+old, unread leaves and takes it, a busy one does not. Without the prefix
+eviction policy, below half is refused. A key seen before (a rewrite, a
+block read already) is always admitted.
 """
 
 from __future__ import annotations
@@ -65,6 +67,9 @@ __all__ = ["PrefixHints", "PrefixPolicy", "PrefixAdmission", "KINDS"]
 KINDS = ("root", "fresh", "continue", "branch")
 _ROOT, _FRESH, _CONTINUE, _BRANCH = range(4)
 _BANDS = 6  # depth bands for admission: 0, 1, 2-3, 4-7, 8-15, 16+
+# A block of a kind read again less than PrefixAdmission.floor of the time displaces a leaf only if that
+# leaf is expected back this many times later: in a tier with room to spare (old, unread leaves) it may.
+_ONE_SHOT_MARGIN = 16.0
 
 
 def _band(depth: int) -> int:
@@ -271,15 +276,15 @@ class PrefixHints:
 class PrefixAdmission(AdmissionPolicy):
     """Admits a new block to ``tier`` if blocks of its kind and depth band are read again often enough.
 
-    A class read again at least ``threshold`` of the time is admitted, one
-    read again less than ``floor`` of the time is not (one-shot blocks); in
-    between, ``judge`` decides where there is one (the prefix eviction
-    policy: is it worth more than what it would displace?), else refused.
+    A class read again at least ``threshold`` of the time is admitted; below,
+    ``judge`` decides where there is one (the prefix eviction policy: is it
+    worth more than what it would displace?), with a wide margin for a class
+    read again less than ``floor`` of the time (one-shot blocks); else refused.
     A key seen before is always admitted.
     """
 
     def __init__(self, hints: PrefixHints | None = None, *, tier: str = "host", threshold: float = 0.5,
-                 floor: float = 0.1, judge: Callable[[str, int, str], bool] | None = None) -> None:
+                 floor: float = 0.1, judge: Callable[[str, int, str, float], bool] | None = None) -> None:
         self.hints = hints if hints is not None else PrefixHints()
         self.tier = tier
         self.threshold = threshold
@@ -299,10 +304,10 @@ class PrefixAdmission(AdmissionPolicy):
         if block.reads > 0 or block.puts > 1:
             return True  # seen before: a rewrite, or read already (the ghost)
         rate = self.hints.reuse_rate(block.kind)
-        if rate >= self.threshold or rate < self.floor or self.judge is None:
-            ok = rate >= self.threshold  # likely read again / almost surely not
-        else:
-            ok = self.judge(key, nbytes, tier)  # in between: if it is worth more than what it displaces
+        if rate >= self.threshold or self.judge is None:
+            ok = rate >= self.threshold
+        else:  # if it is worth more than what it displaces; a one-shot kind, by a wide margin
+            ok = self.judge(key, nbytes, tier, 1.0 if rate >= self.floor else _ONE_SHOT_MARGIN)
         (self.admitted if ok else self.refused)[block.kind] += 1
         return ok
 
@@ -436,7 +441,7 @@ class PrefixPolicy(EvictionPolicy):
             score /= 1 + self.depth_gain * block.depth
         return score
 
-    def worth_admitting(self, key: str, nbytes: int, tier: str) -> bool:
+    def worth_admitting(self, key: str, nbytes: int, tier: str, margin: float = 1.0) -> bool:
         """Whether new block ``key`` is expected back sooner (per byte, per chance) than the worst of a
         sample of ``tier``'s leaves: what TinyLFU asks of a candidate, in this policy's own terms.
 
@@ -457,7 +462,7 @@ class PrefixPolicy(EvictionPolicy):
         rng, n = self._rng, len(leaves)
         worst = max(self._score(k, t.meta[k], expert) for k in (leaves[int(rng.random() * n)]
                                                                  for _ in range(self.samples)))
-        return mine < worst
+        return mine * margin < worst
 
     def _candidates(self, tier: str, need_bytes: int, now: float) -> Iterator[str]:
         t = self._t(tier)

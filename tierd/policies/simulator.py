@@ -292,7 +292,8 @@ def plot_results(results: Sequence[SimResult], path: str | os.PathLike[str], *, 
     require("matplotlib", needed_by="--png", error=InvalidArgument).use("Agg")
     import matplotlib.pyplot as plt
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    names = [r.policy if r.prefetch == "none" else f"{r.policy}+{r.prefetch}" for r in results]
+    names = [(r.policy if r.admission == "all" else f"{r.policy}+{r.admission} adm")
+             + ("" if r.prefetch == "none" else f"+{r.prefetch}") for r in results]
     colors = ["k" if r.policy == OPT else "C0" for r in results]
     ax1.bar(names, [r.hit_ratio for r in results], color=colors)
     ax1.set(ylabel="hit ratio", ylim=(0, 1), title=f"hit ratio {title}")
