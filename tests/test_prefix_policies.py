@@ -113,8 +113,16 @@ def test_admission_learns_to_keep_one_shot_blocks_out() -> None:
 
 
 def test_size_admission_wraps_prefix_admission() -> None:
-    admit = make_admission_policy("prefix", max_bytes=4 * MIB)
+    hints = PrefixHints()
+    admit = make_admission_policy("prefix", hints=hints, max_bytes=4 * MIB)
     assert not admit.admit("k", "host", 8 * MIB, 0.0)  # too large, whatever the kind
+    for i in range(2000):  # a kind never read again: learned one-shot
+        hints.declare(["root", f"d{i}/0", f"d{i}/1"])
+        hints.put(f"d{i}/1")
+        admit.admit(f"d{i}/1", "host", MIB, 0.0)
+    hints.declare(["root", "n/0", "n/1"])
+    hints.put("n/1")
+    assert not admit.admit("n/1", "host", MIB, 0.0)  # small enough, but the inner policy refuses
     with pytest.raises(tierd.ConfigError, match="unknown admission policy"):
         make_admission_policy("nope")
 
@@ -249,3 +257,37 @@ def test_simulate_command_runs_prefix_admission(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "tierd", "simulate", str(path), "--policy", "lru+ghost"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "unknown admission 'ghost'" in bad.stderr
+
+
+def test_engine_admits_everything_while_host_has_room(nvme_dir: Path) -> None:
+    """Admission filters only a full tier: under the low watermark even one-shot documents stay in host."""
+    cfg = small_config(nvme_dir, host="64MiB", namespaces={"kv": {"access": "prefix"}})
+    rng = random.Random(3)
+    with tierd.open(cfg) as store:
+        kv = tierd.PrefixKVStore(store, model="m", block_tokens=32, dtype=torch.float32)
+        system = [rng.randrange(1000) for _ in range(32)]
+        docs = [system + [rng.randrange(1000) for _ in range(4 * 32)] for _ in range(80)]  # 20 MiB in all
+        for d, tokens in enumerate(docs):
+            kv.get(tokens)
+            kv.put(tokens, _kv(len(tokens), d))
+        assert {t for tokens in docs for t in _where(store, kv, tokens)} == {"host"}
+        assert store.stats()["nvme"].demoted_bytes == 0
+
+
+def test_eviction_never_sorts_and_cuts_tails_when_leaves_are_skipped() -> None:
+    hints = PrefixHints()
+    policy = PrefixPolicy(hints)
+    for c in range(3):
+        chain = [f"c{c}/{i}" for i in range(50)]
+        hints.declare(chain)
+        for key in chain:
+            policy.on_insert(key, "host", MIB, 0.0)
+    leaves = {f"c{c}/49" for c in range(3)}
+    offered = []
+    for key in policy.victims("host", MIB, 0.0):  # a caller that skips everything (all being read)
+        offered.append(key)
+        if len(offered) == 9:
+            break
+    assert set(offered[:3]) == leaves  # the leaves first
+    assert set(offered[3:6]) == {f"c{c}/48" for c in range(3)}  # then the next tail up, never a head
+    assert set(offered[6:9]) == {f"c{c}/47" for c in range(3)}

@@ -13,7 +13,7 @@ import torch
 
 from tierd.clients.batch import BatchLease, Completions, Results
 from tierd.clients.values import Value
-from tierd.engine.keys import validate_key
+from tierd.engine.keys import validate_chain
 from tierd.errors import InvalidArgument, NotFound, TierdError
 from tierd.types import ObjectInfo, Stats
 
@@ -126,8 +126,7 @@ class Store(ABC):
         before them, and new blocks are admitted to host by how often blocks
         of their kind are read again. Other namespaces ignore it.
         """
-        for key in keys:  # a store that keeps no hints still refuses what no store could hold
-            validate_key(key)
+        validate_chain(keys)  # a store that keeps no hints still refuses what no store could take
 
     @abstractmethod
     def move(self, key: str, tier: str) -> None:

@@ -16,7 +16,7 @@ from tierd.config import Config, load_config
 from tierd.engine.core import Engine
 from tierd.engine.handles import Lease
 from tierd.engine.index import ObjectMeta
-from tierd.engine.keys import validate_key
+from tierd.engine.keys import validate_chain, validate_key
 from tierd.engine.small import ABSENT
 from tierd.errors import TierdError
 from tierd.tiers.gpu import CopyEngine
@@ -201,7 +201,7 @@ class EmbeddedStore(Store):
         self._engine.declare_schedule([validate_key(k) for k in keys], cyclic=cyclic)
 
     def declare_prefix(self, keys: Sequence[str]) -> None:
-        self._engine.declare_prefix([validate_key(k) for k in keys])
+        self._engine.declare_prefix(validate_chain(keys))
 
     def move(self, key: str, tier: str) -> None:
         self._engine.move(validate_key(key), tier)

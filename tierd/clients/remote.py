@@ -32,7 +32,7 @@ from tierd.clients.remote_batch import RemoteBatches, ReplySource
 from tierd.clients.transfer import Outgoing, read_value
 from tierd.clients.values import Value
 from tierd.config import default_socket_path
-from tierd.engine.keys import validate_key
+from tierd.engine.keys import validate_chain, validate_key
 from tierd.errors import DaemonUnavailable, ProtocolError, StoreClosed, error_class
 from tierd.tiers.gpu import CopyEngine
 from tierd.types import ObjectInfo, Stats
@@ -288,7 +288,7 @@ class RemoteStore(RemoteBatches, Store):
         self._call(p.DeclareSchedule, keys=[validate_key(k) for k in keys], cyclic=cyclic)
 
     def declare_prefix(self, keys: Sequence[str]) -> None:
-        self._call(p.DeclarePrefix, keys=[validate_key(k) for k in keys])
+        self._call(p.DeclarePrefix, keys=validate_chain(keys))
 
     def move(self, key: str, tier: str) -> None:
         self._call(p.Move, key=validate_key(key), tier=tier)

@@ -148,7 +148,7 @@ class BatchCalls:
                 for key, rec in recs.items():
                     if self._index.get(key) is rec:
                         self._catalog.retire_locked(rec)
-                    self._policies.on_delete(rec)
+                        self._policies.on_delete(rec)
         for key, rec in recs.items():
             if "remote" in rec.copies and self._shared is not None:
                 self._shared.forget(key)

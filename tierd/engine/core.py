@@ -33,7 +33,7 @@ from tierd.engine.batch import BatchCalls
 from tierd.engine.catalog import Catalog
 from tierd.engine.handles import Lease, Reservation
 from tierd.engine.index import DurableIndex, ObjectMeta, ObjectRecord
-from tierd.engine.keys import namespace_of, user_key
+from tierd.engine.keys import namespace_of, user_key, validate_chain
 from tierd.engine.movement import Mover
 from tierd.engine.namespaces import NamespacePolicies
 from tierd.engine.remote_index import RemoteIndex
@@ -64,6 +64,7 @@ class Engine(BatchCalls, SmallCalls):
         self.host, self.cxl, self.nvme, self.remote = self.tiers.host, self.tiers.cxl, self.tiers.nvme, self.tiers.remote
         self._cost = CostModel()  # refined from measured nvme reads
         self._policies = NamespacePolicies(lambda: self.config, self._cost)
+        self._policies.room = self._room
         self._catalog = Catalog(self.tiers, self._policies)
         # The catalog's state under the names the front uses (Note: the same objects, not copies).
         self._lock, self._commit_lock, self._index = self._catalog.lock, self._catalog.commit_lock, self._catalog.index
@@ -249,6 +250,13 @@ class Engine(BatchCalls, SmallCalls):
                 out.append(k)
         return out
 
+    def _room(self, tier: str, nbytes: int) -> bool:
+        """Whether ``nbytes`` more fit in arena ``tier`` under its low watermark (nothing would be demoted)."""
+        for arena, _, low in self.tiers.watermarks:
+            if arena.name == tier:
+                return arena.used_bytes + nbytes <= low
+        return False
+
     def _trace_write(self, op: str, key: str, nbytes: int, tier: str) -> None:
         assert self._trace is not None
         with self._lock:
@@ -265,12 +273,10 @@ class Engine(BatchCalls, SmallCalls):
 
     def declare_prefix(self, keys: list[str]) -> None:
         """``keys`` are one prefix chain, head first (see :meth:`tierd.Store.declare_prefix`)."""
-        by_ns: dict[str, list[str]] = {}
-        for key in keys:
-            by_ns.setdefault(namespace_of(key), []).append(key)
-        with self._lock:
-            for ns, chain in by_ns.items():
-                self._policies.declare_prefix(ns, chain)
+        chain = validate_chain(keys, each=False)  # validated by the client or the daemon (scoped keys)
+        if chain:
+            with self._lock:
+                self._policies.declare_prefix(namespace_of(chain[0]), chain)
 
     def move(self, key: str, tier: str) -> None:
         """Promote or demote ``key`` to ``tier`` now.
@@ -325,10 +331,9 @@ class Engine(BatchCalls, SmallCalls):
             with self._lock:
                 if self._index.get(key) is rec:
                     self._catalog.retire_locked(rec)
+                    self._policies.on_delete(rec)
         if "remote" in rec.copies and self._shared is not None:
             self._shared.forget(key)  # other stores must not adopt it any more
-        with self._lock:
-            self._policies.on_delete(rec)
         if self._trace is not None:
             self._trace_write("delete", key, rec.nbytes, rec.tier)
         return True

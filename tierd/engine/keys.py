@@ -12,7 +12,10 @@ from __future__ import annotations
 
 from tierd.errors import InvalidArgument
 
-__all__ = ["MAX_KEY_BYTES", "validate_key", "namespace_of", "scope", "user_key", "owner_of"]
+__all__ = ["MAX_KEY_BYTES", "MAX_CHAIN", "validate_key", "validate_chain", "namespace_of", "scope", "user_key",
+           "owner_of"]
+
+MAX_CHAIN = 1 << 16  # blocks in one declared prefix chain (a 16 M-token context at 256 tokens a block)
 
 MAX_KEY_BYTES = 1024
 DEFAULT_NAMESPACE = "default"
@@ -58,3 +61,22 @@ def owner_of(engine_key: str) -> str | None:
     """The uid (as text) an engine key is scoped to, or None for a shared key."""
     _, sep, uid = engine_key.partition(_SCOPE)
     return uid if sep else None
+
+
+def validate_chain(keys: object, *, each: bool = True) -> list[str]:
+    """``keys`` as one prefix chain (``Store.declare_prefix``): valid keys, one namespace, none twice.
+
+    ``each=False``: the keys were validated already (the engine's, scoped per uid by the daemon).
+    """
+    if isinstance(keys, (str, bytes)):
+        raise InvalidArgument("declare_prefix takes a sequence of keys (one chain, head first), not one key")
+    chain = [validate_key(k) for k in keys] if each else list(keys)  # type: ignore[call-overload]
+    if len(chain) > MAX_CHAIN:
+        raise InvalidArgument(f"a prefix chain holds at most {MAX_CHAIN} keys, got {len(chain)}; declare each "
+                              "request's chain")
+    if len(set(chain)) != len(chain):
+        raise InvalidArgument("a key appears twice in this prefix chain: a block cannot be its own ancestor")
+    if len({namespace_of(k) for k in chain}) > 1:
+        raise InvalidArgument("a prefix chain's keys are all in one namespace, got "
+                              f"{sorted({namespace_of(k) for k in chain})}")
+    return chain

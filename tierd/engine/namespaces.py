@@ -69,6 +69,8 @@ class NamespacePolicies:
     def __init__(self, config: Callable[[], Config], cost: CostModel) -> None:
         self._config = config
         self._cost = cost
+        # room(tier, nbytes): whether that fits without demoting anything (set by the engine).
+        self.room: Callable[[str, int], bool] | None = None
         self._namespaces: dict[str, Namespace] = {}
 
     def get(self, name: str) -> Namespace:
@@ -88,7 +90,8 @@ class NamespacePolicies:
         eviction.cost = self._cost  # GDSF's fetch cost: measured by the engine
         prefetch = make_prefetch_policy(cfg.prefetch_policy, schedule, depth=cfg.prefetch_depth)
         admission = make_admission_policy(cfg.admission_policy, hints=hints, max_bytes=cfg.admit_max,
-                                          eviction=eviction)
+                                          eviction=eviction,
+                                          room=lambda tier, n: self.room is not None and self.room(tier, n))
         return Namespace(cfg, eviction, prefetch, admission, schedule, hints)
 
     # -- what happens to objects -------------------------------------------------
@@ -116,8 +119,14 @@ class NamespacePolicies:
             ns.hints.forget(rec.key)
 
     def declare_prefix(self, namespace: str, keys: list[str]) -> None:
-        """``keys`` (all of ``namespace``) are one prefix chain, head first."""
-        ns = self.get(namespace)
+        """``keys`` (all of ``namespace``) are one prefix chain, head first; ignored (and no
+        namespace made) unless the namespace's policies are prefix ones."""
+        ns = self._namespaces.get(namespace)
+        if ns is None:
+            cfg = self._config().namespace(namespace)
+            if "prefix" not in (cfg.eviction_policy, cfg.admission_policy):
+                return
+            ns = self.get(namespace)
         if ns.hints is not None:
             ns.hints.declare(keys)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from tierd.errors import ConfigError
 from tierd.policies.base import AdmissionPolicy, AdmitAll, CostModel, EvictionPolicy, PrefetchPolicy, SizeAdmission
 from tierd.policies.gdsf import GDSFPolicy
@@ -51,18 +53,20 @@ def make_prefetch_policy(name: str, schedule: Schedule | None = None, *, depth: 
 
 
 def make_admission_policy(name: str, *, hints: PrefixHints | None = None, max_bytes: int | None = None,
-                          eviction: EvictionPolicy | None = None) -> AdmissionPolicy:
+                          eviction: EvictionPolicy | None = None,
+                          room: Callable[[str, int], bool] | None = None) -> AdmissionPolicy:
     """A new admission policy for the host tier; ``max_bytes`` keeps larger objects out whatever ``name`` says.
 
     ``prefix`` with the ``prefix`` eviction policy admits a new block if it is worth more than
     what it would displace (``PrefixPolicy.worth_admitting``); with any other, if blocks of its
-    kind are read again often enough.
+    kind are read again often enough. ``room(tier, nbytes)``: whether that fits without evicting
+    (``prefix`` admits everything then).
     """
     if name == "all":
         inner: AdmissionPolicy = AdmitAll()
     elif name == "prefix":
         judge = eviction.worth_admitting if isinstance(eviction, PrefixPolicy) else None
-        inner = PrefixAdmission(hints, judge=judge)
+        inner = PrefixAdmission(hints, judge=judge, room=room)
     else:
         raise ConfigError(f"unknown admission policy {name!r}; choose one of {list(ADMISSION_POLICIES)}")
     return inner if max_bytes is None else SizeAdmission(max_bytes, inner)

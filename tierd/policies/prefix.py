@@ -42,8 +42,9 @@ candidates (``O(samples)`` a victim, no sort):
 :class:`PrefixAdmission` (admission ``"prefix"``) keeps new blocks that are
 not worth their room out of the fast tier; they go one tier down, where a
 read still finds them (and promotes them: a block read twice is no longer
-one-shot). A block whose kind (and depth band) is read again at least half
-the time is admitted. Below that, with the ``prefix`` eviction policy, a
+one-shot). While the tier has room without evicting, every block is
+admitted. Then a block whose kind (and depth band) is read again at least
+half the time is admitted. Below that, with the ``prefix`` eviction policy, a
 block is admitted if it is expected back sooner (per chance, per byte) than
 the worst of a sample of the tier's leaves, as TinyLFU asks of a candidate;
 a block of a kind that is almost never read again (under 10 %) only if that
@@ -55,9 +56,10 @@ block read already) is always admitted.
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 
 from tierd.policies.base import AdmissionPolicy, EvictionPolicy
@@ -77,10 +79,11 @@ def _band(depth: int) -> int:
 
 
 class _Block:
-    __slots__ = ("parent", "depth", "children", "reads", "puts", "last", "gap", "kind", "counted")
+    __slots__ = ("parent", "pref", "depth", "children", "reads", "puts", "last", "gap", "kind", "counted")
 
-    def __init__(self, parent: str | None, depth: int) -> None:
+    def __init__(self, parent: str | None, depth: int, pref: _Block | None = None) -> None:
         self.parent = parent
+        self.pref = pref  # the parent's entry this block is counted in (a re-made entry for the key is not it)
         self.depth = depth
         self.children = 0
         self.reads = 0
@@ -110,7 +113,8 @@ class PrefixHints:
         # has gone unread for ``horizon()`` reads. Every class starts at one read again of two.
         self.stored = [2.0] * (len(KINDS) * _BANDS)
         self.reused = [1.0] * (len(KINDS) * _BANDS)
-        self._pending: deque[tuple[int, str, _Block]] = deque()  # (deadline, key, block): fate unknown
+        self._pending: list[tuple[int, int, _Block]] = []  # heap of (deadline, seq, block): fate unknown
+        self._seq = 0
         self.typical_gap = 64.0  # events between two reads of a block (EWMA of what is seen)
         self.first_gap = [64.0] * len(KINDS)  # events from a block's store to its first read, per kind (EWMA)
         # Of the blocks read k times (k = 1, 2, 3+), how many were read again: decayed counts.
@@ -141,27 +145,26 @@ class PrefixHints:
         pblock = self._blocks.get(parent) if parent is not None else None
         depth = pblock.depth + 1 if pblock is not None else (1 if parent is not None else 0)
         if block is None:
-            block = self._blocks[key] = _Block(parent, depth)
+            block = self._blocks[key] = _Block(parent, depth, pblock)
             if pblock is not None:
                 pblock.children += 1
             self._trim()
             return block
-        if block.parent != parent:  # declared under another parent: believe the latest
-            old = self._blocks.get(block.parent) if block.parent is not None else None
-            if old is not None:
-                old.children -= 1
+        if block.parent != parent or block.pref is not pblock:  # another parent (or its entry re-made)
+            self._unparent(block)
             if pblock is not None:
                 pblock.children += 1
-            block.parent = parent
+            block.parent, block.pref = parent, pblock
         block.depth = depth
         self._blocks.move_to_end(key)
         return block
 
     def forget(self, key: str) -> None:
-        """``key`` was deleted: it is no longer anyone's parent."""
+        """``key`` was deleted: it is no longer anyone's parent, and its fate no longer counts."""
         block = self._blocks.pop(key, None)
         if block is not None:
             self._unparent(block)
+            block.counted = True
 
     # -- what the stream shows -------------------------------------------------------
 
@@ -202,7 +205,8 @@ class PrefixHints:
 
     def horizon(self) -> int:
         """Reads after which a stored block that was not read counts as one-shot."""
-        return max(256, int(4 * self.typical_gap))
+        # At most the table's size: one pending entry per event, so the queue stays within the bound too.
+        return min(max(256, int(4 * self.typical_gap)), self.max_entries)
 
     def _count(self, cls: int, reused: float) -> None:
         self.stored[cls] += 1
@@ -214,7 +218,7 @@ class PrefixHints:
     def _settle(self) -> None:
         pending = self._pending
         while pending and pending[0][0] <= self.clock:
-            _, _, block = pending.popleft()
+            _, _, block = heapq.heappop(pending)
             if not block.counted:
                 block.counted = True
                 self._count(block.kind, 0.0)
@@ -230,7 +234,8 @@ class PrefixHints:
         if parent is not None and parent.gap >= 0 and self.clock - parent.last <= 1:
             block.gap = parent.gap  # extends a chain just read: expect the chain's rhythm
         block.last = self.clock
-        self._pending.append((self.clock + self.horizon(), key, block))
+        self._seq += 1
+        heapq.heappush(self._pending, (self.clock + self.horizon(), self._seq, block))
         self.clock += 1
         self._settle()
         return block
@@ -261,22 +266,24 @@ class PrefixHints:
         return self.reused[cls] / self.stored[cls]
 
     def _unparent(self, block: _Block) -> None:
-        if block.parent is not None:
-            parent = self._blocks.get(block.parent)
-            if parent is not None:
-                parent.children -= 1
+        pref = block.pref
+        if pref is not None and self._blocks.get(block.parent) is pref:  # type: ignore[arg-type]
+            pref.children -= 1
+        block.pref = None
 
     def _trim(self) -> None:
         while len(self._blocks) > self.max_entries:
             _, block = self._blocks.popitem(last=False)
             self.dropped += 1
             self._unparent(block)
+            block.counted = True  # dropped unsettled: its fate is unknown, not "never read"
 
 
 class PrefixAdmission(AdmissionPolicy):
     """Admits a new block to ``tier`` if blocks of its kind and depth band are read again often enough.
 
-    A class read again at least ``threshold`` of the time is admitted; below,
+    Anything is admitted while the tier has room for it without evicting
+    (``room``). Then a class read again at least ``threshold`` of the time is admitted; below,
     ``judge`` decides where there is one (the prefix eviction policy: is it
     worth more than what it would displace?), with a wide margin for a class
     read again less than ``floor`` of the time (one-shot blocks); else refused.
@@ -284,11 +291,15 @@ class PrefixAdmission(AdmissionPolicy):
     """
 
     def __init__(self, hints: PrefixHints | None = None, *, tier: str = "host", threshold: float = 0.5,
-                 floor: float = 0.1, judge: Callable[[str, int, str, float], bool] | None = None) -> None:
+                 floor: float = 0.1, judge: Callable[[str, int, str, float], bool] | None = None,
+                 room: Callable[[str, int], bool] | None = None) -> None:
         self.hints = hints if hints is not None else PrefixHints()
         self.tier = tier
         self.threshold = threshold
         self.floor = floor
+        # Whether ``nbytes`` fit in the tier without evicting anything (the engine: under the low
+        # watermark): then every block is admitted, as TinyLFU filters only a full cache.
+        self.room = room
         # With the prefix eviction policy: whether a new block is worth more than what it would
         # displace (PrefixPolicy.worth_admitting), instead of a fixed threshold.
         self.judge = judge
@@ -304,7 +315,9 @@ class PrefixAdmission(AdmissionPolicy):
         if block.reads > 0 or block.puts > 1:
             return True  # seen before: a rewrite, or read already (the ghost)
         rate = self.hints.reuse_rate(block.kind)
-        if rate >= self.threshold or self.judge is None:
+        if self.room is not None and self.room(tier, nbytes):
+            ok = True
+        elif rate >= self.threshold or self.judge is None:
             ok = rate >= self.threshold
         else:  # if it is worth more than what it displaces; a one-shot kind, by a wide margin
             ok = self.judge(key, nbytes, tier, 1.0 if rate >= self.floor else _ONE_SHOT_MARGIN)
@@ -485,8 +498,25 @@ class PrefixPolicy(EvictionPolicy):
             offered.add(best)
             t.chosen[best] = expert
             yield best
-        # The caller skipped most leaves (being read or moved, pinned): the other leaves, then, only
-        # if those are exhausted too, blocks with children here, the largest score first in each.
-        rest = sorted((k not in t.where, -self._score(k, m, 0), k) for k, m in t.meta.items() if k not in offered)
-        for _, _, key in rest:
-            yield key
+        # The caller skipped what the samples found (being read or moved, pinned): the other leaves,
+        # then the blocks above what was skipped, tail upwards (never a head before its chain), then
+        # anything left (blocks whose parents form a cycle). No sort: a scan at worst.
+        for key in list(leaves):
+            if key not in offered:
+                offered.add(key)
+                yield key
+        frontier = list(offered)
+        while frontier:
+            above = []
+            for key in frontier:
+                m = t.meta.get(key)
+                parent = m[1] if m is not None else None
+                if parent is not None and parent in t.meta and parent not in offered:
+                    offered.add(parent)
+                    above.append(parent)
+                    yield parent
+            frontier = above
+        for key in list(t.meta):
+            if key not in offered:
+                offered.add(key)
+                yield key

@@ -219,7 +219,9 @@ def simulate(
     schedule = Schedule()
     hints = PrefixHints(max_entries=1 << 62)  # the whole trace: the simulator is not short of memory
     evict: EvictionPolicy = _Belady() if policy == OPT else make_eviction_policy(policy, schedule, hints=hints)
-    admit = make_admission_policy(admission, hints=hints, eviction=evict)
+    model: _Model | None = None
+    admit = make_admission_policy(admission, hints=hints, eviction=evict,
+                                  room=lambda tier, n: model is not None and model.host_used + n <= model.host_cap)
     linked = policy == "prefix" or admission == "prefix"
     evict.cost = cost
     pre = make_prefetch_policy(prefetch, schedule, depth=prefetch_depth)
@@ -232,6 +234,7 @@ def simulate(
     stall = 0.0
     sizes: dict[str, int] = {}
     depth: dict[str, int] = {}  # from the events' parents
+    prefixed = any(e.parent for e in events)
     wgets = whits = 0.0
     ready_at: dict[str, float] = {}  # prefetched objects: when their copy lands on host
     channel_free = 0.0  # prefetches queue on one nvme channel
@@ -261,7 +264,7 @@ def simulate(
             gets += 1
             if linked:
                 hints.read(ev.key)
-            weight = 1 + depth.get(ev.key, 0) if ev.parent else 0
+            weight = 1 + depth.get(ev.key, 0) if prefixed else 0  # a chain's head (no parent) weighs 1
             wgets += weight
             if ev.key in model.host:
                 hits += 1
