@@ -26,7 +26,9 @@ candidates (``O(samples)`` a victim, no sort):
 
 * prefix-aware: only leaves are candidates, so a block whose children are
   cached in the tier stays until they are gone (a shared system prompt stays
-  while anything below it stays; a chain is cut from its tail);
+  while anything below it stays; a chain is cut from its tail). Only if the
+  caller skips every leaf (being read, moved, pinned) come the blocks above
+  the skipped ones, tail upwards;
 * the chance a block is read again is learned: per kind and reads so far (a
   session's block is read again as long as the session goes on; a document's
   never), or for a new block, its kind and depth band's reuse rate;
