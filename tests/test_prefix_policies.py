@@ -7,6 +7,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from tierd.policies import PrefixAdmission, PrefixHints, PrefixPolicy, make_admi
 from tierd.policies.prefix import KINDS
 from tierd.policies.simulator import OPT, TraceEvent, read_trace, simulate
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+sys.path.append(str(Path(__file__).resolve().parent.parent / "bench"))  # after tests/: its daemon.py is the one
 import traces  # noqa: E402
 
 MIB = 1 << 20
@@ -291,3 +292,14 @@ def test_eviction_never_sorts_and_cuts_tails_when_leaves_are_skipped() -> None:
     assert set(offered[:3]) == leaves  # the leaves first
     assert set(offered[3:6]) == {f"c{c}/48" for c in range(3)}  # then the next tail up, never a head
     assert set(offered[6:9]) == {f"c{c}/47" for c in range(3)}
+
+
+def test_a_daemon_client_stops_declaring_where_no_hints_are_kept(daemon: Any) -> None:
+    with tierd.connect(daemon.socket) as store:  # the daemon's default config: lru everywhere
+        kv = tierd.PrefixKVStore(store, model="m", namespace="other", block_tokens=32, dtype=torch.float32)
+        kv.put(list(range(64)), _kv(64, 0))  # declares the chain: the daemon answers that it keeps no hints
+        assert "other" in store._unhinted  # so the next puts skip that round trip
+        kv.put(list(range(96)), _kv(96, 0))
+        assert store.exists_many(kv.block_keys(list(range(96)))) == [True, True, True]
+        with pytest.raises(tierd.InvalidArgument):
+            store.declare_prefix(["other/a", "other/a"])  # still validated when skipped

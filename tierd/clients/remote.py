@@ -19,6 +19,7 @@ import mmap
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from typing import Any
@@ -32,7 +33,7 @@ from tierd.clients.remote_batch import RemoteBatches, ReplySource
 from tierd.clients.transfer import Outgoing, read_value
 from tierd.clients.values import Value
 from tierd.config import default_socket_path
-from tierd.engine.keys import validate_chain, validate_key
+from tierd.engine.keys import namespace_of, validate_chain, validate_key
 from tierd.errors import DaemonUnavailable, ProtocolError, StoreClosed, error_class
 from tierd.tiers.gpu import CopyEngine
 from tierd.types import ObjectInfo, Stats
@@ -79,6 +80,7 @@ class RemoteStore(RemoteBatches, Store):
         self._calls_lock = threading.Lock()
         self._ids = itertools.count(1)
         self._closed = False
+        self._unhinted: dict[str, float] = {}  # namespace -> until when declare_prefix skips it
         self._broken: BaseException | None = None
         self._decoder = msgspec.msgpack.Decoder(p.Reply)
         self._reader = p.FrameReader(sock, 1 << 30)
@@ -288,7 +290,17 @@ class RemoteStore(RemoteBatches, Store):
         self._call(p.DeclareSchedule, keys=[validate_key(k) for k in keys], cyclic=cyclic)
 
     def declare_prefix(self, keys: Sequence[str]) -> None:
-        self._call(p.DeclarePrefix, keys=validate_chain(keys))
+        chain = validate_chain(keys)
+        if not chain:
+            return
+        # A namespace the daemon said keeps no hints is not asked again for a minute (a SIGHUP may
+        # turn its prefix policies on): PrefixKVStore declares on every put, a round trip each.
+        ns = namespace_of(chain[0])
+        if time.monotonic() < self._unhinted.get(ns, 0.0):
+            return
+        reply, _ = self._call(p.DeclarePrefix, keys=chain)
+        if reply.value is False:
+            self._unhinted[ns] = time.monotonic() + 60.0
 
     def move(self, key: str, tier: str) -> None:
         self._call(p.Move, key=validate_key(key), tier=tier)

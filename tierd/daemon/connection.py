@@ -401,8 +401,8 @@ class Connection:
         return p.Ok(id=req.id)
 
     def _declare_prefix(self, req: p.DeclarePrefix) -> Any:
-        self.engine.declare_prefix([self.server.identity.scope(k, self.uid) for k in req.keys])
-        return p.Ok(id=req.id)
+        used = self.engine.declare_prefix([self.server.identity.scope(k, self.uid) for k in req.keys])
+        return p.Ok(id=req.id, value=used)  # False: the namespace keeps no hints (the client may stop)
 
     def _status(self, req: p.Status) -> Any:
         # Another uid's processes and namespaces are none of an untrusted client's business.

@@ -271,12 +271,14 @@ class Engine(BatchCalls, SmallCalls):
         with self._lock:
             self._policies.declare_schedule(by_ns, cyclic=cyclic)
 
-    def declare_prefix(self, keys: list[str]) -> None:
-        """``keys`` are one prefix chain, head first (see :meth:`tierd.Store.declare_prefix`)."""
+    def declare_prefix(self, keys: list[str]) -> bool:
+        """``keys`` are one prefix chain, head first (see :meth:`tierd.Store.declare_prefix`); whether
+        their namespace keeps such hints (its policy or admission is ``prefix``)."""
         chain = validate_chain(keys, each=False)  # validated by the client or the daemon (scoped keys)
-        if chain:
-            with self._lock:
-                self._policies.declare_prefix(namespace_of(chain[0]), chain)
+        if not chain:
+            return True
+        with self._lock:
+            return self._policies.declare_prefix(namespace_of(chain[0]), chain)
 
     def move(self, key: str, tier: str) -> None:
         """Promote or demote ``key`` to ``tier`` now.

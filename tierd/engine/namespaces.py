@@ -118,17 +118,19 @@ class NamespacePolicies:
         if ns.hints is not None:
             ns.hints.forget(rec.key)
 
-    def declare_prefix(self, namespace: str, keys: list[str]) -> None:
+    def declare_prefix(self, namespace: str, keys: list[str]) -> bool:
         """``keys`` (all of ``namespace``) are one prefix chain, head first; ignored (and no
-        namespace made) unless the namespace's policies are prefix ones."""
+        namespace made) unless the namespace's policies are prefix ones: whether they were kept."""
         ns = self._namespaces.get(namespace)
         if ns is None:
             cfg = self._config().namespace(namespace)
             if "prefix" not in (cfg.eviction_policy, cfg.admission_policy):
-                return
+                return False
             ns = self.get(namespace)
-        if ns.hints is not None:
-            ns.hints.declare(keys)
+        if ns.hints is None:
+            return False
+        ns.hints.declare(keys)
+        return True
 
     def parent_of(self, namespace: str, key: str) -> str:
         """``key``'s declared parent ("" if none or not a prefix namespace): what traces record."""
