@@ -28,7 +28,7 @@ from tierd.daemon import batches
 from tierd.daemon.batches import Held, release_held
 from tierd.engine.core import Engine
 from tierd.engine.handles import Reservation
-from tierd.engine.keys import user_key
+from tierd.engine.keys import user_key, validate_chain
 from tierd.errors import InvalidArgument, OutOfSpace, ProtocolError, TierdError
 
 if TYPE_CHECKING:
@@ -401,7 +401,8 @@ class Connection:
         return p.Ok(id=req.id)
 
     def _declare_prefix(self, req: p.DeclarePrefix) -> Any:
-        used = self.engine.declare_prefix([self.server.identity.scope(k, self.uid) for k in req.keys])
+        scoped = [self.server.identity.scope(k, self.uid) for k in req.keys]  # each key validated here
+        used = self.engine.declare_prefix(validate_chain(scoped, each=False))
         return p.Ok(id=req.id, value=used)  # False: the namespace keeps no hints (the client may stop)
 
     def _status(self, req: p.Status) -> Any:

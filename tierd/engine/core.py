@@ -33,7 +33,7 @@ from tierd.engine.batch import BatchCalls
 from tierd.engine.catalog import Catalog
 from tierd.engine.handles import Lease, Reservation
 from tierd.engine.index import DurableIndex, ObjectMeta, ObjectRecord
-from tierd.engine.keys import namespace_of, user_key, validate_chain
+from tierd.engine.keys import namespace_of, user_key
 from tierd.engine.movement import Mover
 from tierd.engine.namespaces import NamespacePolicies
 from tierd.engine.remote_index import RemoteIndex
@@ -271,10 +271,10 @@ class Engine(BatchCalls, SmallCalls):
         with self._lock:
             self._policies.declare_schedule(by_ns, cyclic=cyclic)
 
-    def declare_prefix(self, keys: list[str]) -> bool:
-        """``keys`` are one prefix chain, head first (see :meth:`tierd.Store.declare_prefix`); whether
-        their namespace keeps such hints (its policy or admission is ``prefix``)."""
-        chain = validate_chain(keys, each=False)  # validated by the client or the daemon (scoped keys)
+    def declare_prefix(self, chain: list[str]) -> bool:
+        """``chain`` is one prefix chain, head first, as ``validate_chain`` returns it (see
+        :meth:`tierd.Store.declare_prefix`); whether its namespace keeps such hints (its policy or
+        admission is ``prefix``)."""
         if not chain:
             return True
         with self._lock:

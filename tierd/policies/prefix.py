@@ -61,7 +61,7 @@ from __future__ import annotations
 import heapq
 import math
 import random
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 
 from tierd.policies.base import AdmissionPolicy, EvictionPolicy
@@ -78,6 +78,11 @@ _ONE_SHOT_MARGIN = 16.0
 
 def _band(depth: int) -> int:
     return min(depth.bit_length(), _BANDS - 1)
+
+
+def _kind(block: _Block | None) -> int:
+    """The kind of a block's (kind, band) class; ``root`` before its first store."""
+    return block.kind // _BANDS if block is not None and block.kind >= 0 else _ROOT
 
 
 class _Block:
@@ -182,7 +187,7 @@ class PrefixHints:
     def read(self, key: str) -> _Block:
         """``key`` was read (from any tier): the clock ticks, its gap and its kind's reuse are counted."""
         block = self.touch(key)
-        base = 4 * max(block.kind // _BANDS, 0)
+        base = 4 * _kind(block)
         if block.reads:
             self._again_k[base + min(block.reads, 3)] += 1
         block.reads += 1
@@ -195,7 +200,7 @@ class PrefixHints:
         if block.gap >= 0:
             self.typical_gap += (block.gap - self.typical_gap) / 256
             if block.reads == 1 and block.kind >= 0:
-                k = block.kind // _BANDS
+                k = _kind(block)
                 self.first_gap[k] += (block.gap - self.first_gap[k]) / 64
         block.last = self.clock
         self.clock += 1
@@ -231,7 +236,7 @@ class PrefixHints:
         block.puts += 1
         if block.kind >= 0:
             return block
-        cls = block.kind = self.kind(key) * _BANDS + _band(block.depth)
+        block.kind = self.kind(key) * _BANDS + _band(block.depth)
         parent = self._blocks.get(block.parent) if block.parent is not None else None
         if parent is not None and parent.gap >= 0 and self.clock - parent.last <= 1:
             block.gap = parent.gap  # extends a chain just read: expect the chain's rhythm
@@ -257,7 +262,7 @@ class PrefixHints:
         if block is None:
             return 0.5
         if block.reads:
-            k = 4 * max(block.kind // _BANDS, 0) + min(block.reads, 3)
+            k = 4 * _kind(block) + min(block.reads, 3)
             return self._again_k[k] / self._read_k[k]
         if block.kind >= 0:
             return self.reuse_rate(block.kind)
@@ -316,10 +321,9 @@ class PrefixAdmission(AdmissionPolicy):
             block = self.hints.put(key)
         if block.reads > 0 or block.puts > 1:
             return True  # seen before: a rewrite, or read already (the ghost)
-        rate = self.hints.reuse_rate(block.kind)
         if self.room is not None and self.room(tier, nbytes):
             ok = True
-        elif rate >= self.threshold or self.judge is None:
+        elif (rate := self.hints.reuse_rate(block.kind)) >= self.threshold or self.judge is None:
             ok = rate >= self.threshold
         else:  # if it is worth more than what it displaces; a one-shot kind, by a wide margin
             ok = self.judge(key, nbytes, tier, 1.0 if rate >= self.floor else _ONE_SHOT_MARGIN)
@@ -381,16 +385,10 @@ class PrefixPolicy(EvictionPolicy):
         self.depth_gain = depth_gain
         self.samples = samples
         self._rng = random.Random(seed)
-        self._tiers: dict[str, _Tier] = {}
-
-    def _t(self, tier: str) -> _Tier:
-        t = self._tiers.get(tier)
-        if t is None:
-            t = self._tiers[tier] = _Tier()
-        return t
+        self._tiers: defaultdict[str, _Tier] = defaultdict(_Tier)
 
     def _on_insert(self, key: str, tier: str, nbytes: int, now: float) -> None:
-        t = self._t(tier)
+        t = self._tiers[tier]
         if key in t.meta:
             self._on_remove(key, tier)
         regret = t.history.pop(key, None)
@@ -410,12 +408,12 @@ class PrefixPolicy(EvictionPolicy):
             t.add_leaf(key)
 
     def _on_access(self, key: str, tier: str, now: float) -> None:
-        m = self._t(tier).meta.get(key)
+        m = self._tiers[tier].meta.get(key)
         if m is not None:
             m[2] = self.hints.clock
 
     def _on_remove(self, key: str, tier: str) -> None:
-        t = self._t(tier)
+        t = self._tiers[tier]
         m = t.meta.pop(key, None)
         if m is None:
             return
@@ -451,10 +449,15 @@ class PrefixPolicy(EvictionPolicy):
         else:
             gap = block.gap
             remaining = abs(gap - age) if age <= 2 * gap else age
-        score = (remaining + 1) * m[0] / max(hints.read_again(block), 1e-3)
+        return self._cost(remaining, m[0], block)
+
+    def _cost(self, remaining: float, nbytes: int, block: _Block | None) -> float:
+        """What keeping a block costs: events until it is back, per chance it comes back, times its size,
+        less for a deep block (it saves more recomputation)."""
+        cost = (remaining + 1) * nbytes / max(self.hints.read_again(block), 1e-3)
         if self.depth_gain and block is not None:
-            score /= 1 + self.depth_gain * block.depth
-        return score
+            cost /= 1 + self.depth_gain * block.depth
+        return cost
 
     def worth_admitting(self, key: str, nbytes: int, tier: str, margin: float = 1.0) -> bool:
         """Whether new block ``key`` is expected back sooner (per byte, per chance) than the worst of a
@@ -463,16 +466,12 @@ class PrefixPolicy(EvictionPolicy):
         A new block's time to its first read is its kind's typical one; a tier with
         room to spare holds old, unread leaves, so it admits nearly everything.
         """
-        t = self._t(tier)
+        t = self._tiers[tier]
         leaves = t.leaves
         if not leaves:
             return True  # empty: nothing to displace
-        hints = self.hints
-        block = hints.get(key)
-        kind = max(block.kind, 0) // _BANDS if block is not None else _ROOT
-        mine = (hints.first_gap[kind] + 1) * nbytes / max(hints.read_again(block), 1e-3)
-        if self.depth_gain and block is not None:
-            mine /= 1 + self.depth_gain * block.depth
+        block = self.hints.get(key)
+        mine = self._cost(self.hints.first_gap[_kind(block)], nbytes, block)
         expert = 0 if t.weights[0] >= t.weights[1] else 1
         rng, n = self._rng, len(leaves)
         worst = max(self._score(k, t.meta[k], expert) for k in (leaves[int(rng.random() * n)]
@@ -480,7 +479,7 @@ class PrefixPolicy(EvictionPolicy):
         return mine * margin < worst
 
     def _candidates(self, tier: str, need_bytes: int, now: float) -> Iterator[str]:
-        t = self._t(tier)
+        t = self._tiers[tier]
         offered: set[str] = set()
         leaves, rng = t.leaves, self._rng
         if len(t.chosen) > 4096:

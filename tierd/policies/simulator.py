@@ -37,9 +37,9 @@ from dataclasses import dataclass
 import msgspec
 
 from tierd.policies import make_admission_policy, make_eviction_policy, make_prefetch_policy
-from tierd.policies.base import AdmissionPolicy, AdmitAll, CostModel, EvictionPolicy
-from tierd.policies.prefix import PrefixHints
+from tierd.policies.base import AdmissionPolicy, CostModel, EvictionPolicy
 from tierd.policies.farthest import FarthestFirst
+from tierd.policies.prefix import PrefixHints
 from tierd.policies.schedule import Schedule
 
 __all__ = ["TraceEvent", "SimResult", "read_trace", "simulate", "OPT"]
