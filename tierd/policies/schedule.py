@@ -121,9 +121,6 @@ class Schedule:
     def stop_guessing(self) -> None:
         """End the first pass's guess for good (no order: LRU); :class:`ScheduleEviction` does when
         the keys it evicted on the guess keep coming back."""
-        self._stop_guessing()
-
-    def _stop_guessing(self) -> None:
         if self._first is not None:
             self._first = None
             self.epoch += 1
@@ -203,7 +200,7 @@ class Schedule:
             if len(seen) >= _OCCURRENCES:
                 # A key this hot before any order was learned: not one iteration of a cycle (or
                 # one that re-reads keys more than the learner tracks); plan without a guess (LRU).
-                self._stop_guessing()
+                self.stop_guessing()
             else:
                 self._first.setdefault(key, i)
         # A key may occur several times per iteration (put in forward, get in
@@ -223,7 +220,7 @@ class Schedule:
             del seen[0]
         if len(rec) > _MAX_RECORD:
             # Keep the recent half: a period longer than that is not learnable here (nor guessed).
-            self._stop_guessing()
+            self.stop_guessing()
             keep = rec[-(_MAX_RECORD // 2) :]
             self._recording = keep
             self._last_seen = {}
