@@ -3,9 +3,11 @@ simulator and in the engine through PrefixKVStore."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -197,11 +199,30 @@ def test_engine_keeps_one_shot_documents_out_of_host_and_sessions_in(nvme_dir: P
             assert torch.equal(kv.get(tokens)[:, :, 32:], _kv(len(tokens), d)[:, :, 32:])
 
 
+@contextlib.contextmanager
+def _store(via: str, nvme_dir: Path, host: str, namespaces: dict[str, Any]) -> Iterator[tierd.Store]:
+    """An embedded store, or a client of a real daemon (``via``), with these tiers and namespaces."""
+    if via == "embedded":
+        with tierd.open(small_config(nvme_dir, host=host, namespaces=namespaces)) as store:
+            yield store
+        return
+    from daemon import Daemon
+
+    d = Daemon(nvme_dir, host=host, namespaces=namespaces).start()
+    try:
+        with tierd.connect(d.socket) as store:
+            yield store
+    finally:
+        d.close()
+
+
+@pytest.mark.parametrize("via", ["embedded", "daemon"])
 @pytest.mark.parametrize("policy", ["prefix", pytest.param("lru", marks=pytest.mark.xfail(strict=True))])
-def test_engine_evicts_chains_from_their_tail(nvme_dir: Path, policy: str) -> None:
-    cfg = small_config(nvme_dir, host="8MiB", namespaces={"kv": {"policy": policy}})
+def test_engine_evicts_chains_from_their_tail(nvme_dir: Path, policy: str, via: str) -> None:
+    """Through the daemon too: a client's declare_prefix is not waited for, so this checks that the
+    daemon applies it before the put that follows it."""
     rng = random.Random(1)
-    with tierd.open(cfg) as store:
+    with _store(via, nvme_dir, "8MiB", {"kv": {"policy": policy}}) as store:
         kv = tierd.PrefixKVStore(store, model="m", block_tokens=32, dtype=torch.float32)
         chains = [[rng.randrange(1000) for _ in range(32 * 8)] for _ in range(40)]  # 40 x 8 blocks x 64 KiB
         for c, tokens in enumerate(chains):
@@ -298,7 +319,11 @@ def test_a_daemon_client_stops_declaring_where_no_hints_are_kept(daemon: Any) ->
     with tierd.connect(daemon.socket) as store:  # the daemon's default config: lru everywhere
         kv = tierd.PrefixKVStore(store, model="m", namespace="other", block_tokens=32, dtype=torch.float32)
         kv.put(list(range(64)), _kv(64, 0))  # declares the chain: the daemon answers that it keeps no hints
-        assert "other" in store._unhinted  # so the next puts skip that round trip
+        assert "other" in store._unhinted  # so the next puts skip that message
+        store.declare_prefix(["plain/a", "plain/b"])  # sent, not waited for: its answer comes with the next call's
+        assert "plain" not in store._unhinted
+        assert not store.exists("plain/a")
+        assert "plain" in store._unhinted
         kv.put(list(range(96)), _kv(96, 0))
         assert store.exists_many(kv.block_keys(list(range(96)))) == [True, True, True]
         with pytest.raises(tierd.InvalidArgument):

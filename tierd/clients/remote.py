@@ -15,6 +15,7 @@ flight; replies are matched to calls by request id (see ``_wait``).
 from __future__ import annotations
 
 import itertools
+import logging
 import mmap
 import os
 import socket
@@ -41,6 +42,8 @@ from tierd.types import ObjectInfo, Stats
 __all__ = ["RemoteStore", "connect"]
 
 
+
+log = logging.getLogger("tierd.clients.remote")
 
 class _Call:
     """A request waiting for its reply (and, for a streamed get, its chunks)."""
@@ -201,8 +204,8 @@ class RemoteStore(RemoteBatches, Store):
         except OSError as exc:
             raise DaemonUnavailable(f"cannot reach the tierd daemon on {self.socket_path}: {exc.strerror}") from exc
 
-    def _call(self, make: Any, **fields: Any) -> tuple[Any, list[bytes]]:
-        """Send ``make(id=..., **fields)`` and wait for its reply; raise its error."""
+    def _post(self, make: Any, **fields: Any) -> _Call:
+        """Send ``make(id=..., **fields)``; its reply lands in the returned call when some caller reads it."""
         if self._closed:
             raise StoreClosed("the store is closed")
         rid = next(self._ids)
@@ -215,7 +218,11 @@ class RemoteStore(RemoteBatches, Store):
             with self._calls_lock:
                 self._calls.pop(rid, None)
             raise
-        reply, chunks = self._wait(call)
+        return call
+
+    def _call(self, make: Any, **fields: Any) -> tuple[Any, list[bytes]]:
+        """Send ``make(id=..., **fields)`` and wait for its reply; raise its error."""
+        reply, chunks = self._wait(self._post(make, **fields))
         if isinstance(reply, p.Fail):
             raise error_class(reply.kind)(reply.message)
         return reply, chunks
@@ -298,8 +305,18 @@ class RemoteStore(RemoteBatches, Store):
         ns = namespace_of(chain[0])
         if time.monotonic() < self._unhinted.get(ns, 0.0):
             return
-        reply, _ = self._call(p.DeclarePrefix, keys=chain)
-        if reply.value is False:
+        # Not waited for: the daemon applies a declaration on its reading thread before it reads the
+        # next frame (the put it comes with), and whichever call reads next takes the reply.
+        self._post(p.DeclarePrefix, keys=chain).future.add_done_callback(
+            lambda done: self._heard_declared(ns, done))
+
+    def _heard_declared(self, ns: str, done: Future[tuple[Any, list[bytes]]]) -> None:
+        if done.exception() is not None:
+            return  # the connection broke: the next call says so
+        reply = done.result()[0]
+        if isinstance(reply, p.Fail):
+            log.warning("tierd: a prefix chain in %r was not declared: %s", ns, reply.message)
+        elif reply.value is False:
             self._unhinted[ns] = time.monotonic() + 60.0
 
     def move(self, key: str, tier: str) -> None:
