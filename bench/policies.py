@@ -31,6 +31,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import traces  # noqa: E402
 from bench._common import MIB, BenchContext, pyplot, row, save_figure, standalone, verdict  # noqa: E402
+from bench.oracles import ToldEnds, ToldThink, last_reads  # noqa: E402
 from tierd.policies.simulator import OPT, TraceEvent, simulate  # noqa: E402
 from tierd.units import format_size  # noqa: E402
 
@@ -54,6 +55,9 @@ SPEED_POLICIES = (("lru", "all"), ("s3fifo", "all"), ("gdsf", "all"), ("schedule
                   ("prefix", "prefix"), (OPT, "all"))
 SPEED_FRACTIONS = (0.02, 0.25)  # of the trace's distinct blocks, in the fast tier
 SWEEP_FRACTIONS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.25)
+# The prefix policy told one thing about the serving trace's future (bench/oracles.py), with this admission.
+TOLD = (("think", "prefix"), ("ends", "prefix"), ("ends", "all"))
+TOLD_LABELS = {"think": "each user's median think time", "ends": "which sessions are over (not when the rest return)"}
 SWEEP_RUNS = (("lru", "all"), ("s3fifo", "all"), ("gdsf", "all"), ("prefix", "prefix"), ("lru", "prefix"), (OPT, "all"))
 
 
@@ -75,8 +79,8 @@ def _runs(name: str) -> list[tuple[str, str, bool, str]]:
     return [r for r in RUNS if not ((r[2] and kv) or (not kv and (r[0] == "prefix" or r[3] == "prefix")))]
 
 
-def _events(ctx: BenchContext, name: str, kwargs: dict[str, Any]) -> list[TraceEvent]:
-    kw = dict(kwargs)
+def _events(ctx: BenchContext, name: str, kwargs: dict[str, Any], **extra: Any) -> list[TraceEvent]:
+    kw = dict(kwargs, **extra)
     if ctx.smoke or ctx.quick:
         kw.update({"steps": 4 if ctx.smoke else 6} if name not in PREFIX_TRACES
                   else {"requests": 500 if ctx.smoke else 1500 if name == "kv" else 5000})
@@ -87,10 +91,12 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     results: dict[str, Any] = {}
     sweeps: dict[str, Any] = {}
     fractions = SWEEP_FRACTIONS[1::2] if ctx.smoke else SWEEP_FRACTIONS
-    total = sum(len(_runs(n)) + 1 for n in WORKLOADS) + len(PREFIX_TRACES) * len(fractions) * len(SWEEP_RUNS)
+    total = (sum(len(_runs(n)) + 1 for n in WORKLOADS) + len(PREFIX_TRACES) * len(fractions) * len(SWEEP_RUNS)
+             + (0 if ctx.smoke else len(TOLD)))
     task = ctx.progress.add_task("policies: simulated traces vs OPT", total=total)
     for name, (kwargs, host) in WORKLOADS.items():
-        events = _events(ctx, name, kwargs)
+        users: dict[str, float] = {}  # serving: each session's user's median think time (for the oracles)
+        events = _events(ctx, name, kwargs, **({"users": users} if name == "serving" else {}))
         distinct = len({e.key for e in events})
         if host is None:
             host = max(1, int(distinct * SERVING_FRACTION)) * MIB
@@ -107,9 +113,26 @@ def run(ctx: BenchContext) -> dict[str, Any]:
         for r_ in rows:
             r_["vs_opt"] = r_["hit_ratio"] / opt if opt else None
         results[name] = {"events": len(events), "host_bytes": host, "rows": rows}
+        if name == "serving" and not ctx.smoke:
+            results[name]["told"] = _told(events, host, users, opt)
+            ctx.progress.advance(task, len(TOLD))
         if name in PREFIX_TRACES:
             sweeps[name] = _sweep(ctx, task, events, distinct, fractions)
     return {"workloads": results, "sweeps": sweeps, "speed": _speed(ctx)}
+
+
+def _told(events: list[TraceEvent], host: int, users: dict[str, float], opt: float) -> list[dict[str, Any]]:
+    """The prefix policy told one thing about the future each (bench/oracles.py): where OPT's lead comes from."""
+    per_s = len(events) / (events[-1].t - events[0].t)  # the hints' clock ticks about once an event
+    medians = {k: v * per_s for k, v in users.items()}
+    last = last_reads(events)
+    rows = []
+    for told, admission in TOLD:
+        make = ((lambda h: ToldEnds(h, last)) if told == "ends" else (lambda h: ToldThink(h, medians)))
+        r = simulate(events, "prefix", host_bytes=host, nvme_bytes=64 << 30, admission=admission, make_policy=make)
+        rows.append({"told": told, "admission": admission, "hit_ratio": r.hit_ratio, "vs_opt": r.hit_ratio / opt,
+                     "prefill_saved": r.prefill_saved})
+    return rows
 
 
 def _sweep(ctx: BenchContext, task: Any, events: list[TraceEvent], distinct: int,
@@ -170,6 +193,14 @@ def markdown(res: dict[str, Any]) -> str:
                          f"| {format_size(r['demoted'])} | {r['stall_s']:.2f} |"
                          + (f" {r.get('prefill_saved', 0):.3f} |" if kv else ""))
         lines.append("")
+        if wl.get("told"):
+            lines += ["What OPT knows that the prefix policy does not: the same policy told one thing about the "
+                      "future (bench/oracles.py).\n", "| prefix policy told | admission | hit ratio | / opt | prefill saved |",
+                      "|---|---|---|---|---|"]
+            for r in wl["told"]:
+                lines.append(f"| {TOLD_LABELS[r['told']]} | {r['admission']} | {r['hit_ratio']:.3f} | "
+                             f"{r['vs_opt']:.3f} | {r['prefill_saved']:.3f} |")
+            lines.append("")
     for name, sw in res.get("sweeps", {}).items():
         fractions = sorted({r["fraction"] for r in sw["rows"]})
         lines += [f"#### {name}: hit ratio against fast-tier size (% of its {sw['distinct']} distinct blocks)\n",
@@ -222,8 +253,7 @@ def headline(res: dict[str, Any], limits: dict[str, Any]) -> list[dict[str, Any]
                             "best policy", f"{_label(best)} {best['hit_ratio']:.3f}", limit=f"opt {opt['hit_ratio']:.3f}",
                             peer=f"lru {lru['hit_ratio']:.3f}", vs_limit=f"{best['vs_opt']:.3f}", vs_peer=f"{vs_lru:.2f}",
                             issue=20, target=">= 0.8 x opt and >= 2 x lru", status=verdict(ok),
-                            note="" if ok else "think times vary turn to turn: which session returns next is known "
-                            "to opt, estimated online from each block's read gaps"))
+                            note="" if ok else _serving_note(wl)))
         else:
             pf = by[("schedule", "schedule", "learned")]
             rows.append(row(f"{name} trace: modelled stall, schedule prefetch", f"{pf['stall_s']:.2f} s",
@@ -237,6 +267,15 @@ def headline(res: dict[str, Any], limits: dict[str, Any]) -> list[dict[str, Any]
                         issue=20, target=">= 1 M events a minute, every policy and opt", ratio="-",
                         status=verdict(slow["events_per_min"] >= 1e6)))
     return rows
+
+
+def _serving_note(wl: dict[str, Any]) -> str:
+    told = {(r["told"], r["admission"]): r for r in wl.get("told", ())}
+    if not told:
+        return "which sessions come back at all is known to opt, not to an online policy"
+    ends, think = max(told[("ends", "all")], told[("ends", "prefix")], key=lambda r: r["hit_ratio"]), told[("think", "prefix")]
+    return (f"opt knows which sessions are over: told that alone, the prefix policy reaches {ends['hit_ratio']:.3f} "
+            f"({ends['vs_opt']:.2f} x opt); told each user's median think time instead, {think['hit_ratio']:.3f}")
 
 
 def plot(res: dict[str, Any], out: Path) -> list[Path]:

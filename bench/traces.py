@@ -125,7 +125,7 @@ def serving(*, requests: int = 12000, system_prompts: int = 16, system_blocks: i
             session_share: float = 0.45, first_turn_blocks: tuple[int, int] = (4, 16), turn_blocks: tuple[int, int] = (1, 4),
             document_blocks: tuple[int, int] = (16, 48), end_p: float = 0.35, think_s: float = 900.0,
             think_sigma: float = 0.4, user_sigma: float = 1.2, burst_p: float = 0.05, burst_turns: tuple[int, int] = (2, 5),
-            block_size: int = MIB, seed: int = 0) -> Iterator[TraceEvent]:
+            block_size: int = MIB, seed: int = 0, users: dict[str, float] | None = None) -> Iterator[TraceEvent]:
     """A serving engine's prefix cache under multi-turn chat and one-shot documents, block by block.
 
     New requests arrive at ``rate`` a second (Poisson). Each starts with one
@@ -150,6 +150,9 @@ def serving(*, requests: int = 12000, system_prompts: int = 16, system_blocks: i
     fast tier at 2 % of the distinct blocks: about 1.5 events per distinct
     block, LRU ~0.3 of gets hit, S3-FIFO a little better, GDSF close to LRU,
     Belady ~0.88.
+
+    ``users``, if given, is filled with what no cache can see: each session's
+    user's median think time in seconds, by the session's key prefix (``kv/u7``).
     """
     rng = random.Random(seed)
     prompt_weights = [1 / (i + 1) for i in range(system_prompts)]
@@ -181,6 +184,8 @@ def serving(*, requests: int = 12000, system_prompts: int = 16, system_blocks: i
             history = [f"kv/u{sid}/b{b}" for b in range(rng.randint(*first_turn_blocks))]
             burst = 0
             scale[sid] = think_s * rng.lognormvariate(0, user_sigma)
+            if users is not None:
+                users[f"kv/u{sid}"] = scale[sid]
         yield from request(system(prompt) + history)
         done += 1
         if burst > 0:

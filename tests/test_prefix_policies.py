@@ -21,6 +21,7 @@ from tierd.policies.prefix import KINDS
 from tierd.policies.simulator import OPT, TraceEvent, read_trace, simulate
 
 sys.path.append(str(Path(__file__).resolve().parent.parent / "bench"))  # after tests/: its daemon.py is the one
+import oracles  # noqa: E402
 import traces  # noqa: E402
 
 MIB = 1 << 20
@@ -139,6 +140,29 @@ def test_serving_trace_prefix_policies_beat_lru_and_s3fifo() -> None:
     assert hit[("prefix", "prefix")] > 1.2 * hit[("s3fifo", "all")]
     assert hit[("lru", "prefix")] > hit[("lru", "all")]  # admission alone helps a recency cache
     assert hit[("prefix", "prefix")] < hit[(OPT, "all")]
+
+
+def test_told_which_sessions_are_over_the_prefix_policy_nears_opt() -> None:
+    """Where OPT's lead on the serving trace comes from (bench/oracles.py): told which sessions
+    are over, the prefix policy comes within 0.8 x OPT; told each user's median think time
+    instead, it gains next to nothing over its own estimate from read gaps."""
+    users: dict[str, float] = {}
+    events = list(traces.serving(requests=4000, seed=2, users=users))
+    assert users and all(k.startswith("kv/u") and v > 0 for k, v in users.items())
+    host = int(len({e.key for e in events}) * 0.02) * MIB
+
+    def hit(make: Any = None) -> float:
+        return simulate(events, "prefix", host_bytes=host, nvme_bytes=1 << 40, admission="prefix",
+                        make_policy=make).hit_ratio
+
+    per_s = len(events) / (events[-1].t - events[0].t)
+    medians = {k: v * per_s for k, v in users.items()}
+    last = oracles.last_reads(events)
+    plain, ends = hit(), hit(lambda h: oracles.ToldEnds(h, last))
+    think = hit(lambda h: oracles.ToldThink(h, medians))
+    opt = simulate(events, OPT, host_bytes=host, nvme_bytes=1 << 40).hit_ratio
+    assert ends >= 0.8 * opt and ends > plain + 0.1
+    assert abs(think - plain) < 0.05
 
 
 def test_without_parents_the_prefix_policy_still_works() -> None:

@@ -444,12 +444,13 @@ class PrefixPolicy(EvictionPolicy):
         hints = self.hints
         block = hints.get(key)
         age = hints.clock - (block.last if block is not None and block.last >= 0 else m[2])
-        if expert == 0 or block is None or block.gap < 0:
-            remaining = age
-        else:
-            gap = block.gap
-            remaining = abs(gap - age) if age <= 2 * gap else age
+        gap = -1 if expert == 0 or block is None else self._rhythm(key, block)
+        remaining = abs(gap - age) if 0 <= gap and age <= 2 * gap else age
         return self._cost(remaining, m[0], block)
+
+    def _rhythm(self, key: str, block: _Block) -> float:
+        """The rhythm expert's guess of ``key``'s read gap (-1: none): its last one."""
+        return block.gap
 
     def _cost(self, remaining: float, nbytes: int, block: _Block | None) -> float:
         """What keeping a block costs: events until it is back, per chance it comes back, times its size,

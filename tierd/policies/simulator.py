@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import os
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -205,6 +205,7 @@ def simulate(
     events: Iterable[TraceEvent], policy: str, *, host_bytes: int, nvme_bytes: int,
     prefetch: str = "none", prefetch_depth: int = 2, cost: CostModel | None = None,
     declared: Sequence[str] | None = None, admission: str = "all",
+    make_policy: Callable[[PrefixHints], EvictionPolicy] | None = None,
 ) -> SimResult:
     """Replay ``events`` with eviction ``policy`` (or ``"opt"``), prefetch ``prefetch`` and
     ``admission`` (``"all"`` or ``"prefix"``: see :mod:`tierd.policies.prefix`).
@@ -213,16 +214,20 @@ def simulate(
 
     ``declared``: an access order the caller declares up front (``store.declare_schedule``),
     instead of leaving the schedule to be learned from the stream.
+
+    ``make_policy``: a study's own eviction policy, built on the run's prefix hints (``policy``
+    names it in the result).
     """
     events = list(events)
     cost = cost or CostModel()
     schedule = Schedule()
     hints = PrefixHints(max_entries=1 << 62)  # the whole trace: the simulator is not short of memory
-    evict: EvictionPolicy = _Belady() if policy == OPT else make_eviction_policy(policy, schedule, hints=hints)
+    evict: EvictionPolicy = (_Belady() if policy == OPT else make_policy(hints) if make_policy is not None
+                             else make_eviction_policy(policy, schedule, hints=hints))
     model: _Model | None = None
     admit = make_admission_policy(admission, hints=hints, eviction=evict,
                                   room=lambda tier, n: model is not None and model.host_used + n <= model.host_cap)
-    linked = policy == "prefix" or admission == "prefix"
+    linked = policy == "prefix" or admission == "prefix" or make_policy is not None
     evict.cost = cost
     pre = make_prefetch_policy(prefetch, schedule, depth=prefetch_depth)
     if declared is not None:
