@@ -21,10 +21,16 @@ from conftest import small_config
 from daemon import Daemon
 
 import tierd
+from tierd.engine.keys import MAX_CHAIN
+from tierd.policies.simulator import read_trace
 
 pytest.importorskip("sglang.srt.mem_cache.storage.backend_factory")
 
-from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig  # noqa: E402
+from sglang.srt.mem_cache.hicache_storage import (  # noqa: E402
+    HiCacheStorage,
+    HiCacheStorageConfig,
+    HiCacheStorageExtraInfo,
+)
 from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory  # noqa: E402
 
 PAGE, LAYERS, HEADS, DIM = 16, 4, 2, 32
@@ -149,3 +155,109 @@ def test_bad_input_is_clear_and_a_dead_daemon_is_a_miss(daemon: Daemon) -> None:
         backend.close()
     with pytest.raises(tierd.DaemonUnavailable, match="tierd serve"):
         _backend(None, socket="/tmp/no-such-tierd.sock")
+
+
+def _backup(backend: Any, chain: list[str], slots: list[int], batch: int, *, pass_prefix: bool) -> None:
+    """Store ``chain``'s pages (from ``slots`` of the pool) as SGLang's backup does: ``batch`` pages
+    a call, each call's ``prefix_keys`` the pages before it (managers/cache_controller.py,
+    ``_page_backup``), or none without ``hicache_storage_pass_prefix_keys``."""
+    for i in range(0, len(chain), batch):
+        info = HiCacheStorageExtraInfo(prefix_keys=chain[:i] if pass_prefix else None)
+        assert backend.batch_set_v1(chain[i : i + batch], _indices(slots[i : i + batch]), info) == [True] * len(
+            chain[i : i + batch])
+
+
+def test_prefix_keys_declare_each_pages_parent(nvme_dir: Path, tmp_path: Path) -> None:
+    """The trace records a put's parent where the namespace was told the chain: every page's is
+    the page before it, across batches and across requests that share a head."""
+    trace = tmp_path / "sglang.jsonl"
+    pool = HostPool(8)
+    pool.fill(4)
+    cfg = small_config(nvme_dir, trace={"path": str(trace)}, namespaces={"sglang": {"access": "prefix"}})
+    backend = _backend(pool, config=cfg)
+    try:
+        first = [f"a{i}" for i in range(7)]
+        _backup(backend, first, list(range(7)), 3, pass_prefix=True)
+        branch = first[:2] + ["b2", "b3"]  # another request: the first two pages shared, stored already
+        _backup(backend, branch, [0, 1, 2, 3], 2, pass_prefix=True)
+    finally:
+        backend.close()
+    parents = {e.key: e.parent for e in read_trace(trace) if e.op == "put"}
+    want = {first[0]: "", **{first[i]: first[i - 1] for i in range(1, 7)}, "b2": "a1", "b3": "b2"}
+    assert parents == {backend.key(k): backend.key(v) if v else "" for k, v in want.items()}
+
+
+@pytest.mark.parametrize(("policy", "pass_prefix"), [
+    ("prefix", True),
+    pytest.param("prefix", False, marks=pytest.mark.xfail(strict=True)),  # no chains: no parents
+    pytest.param("lru", True, marks=pytest.mark.xfail(strict=True)),  # chains, ignored
+])
+def test_host_keeps_a_head_of_each_chain_stored_through_the_daemon(nvme_dir: Path, policy: str,
+                                                                   pass_prefix: bool) -> None:
+    """SGLang's backup through a daemon whose ``sglang`` namespace evicts with the prefix policy:
+    host, too small for the chains, cuts them from their tails (never a page whose parent left),
+    however recently a tail was read. Without ``prefix_keys`` the namespace knows no parents and,
+    like LRU, cuts heads. (As tests/test_prefix_policies.py's
+    ``test_engine_evicts_chains_from_their_tail``, and like it eviction alone: prefix admission
+    judges each new page by its kind, and may send a chain's first pages to nvme and admit the
+    next.)"""
+    d = Daemon(nvme_dir, host="2MiB", namespaces={"sglang": {"policy": policy}}).start()  # 128 pages of 16 KiB
+    pool = HostPool(8)
+    try:
+        backend = _backend(pool, socket=str(d.socket))
+        store = backend.store
+        chains = [["sys"] + [f"c{c}p{i}" for i in range(7)] for c in range(40)]  # 7 new pages a chain
+        for c, chain in enumerate(chains):
+            pool.fill(c)
+            # The shared head was stored by the first request; the rest, 3 pages a call.
+            _backup(backend, chain, list(range(8)), 3, pass_prefix=pass_prefix)
+            # Reading a tail makes it the most recent (an LRU would evict its head first). Only
+            # pages in host are read: a read from below promotes, in whatever order there is room for.
+            for old in chains[max(0, c - 4) : c]:
+                if store.info(backend.key(old[-1])).tier == "host":
+                    assert backend.batch_get_v1([old[-1]], _indices([0])) == [True]
+        demoted = 0
+        for chain in chains:
+            where = [store.info(backend.key(h)).tier for h in chain]
+            demoted += where.count("nvme")
+            # Host holds a head of each chain: never a page whose parent left.
+            assert where == sorted(where, key=lambda t: t != "host"), where
+        assert demoted > 0
+        backend.close()
+    finally:
+        d.close()
+
+
+def test_odd_prefix_keys_never_fail_a_store(nvme_dir: Path, tmp_path: Path) -> None:
+    """prefix_keys is a hint: a chain too long for one declaration keeps its tail, and one that
+    cannot be declared (a page twice, not hashes, a dead daemon) stores the pages anyway."""
+    trace = tmp_path / "sglang.jsonl"
+    pool = HostPool(4)
+    pool.fill(5)
+    cfg = small_config(nvme_dir, trace={"path": str(trace)}, namespaces={"sglang": {"access": "prefix"}})
+    backend = _backend(pool, config=cfg)
+    long = [f"h{i}" for i in range(MAX_CHAIN + 10)]
+    try:
+        info = HiCacheStorageExtraInfo
+        assert backend.batch_set_v1(["x0"], _indices([0]), info(prefix_keys=long)) == [True]
+        assert backend.batch_set_v1(["x1"], _indices([1]), info(prefix_keys=["x0", "x1"])) == [True]  # x1 twice
+        assert backend.batch_set_v1(["x2"], _indices([2]), info(prefix_keys="x1")) == [True]
+        assert backend.batch_set_v1(["x3"], _indices([3]), info(prefix_keys=[1, None])) == [True]
+        assert backend.batch_set_v1(["x3"], _indices([3]), info(prefix_keys=[])) == [True]
+        assert backend.batch_exists(["x0", "x1", "x2", "x3"]) == 4
+    finally:
+        backend.close()
+    parents = {e.key: e.parent for e in read_trace(trace) if e.op == "put"}
+    # The longest chain declared (its last MAX_CHAIN keys) still gives the page its parent.
+    assert parents[backend.key("x0")] == backend.key(long[-1])
+    assert parents[backend.key("x1")] == ""
+
+    d = Daemon(nvme_dir / "d", namespaces={"sglang": {"access": "prefix"}}).start()
+    backend = _backend(pool, socket=str(d.socket))
+    try:
+        assert backend.batch_set_v1(["y0"], _indices([0]), HiCacheStorageExtraInfo(prefix_keys=long)) == [True]
+        d.kill()
+        assert backend.batch_set_v1(["y1"], _indices([1]), HiCacheStorageExtraInfo(prefix_keys=["y0"])) == [False]
+    finally:
+        backend.close()
+        d.close()

@@ -26,6 +26,15 @@ layout and interface, page size, tensor-parallel rank (none for MLA, whose KV ev
 replicates), pipeline stage and context-parallel slice, and the tenant
 salt (hashed). Pages are shared exactly where their bytes are
 interchangeable.
+
+Prefix chains: with ``"hicache_storage_pass_prefix_keys": true`` in the
+extra config, SGLang passes each ``batch_set_v1`` the page hashes before
+its keys (``extra_info.prefix_keys``: ``prefix_keys + keys`` is one chain
+from the sequence start), and the backend declares that chain
+(``Store.declare_prefix``). A namespace with ``access = "prefix"`` then
+knows each page's parent: a page whose children are cached is not evicted
+before them, and new pages are admitted by how often their kind is read
+again. Other namespaces ignore the declaration.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageC
 
 import tierd
 from tierd.clients.kv import KVKeyspace
+from tierd.engine.keys import MAX_CHAIN
 from tierd.errors import InvalidArgument, TierdError
 from tierd.integrations._stores import check_namespace, key_part, open_for
 
@@ -142,6 +152,7 @@ class TierdHiCacheStorage(HiCacheStorage):
             return []
         pages = self._pages(keys, host_indices)
         tkeys = [self.key(k) for k in keys]
+        self._declare_chain(tkeys, extra_info)
         try:
             present = self.store.exists_many(tkeys)
             # Pages already stored (another rank's, another request's) are not written again.
@@ -157,6 +168,37 @@ class TierdHiCacheStorage(HiCacheStorage):
             log.warning("tierd: %d pages not stored: %s", len(keys), exc)
             return [False] * len(keys)
         return done
+
+    def _declare_chain(self, tkeys: list[str], extra_info: HiCacheStorageExtraInfo | None) -> None:
+        """Declare ``extra_info.prefix_keys + keys`` as one prefix chain (``tkeys``: the keys' tierd keys).
+
+        A hint, never a failure: whatever the chain is, SGLang's store goes on.
+        """
+        prefix = getattr(extra_info, "prefix_keys", None)
+        if prefix is None:  # SGLang passes none unless hicache_storage_pass_prefix_keys is set
+            return
+        if isinstance(prefix, (str, bytes)) or not isinstance(prefix, Sequence):
+            log.warning("tierd: prefix_keys is a %s, not a list of page hashes: chain not declared",
+                        type(prefix).__name__)
+            return
+        # Declared even when every page is stored already: a page's entry in the namespace's hints
+        # may be gone (trimmed, or a daemon restarted over nvme that kept the pages), and the
+        # declaration re-links it. Through the daemon it costs no round trip (sent, not waited for,
+        # and applied before the calls below); a namespace without prefix policies is not asked again
+        # for a minute.
+        # A chain holds at most MAX_CHAIN keys: a longer one (a very long sequence of small pages)
+        # loses its head. The kept part's first key is then declared a head, so one page loses
+        # its parent link; declaring nothing would leave every new page without one.
+        room = MAX_CHAIN - len(tkeys)
+        tail = list(prefix[-room:]) if room > 0 and prefix else []
+        if not all(isinstance(k, str) for k in tail):
+            log.warning("tierd: prefix_keys holds something other than page hashes: chain not declared")
+            return
+        chain = [self.key(k) for k in tail] + tkeys[-MAX_CHAIN:]
+        try:
+            self.store.declare_prefix(chain)
+        except TierdError as exc:  # a duplicate page, a dead daemon (the store below says so too)
+            log.warning("tierd: prefix chain of %d pages not declared: %s", len(chain), exc)
 
     def batch_exists(self, keys: list[str], extra_info: HiCacheStorageExtraInfo | None = None) -> int:
         """How many of ``keys``, from the first, are stored: one batched question."""
