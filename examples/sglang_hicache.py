@@ -8,7 +8,7 @@ A server would load it with::
     python -m sglang.launch_server ... --enable-hierarchical-cache \\
         --hicache-storage-backend dynamic --hicache-storage-backend-extra-config \\
         '{"backend_name": "tierd", "interface_v1": 1, "module_path": "tierd.integrations.sglang",
-          "class_name": "TierdHiCacheStorage"}'
+          "class_name": "TierdHiCacheStorage", "hicache_storage_pass_prefix_keys": true}'
 
 Here an embedded store stands in for the daemon (add ``"socket": PATH`` to
 share one daemon between processes), and ``PageFirstPool`` for SGLang's host
@@ -23,7 +23,7 @@ from __future__ import annotations
 import tempfile
 
 import torch
-from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig
+from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig, HiCacheStorageExtraInfo
 from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
 
 PAGE, LAYERS, HEADS, DIM = 64, 8, 8, 128  # a page: 64 tokens x 8 layers of K and V, 2 MiB in bf16
@@ -46,7 +46,8 @@ def slots(pages: list[int]) -> torch.Tensor:
 with tempfile.TemporaryDirectory() as tmp:
     extra = {"backend_name": "tierd", "interface_v1": 1, "module_path": "tierd.integrations.sglang",
              "class_name": "TierdHiCacheStorage",
-             "config": {"tiers": {"host": {"size": "256MiB"}, "nvme": {"path": tmp, "size": "1GiB"}}}}
+             "config": {"tiers": {"host": {"size": "256MiB"}, "nvme": {"path": tmp, "size": "1GiB"}},
+                        "namespaces": {"sglang": {"access": "prefix"}}}}
     cfg = HiCacheStorageConfig(tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1,
                                is_mla_model=False, enable_storage_metrics=False, is_page_first_layout=True,
                                model_name="meta-llama/Llama-3.1-8B", extra_config=extra)
@@ -56,7 +57,13 @@ with tempfile.TemporaryDirectory() as tmp:
     storage.register_mem_pool_host(pool)
     try:
         hashes = [f"page-{i}" for i in range(8)]
-        print("stored:", storage.batch_set_v1(hashes, slots(list(range(8)))))
+        # One sequence's pages, 4 a call, as SGLang's backup stores them; with
+        # hicache_storage_pass_prefix_keys each call's prefix_keys + keys is the chain from the
+        # sequence start, which tierd declares to the namespace (a prefix cache here).
+        stored = [storage.batch_set_v1(hashes[i : i + 4], slots(list(range(i, i + 4))),
+                                       HiCacheStorageExtraInfo(prefix_keys=hashes[:i]))
+                  for i in (0, 4)]
+        print("stored:", stored[0] + stored[1])
         print("hit prefix (pages):", storage.batch_exists(hashes[:5] + ["not-stored"] + hashes[5:]))
         before = pool.kv_buffer[:, : 8 * PAGE].clone()
         print("loaded:", storage.batch_get_v1(hashes, slots(list(range(8, 16)))))
