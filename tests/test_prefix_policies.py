@@ -7,6 +7,7 @@ import contextlib
 import random
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -240,6 +241,20 @@ def _store(via: str, nvme_dir: Path, host: str, namespaces: dict[str, Any]) -> I
         d.close()
 
 
+def _demoted_to_low_watermark(store: tierd.Store, timeout_s: float = 30.0) -> None:
+    """Wait until background demotion is done: host is under its low watermark (where a pass
+    ends), or its use stays put (between the watermarks no pass starts)."""
+    deadline = time.monotonic() + timeout_s
+    seen: list[int] = []
+    while time.monotonic() < deadline:
+        host = store.stats()["host"]
+        seen.append(host.used_bytes)
+        if host.used_bytes <= 0.75 * host.capacity_bytes or seen[-3:] == [host.used_bytes] * 3:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"host use kept changing: {seen[-5:]}")
+
+
 @pytest.mark.parametrize("via", ["embedded", "daemon"])
 @pytest.mark.parametrize("policy", ["prefix", pytest.param("lru", marks=pytest.mark.xfail(strict=True))])
 def test_engine_evicts_chains_from_their_tail(nvme_dir: Path, policy: str, via: str) -> None:
@@ -252,7 +267,10 @@ def test_engine_evicts_chains_from_their_tail(nvme_dir: Path, policy: str, via: 
         for c, tokens in enumerate(chains):
             kv.put(tokens, _kv(len(tokens), c))
             # Reading a tail makes it the most recent (an LRU would evict its head first). Only blocks
-            # in host are read: a read from below promotes, in whatever order there is room for.
+            # in host are read: a read from below promotes, in whatever order there is room for. So
+            # background demotion has to be done first, or a tail seen in host may be demoted and
+            # promoted back by the read (the daemon's mover runs in its own process).
+            _demoted_to_low_watermark(store)
             for old in chains[max(0, c - 4) : c]:
                 tail = kv.block_keys(old)[-1]
                 if store.info(tail).tier == "host":
@@ -352,3 +370,24 @@ def test_a_daemon_client_stops_declaring_where_no_hints_are_kept(daemon: Any) ->
         assert store.exists_many(kv.block_keys(list(range(96)))) == [True, True, True]
         with pytest.raises(tierd.InvalidArgument):
             store.declare_prefix(["other/a", "other/a"])  # still validated when skipped
+
+
+def test_status_shows_what_prefix_admission_learned(nvme_dir: Path) -> None:
+    with _store("daemon", nvme_dir, "2MiB", {"kv": {"access": "prefix"}}) as store:
+        assert isinstance(store, tierd.RemoteStore)
+        kv = tierd.PrefixKVStore(store, model="m", block_tokens=32, dtype=torch.float32)
+        for d in range(40):  # one-shot documents, more than host holds: admission has to decide
+            kv.put(list(range(d * 1000, d * 1000 + 128)), _kv(128, d))
+        store.put("plain/x", torch.ones(4))
+        status = store.status()
+        kvp = status["policies"]["kv"]
+        assert (kvp["policy"], kvp["admission"]) == ("prefix", "prefix")
+        assert kvp["hinted_blocks"] >= 40 * 4
+        assert sum(r["admitted"] + r["refused"] for r in kvp["admission_table"]) == 40 * 4
+        assert abs(sum(kvp["experts"].values()) - 1) < 1e-6
+        assert status["policies"]["plain"]["policy"] == "lru" and not status["policies"]["plain"]["admission_table"]
+        sock = store.socket_path
+        res = subprocess.run([sys.executable, "-m", "tierd", "status", "--socket", sock], capture_output=True,
+                             text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "admission to host in kv" in res.stdout and "fresh" in res.stdout, res.stdout

@@ -119,10 +119,20 @@ def _status_tables(status: dict[str, Any]) -> list[Table]:
                      str(t.hits), str(t.misses), format_size(t.bytes_in), format_size(t.bytes_out),
                      format_size(t.promoted_bytes), format_size(t.demoted_bytes), f"{t.fragmentation:.2f}")
     ns = Table(title="namespaces", title_justify="left")
-    ns.add_column("namespace")
-    ns.add_column("stored")
-    for name, used in sorted(status["namespaces"].items()):
-        ns.add_row(name, format_size(used))
+    for col in ("namespace", "stored", "eviction", "admission", "prefetch", "learned"):
+        ns.add_column(col)
+    policies = status.get("policies", {})  # a daemon older than this client sends none
+    learned = []
+    for name in sorted(set(status["namespaces"]) | set(policies)):
+        pol = policies.get(name, {})
+        experts = pol.get("experts")
+        note = ", ".join(part for part in (
+            f"{pol['hinted_blocks']} blocks' prefixes" if "hinted_blocks" in pol else "",
+            "trust recency {recency:.2f} / rhythm {rhythm:.2f}".format(**experts) if experts else "") if part)
+        ns.add_row(name, format_size(status["namespaces"].get(name, 0)), pol.get("policy", ""),
+                   pol.get("admission", ""), pol.get("prefetch", ""), note)
+        if pol.get("admission_table"):
+            learned.append(_admission_table(name, pol["admission_table"]))
     clients = Table(title=f"clients ({len(status['clients'])}, {status['inflight']} requests in flight)",
                     title_justify="left")
     for col in ("pid", "uid", "connected", "requests", "leases", "open puts"):
@@ -131,7 +141,17 @@ def _status_tables(status: dict[str, Any]) -> list[Table]:
     for c in sorted(status["clients"], key=lambda c: c["pid"]):
         clients.add_row(str(c["pid"]), str(c["uid"]), f"{now - c['since']:.0f} s ago", str(c["requests"]),
                         str(c["leases"]), str(c["puts"]))
-    return [head, ns, clients]
+    return [head, ns, *learned, clients]
+
+
+def _admission_table(namespace: str, rows: list[dict[str, Any]]) -> Table:
+    """A prefix admission's classes: how often each kind of new block is read again, and what it did."""
+    table = Table(title=f"admission to host in {namespace}: new blocks by kind and depth", title_justify="left")
+    for col in ("kind", "depth", "read again", "admitted", "refused"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(str(r["kind"]), str(r["depth"]), f"{r['reuse']:.0%}", str(r["admitted"]), str(r["refused"]))
+    return table
 
 
 def _status(args: argparse.Namespace, console: Console) -> int:

@@ -413,6 +413,7 @@ class Connection:
         return p.Ok(id=req.id, value={
             "pid": os.getpid(), "socket": str(self.server.socket_path), "stats": self.engine.stats(),
             "namespaces": self.engine.namespace_usage() if self.trusted else {}, "clients": clients,
+            "policies": self.engine.namespace_policies() if self.trusted else {},
             "metrics_port": self.server.metrics.port if self.server.metrics else None, "inflight": self.server.inflight,
         })
 

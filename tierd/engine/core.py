@@ -434,6 +434,11 @@ class Engine(BatchCalls, SmallCalls):
         with self._lock:
             return {ns: used for ns, used in self._ns_used.items() if used}
 
+    def namespace_policies(self) -> dict[str, dict[str, Any]]:
+        """Per namespace in use: its policies and what they learned (admission per kind, experts' trust)."""
+        with self._lock:
+            return self._policies.describe()
+
     def apply_config(self, config: Config) -> None:
         """Take the parts of a reloaded config that apply live: namespaces and quotas.
 

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from tierd.config import Config, NamespaceConfig
 from tierd.engine.index import ObjectRecord
@@ -22,6 +23,7 @@ from tierd.policies import (
     EvictionPolicy,
     PrefetchPolicy,
     PrefixHints,
+    PrefixPolicy,
     Schedule,
     make_admission_policy,
     make_eviction_policy,
@@ -117,6 +119,20 @@ class NamespacePolicies:
         ns = self.get(rec.namespace)
         if ns.hints is not None:
             ns.hints.forget(rec.key)
+
+    def describe(self) -> dict[str, dict[str, Any]]:
+        """Per namespace in use: its policies and what they learned (``tierd status``)."""
+        out: dict[str, dict[str, Any]] = {}
+        for name, ns in self._namespaces.items():
+            cfg = ns.config
+            row: dict[str, Any] = {"policy": cfg.eviction_policy, "admission": cfg.admission_policy,
+                                   "prefetch": cfg.prefetch_policy, "admission_table": ns.admission.table()}
+            if ns.hints is not None:
+                row["hinted_blocks"] = len(ns.hints)
+            if isinstance(ns.eviction, PrefixPolicy):
+                row["experts"] = ns.eviction.experts("host")
+            out[name] = row
+        return out
 
     def declare_prefix(self, namespace: str, keys: list[str]) -> bool:
         """``keys`` (all of ``namespace``) are one prefix chain, head first; ignored (and no

@@ -140,6 +140,10 @@ class AdmissionPolicy(ABC):
     def admit(self, key: str, tier: str, nbytes: int, now: float) -> bool:
         """Whether ``key`` (``nbytes``) may be placed in ``tier``."""
 
+    def table(self) -> list[dict[str, object]]:
+        """What it learned, a row per class of object, for ``tierd status``; none by default."""
+        return []
+
 
 class AdmitAll(AdmissionPolicy):
     def admit(self, key: str, tier: str, nbytes: int, now: float) -> bool:
@@ -159,3 +163,6 @@ class SizeAdmission(AdmissionPolicy):
         if tier == "host" and nbytes > self.max_bytes:
             return False
         return self.then.admit(key, tier, nbytes, now)
+
+    def table(self) -> list[dict[str, object]]:
+        return self.then.table()

@@ -407,6 +407,12 @@ class PrefixPolicy(EvictionPolicy):
         if key not in t.kids:
             t.add_leaf(key)
 
+    def experts(self, tier: str = "host") -> dict[str, float]:
+        """How far each expert is trusted in ``tier`` (they sum to 1)."""
+        t = self._tiers.get(tier)
+        weights = t.weights if t is not None else [0.5, 0.5]
+        return {"recency": weights[0], "rhythm": weights[1]}
+
     def _on_access(self, key: str, tier: str, now: float) -> None:
         m = self._tiers[tier].meta.get(key)
         if m is not None:
