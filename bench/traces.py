@@ -123,7 +123,8 @@ def checkpoint(*, params: int = 60, steps: int = 30, every: int = 5, shards: int
 
 def serving(*, requests: int = 12000, system_prompts: int = 16, system_blocks: int = 1, rate: float = 1.0,
             session_share: float = 0.45, first_turn_blocks: tuple[int, int] = (4, 16), turn_blocks: tuple[int, int] = (1, 4),
-            document_blocks: tuple[int, int] = (16, 48), end_p: float = 0.35, think_s: float = 900.0,
+            document_blocks: tuple[int, int] = (16, 48), end_p: float = 0.35, end_spread: float = 0.0,
+            think_s: float = 900.0,
             think_sigma: float = 0.4, user_sigma: float = 1.2, burst_p: float = 0.05, burst_turns: tuple[int, int] = (2, 5),
             block_size: int = MIB, seed: int = 0, users: dict[str, float] | None = None) -> Iterator[TraceEvent]:
     """A serving engine's prefix cache under multi-turn chat and one-shot documents, block by block.
@@ -133,9 +134,11 @@ def serving(*, requests: int = 12000, system_prompts: int = 16, system_blocks: i
     ``system_blocks`` blocks each). A new request is either
 
     * the first turn of a session (``session_share``): ``first_turn_blocks``
-      blocks of its own. After each turn the session ends with ``end_p``;
-      otherwise its user comes back after a think time, lognormal around the
-      user's own median (``think_s`` times a lognormal of ``user_sigma``
+      blocks of its own. After each turn the session ends with ``end_p``
+      (with ``end_spread`` > 0, each session's own probability, drawn from a
+      Beta distribution around ``end_p`` with concentration ``1 / end_spread``:
+      some users stay long, some leave at once); otherwise its user comes
+      back after a think time, lognormal around the user's own median (``think_s`` times a lognormal of ``user_sigma``
       across users: some users and agents are quick, some slow) with
       ``think_sigma`` from turn to turn. The next turn reads the whole
       history (its own prefix, which only it has) and appends ``turn_blocks``.
@@ -160,6 +163,7 @@ def serving(*, requests: int = 12000, system_prompts: int = 16, system_blocks: i
     # Sessions waiting for their next turn: (when, tiebreak, session, prompt, history, burst turns left).
     waiting: list[tuple[float, int, int, int, list[str], int]] = []
     scale: dict[int, float] = {}  # session -> its user's median think time
+    leave: dict[int, float] = {}  # session -> its chance to end after a turn
     t = 0.0
     next_id = done = 0
 
@@ -184,17 +188,18 @@ def serving(*, requests: int = 12000, system_prompts: int = 16, system_blocks: i
             history = [f"kv/u{sid}/b{b}" for b in range(rng.randint(*first_turn_blocks))]
             burst = 0
             scale[sid] = think_s * rng.lognormvariate(0, user_sigma)
+            leave[sid] = rng.betavariate(end_p / end_spread, (1 - end_p) / end_spread) if end_spread else end_p
             if users is not None:
                 users[f"kv/u{sid}"] = scale[sid]
         yield from request(system(prompt) + history)
         done += 1
         if burst > 0:
             wait = rng.expovariate(1.0)
-        elif rng.random() >= end_p:
+        elif rng.random() >= leave[sid]:
             burst = rng.randint(*burst_turns) - 1 if rng.random() < burst_p else 0
             wait = rng.lognormvariate(math.log(scale[sid]), think_sigma)
         else:
-            del scale[sid]
+            del scale[sid], leave[sid]
             continue
         next_id += 1
         heapq.heappush(waiting, (t + wait, next_id, sid, prompt, history, burst - 1 if burst > 0 else 0))

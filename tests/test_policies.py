@@ -6,6 +6,7 @@ import heapq
 import itertools
 import math
 import random
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -386,3 +387,19 @@ def test_the_serving_trace_has_shared_prompts_growing_sessions_and_one_shot_docu
         elif not where.startswith("kv/s"):
             assert e.parent.startswith("kv/s")  # a session's or document's first block: under its system prompt
     assert traces.serving(requests=200, seed=1).__next__() == next(traces.serving(requests=200, seed=1))
+
+
+def test_serving_trace_end_spread_gives_users_their_own_session_lengths() -> None:
+    def turns(**kw: float) -> list[int]:
+        firsts: dict[str, int] = {}  # session -> turns (a turn reads block 0 again, or stores it)
+        for e in traces.serving(requests=3000, seed=5, **kw):
+            if e.key.startswith("kv/u") and e.key.endswith("/b0"):
+                sid = e.key.rsplit("/", 1)[0]
+                firsts[sid] = firsts.get(sid, 0) + 1
+        return list(firsts.values())
+
+    same, spread = turns(), turns(end_spread=0.5)
+    assert statistics.mean(same) < 4  # geometric: 1 / 0.35 turns on average (fewer: the trace ends)
+    # Some users stay much longer: a wider spread of session lengths.
+    assert statistics.pstdev(spread) > 1.5 * statistics.pstdev(same)
+    assert max(spread) > 2 * max(same)
