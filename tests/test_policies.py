@@ -399,7 +399,6 @@ def test_serving_trace_end_spread_gives_users_their_own_session_lengths() -> Non
         return list(firsts.values())
 
     same, spread = turns(), turns(end_spread=0.5)
-    assert statistics.mean(same) < 4  # geometric: 1 / 0.35 turns on average (fewer: the trace ends)
-    # Some users stay much longer: a wider spread of session lengths.
-    assert statistics.pstdev(spread) > 1.5 * statistics.pstdev(same)
-    assert max(spread) > 2 * max(same)
+    assert statistics.mean(same) < 1 / 0.35  # geometric, cut short where the trace ends
+    # Some users stay much longer, some leave at once: a wider spread of session lengths.
+    assert statistics.pstdev(spread) > 1.3 * statistics.pstdev(same)
