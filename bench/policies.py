@@ -57,6 +57,8 @@ SPEED_FRACTIONS = (0.02, 0.25)  # of the trace's distinct blocks, in the fast ti
 SWEEP_FRACTIONS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.25)
 # The prefix policy told one thing about the serving trace's future (bench/oracles.py), with this admission.
 TOLD = (("think", "prefix"), ("ends", "prefix"), ("ends", "all"))
+# On serving with every conversation's end declared (closed_share=1).
+DECLARED_RUNS = (("lru", "all"), ("s3fifo", "all"), ("prefix", "prefix"), (OPT, "all"))
 TOLD_LABELS = {"think": "each user's median think time", "ends": "which sessions are over (not when the rest return)"}
 SWEEP_RUNS = (("lru", "all"), ("s3fifo", "all"), ("gdsf", "all"), ("prefix", "prefix"), ("lru", "prefix"), (OPT, "all"))
 
@@ -92,7 +94,7 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     sweeps: dict[str, Any] = {}
     fractions = SWEEP_FRACTIONS[1::2] if ctx.smoke else SWEEP_FRACTIONS
     total = (sum(len(_runs(n)) + 1 for n in WORKLOADS) + len(PREFIX_TRACES) * len(fractions) * len(SWEEP_RUNS)
-             + (0 if ctx.smoke else len(TOLD)))
+             + (0 if ctx.smoke else len(TOLD) + len(DECLARED_RUNS)))
     task = ctx.progress.add_task("policies: simulated traces vs OPT", total=total)
     for name, (kwargs, host) in WORKLOADS.items():
         users: dict[str, float] = {}  # serving: each session's user's median think time (for the oracles)
@@ -115,7 +117,8 @@ def run(ctx: BenchContext) -> dict[str, Any]:
         results[name] = {"events": len(events), "host_bytes": host, "rows": rows}
         if name == "serving" and not ctx.smoke:
             results[name]["told"] = _told(events, host, users, opt)
-            ctx.progress.advance(task, len(TOLD))
+            results[name]["declared_ends"] = _declared_ends(ctx, kwargs)
+            ctx.progress.advance(task, len(TOLD) + len(DECLARED_RUNS))
         if name in PREFIX_TRACES:
             sweeps[name] = _sweep(ctx, task, events, distinct, fractions)
     return {"workloads": results, "sweeps": sweeps, "speed": _speed(ctx)}
@@ -133,6 +136,16 @@ def _told(events: list[TraceEvent], host: int, users: dict[str, float], opt: flo
         rows.append({"told": told, "admission": admission, "hit_ratio": r.hit_ratio, "vs_opt": r.hit_ratio / opt,
                      "prefill_saved": r.prefill_saved})
     return rows
+
+
+def _declared_ends(ctx: BenchContext, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``serving`` with every conversation's end declared by its client (``closed_share=1``:
+    ``Store.declare_prefix(keys, done=True)``), fast tier at SERVING_FRACTION of the blocks."""
+    events = _events(ctx, "serving", kwargs, closed_share=1.0)
+    host = max(1, int(len({e.key for e in events if e.op != "done"}) * SERVING_FRACTION)) * MIB
+    rows = {_name(p, a): simulate(events, p, host_bytes=host, nvme_bytes=64 << 30, admission=a).hit_ratio
+            for p, a in DECLARED_RUNS}
+    return {"events": len(events), "host_bytes": host, "hit_ratio": rows}
 
 
 def _sweep(ctx: BenchContext, task: Any, events: list[TraceEvent], distinct: int,
@@ -201,6 +214,15 @@ def markdown(res: dict[str, Any]) -> str:
                 lines.append(f"| {TOLD_LABELS[r['told']]} | {r['admission']} | {r['hit_ratio']:.3f} | "
                              f"{r['vs_opt']:.3f} | {r['prefill_saved']:.3f} |")
             lines.append("")
+        if wl.get("declared_ends"):
+            de = wl["declared_ends"]
+            hits = de["hit_ratio"]
+            lines += [f"The same trace with every conversation's end declared by its client (`closed_share=1`, "
+                      f"`declare_prefix(keys, done=True)`): {de['events']} events, host tier "
+                      f"{format_size(de['host_bytes'])}.\n", "| policy | hit ratio | / opt | / lru |", "|---|---|---|---|"]
+            for label, h in hits.items():
+                lines.append(f"| {label} | {h:.3f} | {h / hits[OPT]:.3f} | {h / hits['lru']:.2f} |")
+            lines.append("")
     for name, sw in res.get("sweeps", {}).items():
         fractions = sorted({r["fraction"] for r in sw["rows"]})
         lines += [f"#### {name}: hit ratio against fast-tier size (% of its {sw['distinct']} distinct blocks)\n",
@@ -254,6 +276,17 @@ def headline(res: dict[str, Any], limits: dict[str, Any]) -> list[dict[str, Any]
                             peer=f"lru {lru['hit_ratio']:.3f}", vs_limit=f"{best['vs_opt']:.3f}", vs_peer=f"{vs_lru:.2f}",
                             issue=20, target=">= 0.8 x opt and >= 2 x lru", status=verdict(ok),
                             note="" if ok else _serving_note(wl)))
+            de = wl.get("declared_ends")
+            if de:
+                h = de["hit_ratio"]
+                best_de = h[_name("prefix", "prefix")]
+                ok_de = best_de >= 0.8 * h[OPT] and best_de >= 2 * h["lru"]
+                rows.append(row(f"serving trace, every conversation's end declared ({de['events']} events): "
+                                "prefix + prefix admission", f"{best_de:.3f}", limit=f"opt {h[OPT]:.3f}",
+                                peer=f"lru {h['lru']:.3f}", vs_limit=f"{best_de / h[OPT]:.3f}",
+                                vs_peer=f"{best_de / h['lru']:.2f}", issue=20,
+                                target=">= 0.8 x opt and >= 2 x lru (where the client declares ends)",
+                                status=verdict(ok_de)))
         else:
             pf = by[("schedule", "schedule", "learned")]
             rows.append(row(f"{name} trace: modelled stall, schedule prefetch", f"{pf['stall_s']:.2f} s",

@@ -126,7 +126,8 @@ def serving(*, requests: int = 12000, system_prompts: int = 16, system_blocks: i
             document_blocks: tuple[int, int] = (16, 48), end_p: float = 0.35, end_spread: float = 0.0,
             think_s: float = 900.0,
             think_sigma: float = 0.4, user_sigma: float = 1.2, burst_p: float = 0.05, burst_turns: tuple[int, int] = (2, 5),
-            block_size: int = MIB, seed: int = 0, users: dict[str, float] | None = None) -> Iterator[TraceEvent]:
+            closed_share: float = 0.0, block_size: int = MIB, seed: int = 0,
+            users: dict[str, float] | None = None) -> Iterator[TraceEvent]:
     """A serving engine's prefix cache under multi-turn chat and one-shot documents, block by block.
 
     New requests arrive at ``rate`` a second (Poisson). Each starts with one
@@ -153,6 +154,12 @@ def serving(*, requests: int = 12000, system_prompts: int = 16, system_blocks: i
     fast tier at 2 % of the distinct blocks: about 1.5 events per distinct
     block, LRU ~0.3 of gets hit, S3-FIFO a little better, GDSF close to LRU,
     Belady ~0.88.
+
+    ``closed_share``: the share of conversations whose client says when they
+    are over (an agent's finished task, a closed chat, a one-shot batch
+    request): a ``done`` event on the last block of the request right after
+    a session's last turn or a document's only one
+    (``Store.declare_prefix(keys, done=True)``, ``PrefixKVStore.finish``).
 
     ``users``, if given, is filled with what no cache can see: each session's
     user's median think time in seconds, by the session's key prefix (``kv/u7``).
@@ -183,6 +190,8 @@ def serving(*, requests: int = 12000, system_prompts: int = 16, system_blocks: i
             if rng.random() >= session_share:
                 n = rng.randint(*document_blocks)
                 yield from request(system(prompt) + [f"kv/d{sid}/b{b}" for b in range(n)])
+                if closed_share and rng.random() < closed_share:
+                    yield TraceEvent(t, "done", f"kv/d{sid}/b{n - 1}", block_size, "host")
                 done += 1
                 continue
             history = [f"kv/u{sid}/b{b}" for b in range(rng.randint(*first_turn_blocks))]
@@ -200,6 +209,8 @@ def serving(*, requests: int = 12000, system_prompts: int = 16, system_blocks: i
             wait = rng.lognormvariate(math.log(scale[sid]), think_sigma)
         else:
             del scale[sid], leave[sid]
+            if closed_share and rng.random() < closed_share:
+                yield TraceEvent(t, "done", history[-1], block_size, "host")
             continue
         next_id += 1
         heapq.heappush(waiting, (t + wait, next_id, sid, prompt, history, burst - 1 if burst > 0 else 0))

@@ -143,6 +143,7 @@ class DeclareSchedule(_Req, frozen=True, kw_only=True):
 
 class DeclarePrefix(_Req, frozen=True, kw_only=True):
     keys: list[str]  # one prefix chain, head first
+    done: bool = False  # the chain is over: its unshared tail is not expected back
 
 
 class PutItem(msgspec.Struct, frozen=True, array_like=True):

@@ -117,7 +117,7 @@ class Store(ABC):
         the accesses when they stop matching it.
         """
 
-    def declare_prefix(self, keys: Sequence[str]) -> None:
+    def declare_prefix(self, keys: Sequence[str], *, done: bool = False) -> None:
         """Tell that ``keys`` form one prefix chain, head first: each key's parent is the key
         before it (KV-cache blocks of one request; ``PrefixKVStore`` calls this).
 
@@ -125,6 +125,11 @@ class Store(ABC):
         parent and depth: a block whose children are cached is not evicted
         before them, and new blocks are admitted to host by how often blocks
         of their kind are read again. Other namespaces ignore it.
+
+        ``done``: the chain is over (a conversation closed, an agent's task
+        finished). The blocks at its end that no other declared chain shares
+        are not expected back: they go first when the tier needs room. They
+        stay stored, and a read of one makes it an ordinary block again.
         """
         validate_chain(keys)  # a store that keeps no hints still refuses what no store could take
 

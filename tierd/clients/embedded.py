@@ -200,8 +200,8 @@ class EmbeddedStore(Store):
     def declare_schedule(self, keys: Sequence[str], *, cyclic: bool = True) -> None:
         self._engine.declare_schedule([validate_key(k) for k in keys], cyclic=cyclic)
 
-    def declare_prefix(self, keys: Sequence[str]) -> None:
-        self._engine.declare_prefix(validate_chain(keys))
+    def declare_prefix(self, keys: Sequence[str], *, done: bool = False) -> None:
+        self._engine.declare_prefix(validate_chain(keys), done=done)
 
     def move(self, key: str, tier: str) -> None:
         self._engine.move(validate_key(key), tier)

@@ -201,8 +201,8 @@ class GpuTierStore(Store):
     def declare_schedule(self, keys: Sequence[str], *, cyclic: bool = True) -> None:
         self.below.declare_schedule(keys, cyclic=cyclic)
 
-    def declare_prefix(self, keys: Sequence[str]) -> None:
-        self.below.declare_prefix(keys)
+    def declare_prefix(self, keys: Sequence[str], *, done: bool = False) -> None:
+        self.below.declare_prefix(keys, done=done)
 
     def move(self, key: str, tier: str) -> None:
         if tier == "gpu":

@@ -159,6 +159,19 @@ class PrefixKVStore:
                 raise next(iter(stored.errors.values()))
         return len(keys) * self.block_tokens
 
+    def finish(self, tokens: Sequence[int] | torch.Tensor) -> None:
+        """The conversation (or agent task) whose history is ``tokens`` is over.
+
+        In a namespace with ``access = "prefix"``, the blocks at the end of
+        its chain that no other stored request shares (its own history, not
+        a shared system prompt) go first when host needs room. Nothing is
+        deleted: a later read finds them, wherever they went, and makes them
+        ordinary blocks again. Other namespaces ignore it.
+        """
+        keys = self.block_keys(tokens)
+        if keys:
+            self.store.declare_prefix(keys, done=True)
+
     def lookup(self, tokens: Sequence[int] | torch.Tensor) -> int:
         """Tokens of the longest stored prefix of ``tokens`` (a multiple of ``block_tokens``)."""
         # A hole ends the prefix (Note [prefix eviction order]): one batched question.

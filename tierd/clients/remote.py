@@ -296,7 +296,7 @@ class RemoteStore(RemoteBatches, Store):
     def declare_schedule(self, keys: Sequence[str], *, cyclic: bool = True) -> None:
         self._call(p.DeclareSchedule, keys=[validate_key(k) for k in keys], cyclic=cyclic)
 
-    def declare_prefix(self, keys: Sequence[str]) -> None:
+    def declare_prefix(self, keys: Sequence[str], *, done: bool = False) -> None:
         chain = validate_chain(keys)
         if not chain:
             return
@@ -307,7 +307,7 @@ class RemoteStore(RemoteBatches, Store):
             return
         # Not waited for: the daemon applies a declaration on its reading thread before it reads the
         # next frame (the put it comes with), and whichever call reads next takes the reply.
-        self._post(p.DeclarePrefix, keys=chain).future.add_done_callback(
+        self._post(p.DeclarePrefix, keys=chain, done=done).future.add_done_callback(
             lambda done: self._heard_declared(ns, done))
 
     def _heard_declared(self, ns: str, done: Future[tuple[Any, list[bytes]]]) -> None:

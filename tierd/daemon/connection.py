@@ -402,7 +402,7 @@ class Connection:
 
     def _declare_prefix(self, req: p.DeclarePrefix) -> Any:
         scoped = [self.server.identity.scope(k, self.uid) for k in req.keys]  # each key validated here
-        used = self.engine.declare_prefix(validate_chain(scoped, each=False))
+        used = self.engine.declare_prefix(validate_chain(scoped, each=False), done=req.done)
         return p.Ok(id=req.id, value=used)  # False: the namespace keeps no hints (the client may stop)
 
     def _status(self, req: p.Status) -> Any:

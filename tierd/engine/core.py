@@ -271,14 +271,17 @@ class Engine(BatchCalls, SmallCalls):
         with self._lock:
             self._policies.declare_schedule(by_ns, cyclic=cyclic)
 
-    def declare_prefix(self, chain: list[str]) -> bool:
+    def declare_prefix(self, chain: list[str], *, done: bool = False) -> bool:
         """``chain`` is one prefix chain, head first, as ``validate_chain`` returns it (see
-        :meth:`tierd.Store.declare_prefix`); whether its namespace keeps such hints (its policy or
-        admission is ``prefix``)."""
+        :meth:`tierd.Store.declare_prefix`; ``done``: it is over); whether its namespace keeps such
+        hints (its policy or admission is ``prefix``)."""
         if not chain:
             return True
         with self._lock:
-            return self._policies.declare_prefix(namespace_of(chain[0]), chain)
+            kept = self._policies.declare_prefix(namespace_of(chain[0]), chain, done=done)
+        if done and kept and self._trace is not None:
+            self._trace.write("done", chain[-1], 0, "")  # replayed by the simulator: the chain's end
+        return kept
 
     def move(self, key: str, tier: str) -> None:
         """Promote or demote ``key`` to ``tier`` now.

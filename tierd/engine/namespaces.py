@@ -134,9 +134,10 @@ class NamespacePolicies:
             out[name] = row
         return out
 
-    def declare_prefix(self, namespace: str, keys: list[str]) -> bool:
-        """``keys`` (all of ``namespace``) are one prefix chain, head first; ignored (and no
-        namespace made) unless the namespace's policies are prefix ones: whether they were kept."""
+    def declare_prefix(self, namespace: str, keys: list[str], *, done: bool = False) -> bool:
+        """``keys`` (all of ``namespace``) are one prefix chain, head first (``done``: and it is
+        over); ignored (and no namespace made) unless the namespace's policies are prefix ones:
+        whether they were kept."""
         ns = self._namespaces.get(namespace)
         if ns is None:
             cfg = self._config().namespace(namespace)
@@ -146,6 +147,8 @@ class NamespacePolicies:
         if ns.hints is None:
             return False
         ns.hints.declare(keys)
+        if done:
+            ns.hints.finish(keys[-1])
         return True
 
     def parent_of(self, namespace: str, key: str) -> str:

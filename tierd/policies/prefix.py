@@ -86,7 +86,7 @@ def _kind(block: _Block | None) -> int:
 
 
 class _Block:
-    __slots__ = ("parent", "pref", "depth", "children", "reads", "puts", "last", "gap", "kind", "counted")
+    __slots__ = ("parent", "pref", "depth", "children", "reads", "puts", "last", "gap", "kind", "counted", "done")
 
     def __init__(self, parent: str | None, depth: int, pref: _Block | None = None) -> None:
         self.parent = parent
@@ -99,6 +99,7 @@ class _Block:
         self.gap = -1  # reads between its last two reads; -1: read at most once
         self.kind = -1  # (kind, band) of its first store through admission; -1: none
         self.counted = False  # whether a read again was counted for its kind
+        self.done = False  # its chain was declared over and no other chain shares it: not expected back
 
 
 class PrefixHints:
@@ -166,6 +167,16 @@ class PrefixHints:
         self._blocks.move_to_end(key)
         return block
 
+    def finish(self, key: str) -> int:
+        """The chain ending at ``key`` is over: it and the blocks above it that no other chain
+        shares (up to the first with another child) are not expected back. How many were marked."""
+        block, marked = self._blocks.get(key), 0
+        while block is not None and not block.done and block.children <= 1:
+            block.done = True
+            marked += 1
+            block = block.pref
+        return marked
+
     def forget(self, key: str) -> None:
         """``key`` was deleted: it is no longer anyone's parent, and its fate no longer counts."""
         block = self._blocks.pop(key, None)
@@ -187,6 +198,7 @@ class PrefixHints:
     def read(self, key: str) -> _Block:
         """``key`` was read (from any tier): the clock ticks, its gap and its kind's reuse are counted."""
         block = self.touch(key)
+        block.done = False  # back after all
         base = 4 * _kind(block)
         if block.reads:
             self._again_k[base + min(block.reads, 3)] += 1
@@ -234,6 +246,7 @@ class PrefixHints:
         """``key`` is stored (the engine calls this before placing it); the first store gives its class."""
         block = self.touch(key)
         block.puts += 1
+        block.done = False
         if block.kind >= 0:
             return block
         block.kind = self.kind(key) * _BANDS + _band(block.depth)
@@ -449,6 +462,8 @@ class PrefixPolicy(EvictionPolicy):
         """
         hints = self.hints
         block = hints.get(key)
+        if block is not None and block.done:
+            return math.inf  # its chain is over: not expected back
         age = hints.clock - (block.last if block is not None and block.last >= 0 else m[2])
         gap = -1 if expert == 0 or block is None else self._rhythm(key, block)
         remaining = abs(gap - age) if 0 <= gap and age <= 2 * gap else age
@@ -480,10 +495,16 @@ class PrefixPolicy(EvictionPolicy):
         block = self.hints.get(key)
         mine = self._cost(self.hints.first_gap[_kind(block)], nbytes, block)
         expert = 0 if t.weights[0] >= t.weights[1] else 1
-        rng, n = self._rng, len(leaves)
-        worst = max(self._score(k, t.meta[k], expert) for k in (leaves[int(rng.random() * n)]
-                                                                 for _ in range(self.samples)))
+        worst = max(self._score(k, t.meta[k], expert) for k in self._sample(leaves))
         return mine * margin < worst
+
+    def _sample(self, leaves: list[str]) -> Iterator[str] | list[str]:
+        """``samples`` leaves at random (with replacement), or every leaf if there are no more."""
+        n = len(leaves)
+        if n <= self.samples:
+            return leaves
+        rng = self._rng
+        return (leaves[int(rng.random() * n)] for _ in range(self.samples))
 
     def _candidates(self, tier: str, need_bytes: int, now: float) -> Iterator[str]:
         t = self._tiers[tier]
@@ -492,11 +513,9 @@ class PrefixPolicy(EvictionPolicy):
         if len(t.chosen) > 4096:
             t.chosen.clear()  # offered long ago and never removed
         while leaves and len(offered) < len(t.meta):
-            n = len(leaves)
             expert = 0 if rng.random() < t.weights[0] else 1
             best, best_s = None, -1.0
-            for _ in range(min(self.samples, n)):
-                key = leaves[int(rng.random() * n)]
+            for key in self._sample(leaves):
                 if key not in offered:
                     sc = self._score(key, t.meta[key], expert)
                     if sc > best_s:

@@ -49,7 +49,7 @@ OPT = "opt"
 
 class TraceEvent(msgspec.Struct, frozen=True):
     t: float
-    op: str
+    op: str  # put, get, delete, or done (a prefix chain ending at key is over: Store.declare_prefix(done=True))
     key: str
     size: int = 0
     tier: str = ""
@@ -131,6 +131,8 @@ def _next_uses(events: Sequence[TraceEvent]) -> list[float]:
     out = [math.inf] * len(events)
     last: dict[str, int] = {}
     for i in range(len(events) - 1, -1, -1):
+        if events[i].op == "done":
+            continue  # a hint, not a use
         key = events[i].key
         out[i] = last.get(key, math.inf)
         if events[i].op == "delete":
@@ -245,6 +247,10 @@ def simulate(
     channel_free = 0.0  # prefetches queue on one nvme channel
     for i, ev in enumerate(events):
         now = float(i)
+        if ev.op == "done":
+            if linked:
+                hints.finish(ev.key)
+            continue
         if future is not None:
             assert isinstance(evict, _Belady)
             evict.next_use[ev.key] = future[i]

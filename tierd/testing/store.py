@@ -208,9 +208,12 @@ class StoreTests:
             store.put(k, torch.full((10,), 2.0))
         store.declare_prefix(chain)
         assert all(torch.equal(store.get(k), torch.full((10,), 2.0)) for k in chain)
+        store.declare_prefix(chain, done=True)  # over: a hint, nothing is deleted
+        assert all(torch.equal(store.get(k), torch.full((10,), 2.0)) for k in chain)
         for bad in (["ok/key", ""], "pfx/0", ["pfx/a", "pfx/b", "pfx/a"], ["pfx/a", "other/b"]):
-            with pytest.raises(tierd.InvalidArgument):  # a bad key, one key, a cycle, two namespaces
-                store.declare_prefix(bad)
+            for done in (False, True):
+                with pytest.raises(tierd.InvalidArgument):  # a bad key, one key, a cycle, two namespaces
+                    store.declare_prefix(bad, done=done)
 
     def test_async_put_and_get(self, store: tierd.Store) -> None:
         ts = [sample(torch.float16, (300, 100), seed=i) for i in range(8)]
