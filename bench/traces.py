@@ -197,7 +197,8 @@ def serving(*, requests: int = 12000, system_prompts: int = 16, system_blocks: i
             history = [f"kv/u{sid}/b{b}" for b in range(rng.randint(*first_turn_blocks))]
             burst = 0
             scale[sid] = think_s * rng.lognormvariate(0, user_sigma)
-            leave[sid] = rng.betavariate(end_p / end_spread, (1 - end_p) / end_spread) if end_spread else end_p
+            leave[sid] = (rng.betavariate(end_p / end_spread, (1 - end_p) / end_spread) if end_spread and 0 < end_p < 1
+                          else end_p)
             if users is not None:
                 users[f"kv/u{sid}"] = scale[sid]
         yield from request(system(prompt) + history)

@@ -7,6 +7,7 @@ import contextlib
 import random
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,6 +55,14 @@ def test_a_finished_chain_marks_only_what_no_other_chain_shares() -> None:
     h.read("a3")  # back after all: an ordinary block again
     assert not h.get("a3").done and h.get("a2").done
     assert h.finish("missing") == 0
+    h.declare(["sys", "a1", "a2", "c3"])  # a chain declared again is live: a2 is someone's prefix
+    assert not h.get("a2").done
+    assert h.finish("a2") == 0  # another chain goes on from a2: nothing of it is over
+    solo = PrefixHints()
+    solo.declare(["sys", "u1"])
+    assert solo.finish("u1") == 2  # the only conversation under its system prompt so far...
+    solo.declare(["sys", "v1"])
+    assert not solo.get("sys").done  # ...until another one comes
 
 
 def test_kinds_follow_the_parent() -> None:
@@ -273,13 +282,15 @@ def _store(via: str, nvme_dir: Path, host: str, namespaces: dict[str, Any]) -> I
 
 def _demoted_to_low_watermark(store: tierd.Store, timeout_s: float = 30.0) -> None:
     """Wait until background demotion is done: host is under its low watermark (where a pass
-    ends), or its use stays put (between the watermarks no pass starts)."""
+    ends), or under the high one (where a pass starts) and its use stays put for 0.2 s."""
     deadline = time.monotonic() + timeout_s
     seen: list[int] = []
     while time.monotonic() < deadline:
         host = store.stats()["host"]
         seen.append(host.used_bytes)
-        if host.used_bytes <= 0.75 * host.capacity_bytes or seen[-3:] == [host.used_bytes] * 3:
+        if host.used_bytes <= 0.75 * host.capacity_bytes:  # the default watermarks: 0.75 and 0.9
+            return
+        if host.used_bytes <= 0.9 * host.capacity_bytes and seen[-10:] == [host.used_bytes] * 10:
             return
         time.sleep(0.02)
     raise AssertionError(f"host use kept changing: {seen[-5:]}")
@@ -417,6 +428,23 @@ def test_eviction_never_sorts_and_cuts_tails_when_leaves_are_skipped() -> None:
     assert set(offered[:3]) == leaves  # the leaves first
     assert set(offered[3:6]) == {f"c{c}/48" for c in range(3)}  # then the next tail up, never a head
     assert set(offered[6:9]) == {f"c{c}/47" for c in range(3)}
+
+
+def test_a_daemon_client_that_only_declares_never_blocks(daemon: Any) -> None:
+    """Declarations are not waited for, but their replies are read before too many pile up: a
+    client that only declares (a sweeper finishing sessions) would otherwise fill the socket both
+    ways until neither side reads."""
+    with tierd.connect(daemon.socket) as store:
+        def sweep() -> None:
+            for i in range(3000):
+                store.declare_prefix([f"kv/s/{i}", f"kv/t/{i}"], done=True)
+
+        sweeper = threading.Thread(target=sweep, daemon=True)
+        sweeper.start()
+        sweeper.join(timeout=60)
+        assert not sweeper.is_alive(), "declare_prefix blocked"
+        assert not store.exists("kv/s/0")  # and the connection still answers
+        assert len(store._calls) == 0
 
 
 def test_a_daemon_client_stops_declaring_where_no_hints_are_kept(daemon: Any) -> None:

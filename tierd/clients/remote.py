@@ -14,6 +14,7 @@ flight; replies are matched to calls by request id (see ``_wait``).
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import mmap
@@ -44,6 +45,8 @@ __all__ = ["RemoteStore", "connect"]
 
 
 log = logging.getLogger("tierd.clients.remote")
+
+_UNREAD_DECLARATIONS = 32  # declare_prefix replies a client leaves unread before it reads the oldest
 
 class _Call:
     """A request waiting for its reply (and, for a streamed get, its chunks)."""
@@ -84,6 +87,7 @@ class RemoteStore(RemoteBatches, Store):
         self._ids = itertools.count(1)
         self._closed = False
         self._unhinted: dict[str, float] = {}  # namespace -> until when declare_prefix skips it
+        self._declared: collections.deque[_Call] = collections.deque()  # declarations not waited for
         self._broken: BaseException | None = None
         self._decoder = msgspec.msgpack.Decoder(p.Reply)
         self._reader = p.FrameReader(sock, 1 << 30)
@@ -306,14 +310,23 @@ class RemoteStore(RemoteBatches, Store):
         if time.monotonic() < self._unhinted.get(ns, 0.0):
             return
         # Not waited for: the daemon applies a declaration on its reading thread before it reads the
-        # next frame (the put it comes with), and whichever call reads next takes the reply.
-        self._post(p.DeclarePrefix, keys=chain, done=done).future.add_done_callback(
-            lambda done: self._heard_declared(ns, done))
+        # next frame (the put it comes with), and whichever call reads next takes the reply. Only so
+        # many replies may wait unread: a client that only declares (a sweeper finishing sessions)
+        # would otherwise fill the socket until the daemon blocks writing replies and stops reading.
+        call = self._post(p.DeclarePrefix, keys=chain, done=done)
+        call.future.add_done_callback(lambda heard: self._heard_declared(ns, heard))
+        self._declared.append(call)
+        while len(self._declared) > _UNREAD_DECLARATIONS:
+            try:
+                oldest = self._declared.popleft()
+            except IndexError:  # another thread took it
+                break
+            self._wait(oldest)
 
-    def _heard_declared(self, ns: str, done: Future[tuple[Any, list[bytes]]]) -> None:
-        if done.exception() is not None:
+    def _heard_declared(self, ns: str, heard: Future[tuple[Any, list[bytes]]]) -> None:
+        if heard.exception() is not None:
             return  # the connection broke: the next call says so
-        reply = done.result()[0]
+        reply = heard.result()[0]
         if isinstance(reply, p.Fail):
             log.warning("tierd: a prefix chain in %r was not declared: %s", ns, reply.message)
         elif reply.value is False:
@@ -353,6 +366,12 @@ class RemoteStore(RemoteBatches, Store):
         except OSError:
             pass
         self._sock.close()
+        self._declared.clear()
+        with self._calls_lock:  # replies nobody waits for (declarations) will not come now
+            pending = [c for c in self._calls.values() if not c.future.done()]
+            self._calls.clear()
+        for call in pending:
+            call.future.set_exception(StoreClosed("the store is closed"))
         self._copies.close()  # unregister the arena before unmapping it
         self._arena = None
         if self._map is not None:

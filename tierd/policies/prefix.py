@@ -144,7 +144,7 @@ class PrefixHints:
         """``keys`` is one prefix chain, head first: each key's parent is the one before it."""
         parent: str | None = None
         for key in keys:
-            self.link(key, parent)
+            self.link(key, parent).done = False  # a chain declared is live, whatever was finished in it
             parent = key
 
     def link(self, key: str, parent: str | None) -> _Block:
@@ -169,8 +169,12 @@ class PrefixHints:
 
     def finish(self, key: str) -> int:
         """The chain ending at ``key`` is over: it and the blocks above it that no other chain
-        shares (up to the first with another child) are not expected back. How many were marked."""
+        shares (up to the first with another child) are not expected back. How many were marked.
+
+        Nothing is marked if another chain goes on from ``key`` itself."""
         block, marked = self._blocks.get(key), 0
+        if block is not None and block.children:
+            return 0
         while block is not None and not block.done and block.children <= 1:
             block.done = True
             marked += 1
@@ -523,7 +527,8 @@ class PrefixPolicy(EvictionPolicy):
             if best is None:
                 break  # the samples found only what the caller skipped
             offered.add(best)
-            t.chosen[best] = expert
+            if best_s < math.inf:  # a finished block goes by its hint, not by this expert's judgement
+                t.chosen[best] = expert
             yield best
         # The caller skipped what the samples found (being read or moved, pinned): the other leaves,
         # then the blocks above what was skipped, tail upwards (never a head before its chain), then
