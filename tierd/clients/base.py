@@ -130,6 +130,10 @@ class Store(ABC):
         finished). The blocks at its end that no other declared chain shares
         are not expected back: they go first when the tier needs room. They
         stay stored, and a read of one makes it an ordinary block again.
+
+        Bad chains raise :class:`tierd.InvalidArgument` here. Through the
+        daemon the call does not wait for the daemon's answer: what only the
+        daemon could refuse is logged, not raised.
         """
         validate_chain(keys)  # a store that keeps no hints still refuses what no store could take
 
