@@ -346,6 +346,18 @@ def test_trace_records_parents_and_replays_prefix_policies(nvme_dir: Path, tmp_p
     assert simulate(events, OPT, host_bytes=MIB, nvme_bytes=1 << 30).gets == 4  # a hint is not an access
 
 
+def test_a_finished_conversation_stored_again_is_live(nvme_dir: Path) -> None:
+    with tierd.open(small_config(nvme_dir, namespaces={"kv": {"access": "prefix"}})) as store:
+        kv = tierd.PrefixKVStore(store, model="m", block_tokens=32, dtype=torch.float32)
+        tokens = list(range(32 * 4))
+        kv.put(tokens, _kv(len(tokens), 0))
+        kv.finish(tokens)
+        hints = store._engine._policies.get("kv").hints
+        assert all(hints.get(k).done for k in kv.block_keys(tokens))
+        kv.put(tokens, _kv(len(tokens), 0))  # every block stored already: still declared, live again
+        assert not any(hints.get(k).done for k in kv.block_keys(tokens))
+
+
 @pytest.mark.parametrize("via", ["embedded", "daemon"])
 @pytest.mark.parametrize("finish", [True, pytest.param(False, marks=pytest.mark.xfail(strict=True))])
 def test_finished_conversations_leave_host_first(nvme_dir: Path, via: str, finish: bool) -> None:

@@ -147,13 +147,16 @@ class PrefixKVStore:
             raise InvalidArgument(f"kv is {kv.dtype}, this store keys {self.dtype}")
         # One batch asks which blocks are there, one stores the rest, tail first and head
         # last (Note [prefix eviction order]).
+        # Each block's parent is the one before it: the namespace's prefix policies use it (Note
+        # [prefix eviction order]; ``access = "prefix"``). Declared even when every block is stored:
+        # the chain is live again (if it was finished), and links lost with a daemon restart return.
+        # Through the daemon it is not waited for.
+        if keys:
+            self.store.declare_prefix(keys)
         present = self.store.exists_many(keys)
         b = self.block_tokens
         missing = {keys[i]: kv[:, :, i * b : (i + 1) * b] for i in reversed(range(len(keys))) if not present[i]}
         if missing:
-            # Each block's parent is the one before it: the namespace's prefix policies use it
-            # (Note [prefix eviction order]; ``access = "prefix"``).
-            self.store.declare_prefix(keys)
             stored = self.store.put_many(missing)
             if stored.errors:
                 raise next(iter(stored.errors.values()))
