@@ -8,7 +8,6 @@ import random
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import tierd
 from tierd.policies import PrefixAdmission, PrefixHints, PrefixPolicy, make_admission_policy
 from tierd.policies.prefix import KINDS
 from tierd.policies.simulator import OPT, TraceEvent, read_trace, simulate
+from tierd.testing import wait_until
 
 sys.path.append(str(Path(__file__).resolve().parent.parent / "bench"))  # after tests/: its daemon.py is the one
 import oracles  # noqa: E402
@@ -283,17 +283,17 @@ def _store(via: str, nvme_dir: Path, host: str, namespaces: dict[str, Any]) -> I
 def _demoted_to_low_watermark(store: tierd.Store, timeout_s: float = 30.0) -> None:
     """Wait until background demotion is done: host is under its low watermark (where a pass
     ends), or under the high one (where a pass starts) and its use stays put for 0.2 s."""
-    deadline = time.monotonic() + timeout_s
     seen: list[int] = []
-    while time.monotonic() < deadline:
+
+    def settled() -> bool:
         host = store.stats()["host"]
         seen.append(host.used_bytes)
         if host.used_bytes <= 0.75 * host.capacity_bytes:  # the default watermarks: 0.75 and 0.9
-            return
-        if host.used_bytes <= 0.9 * host.capacity_bytes and seen[-10:] == [host.used_bytes] * 10:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"host use kept changing: {seen[-5:]}")
+            return True
+        # wait_until polls every 10 ms: 20 equal readings are 0.2 s without a demotion
+        return host.used_bytes <= 0.9 * host.capacity_bytes and seen[-20:] == [host.used_bytes] * 20
+
+    assert wait_until(settled, timeout_s=timeout_s), f"host use kept changing: {seen[-5:]}"
 
 
 @pytest.mark.parametrize("via", ["embedded", "daemon"])

@@ -145,14 +145,13 @@ class PrefixKVStore:
                                   "of the whole blocks of tokens")
         if kv.dtype != self.dtype:
             raise InvalidArgument(f"kv is {kv.dtype}, this store keys {self.dtype}")
-        # One batch asks which blocks are there, one stores the rest, tail first and head
-        # last (Note [prefix eviction order]).
         # Each block's parent is the one before it: the namespace's prefix policies use it (Note
         # [prefix eviction order]; ``access = "prefix"``). Declared even when every block is stored:
         # the chain is live again (if it was finished), and links lost with a daemon restart return.
         # Through the daemon it is not waited for.
-        if keys:
-            self.store.declare_prefix(keys)
+        self.store.declare_prefix(keys)
+        # One batch asks which blocks are there, one stores the rest, tail first and head
+        # last (Note [prefix eviction order]).
         present = self.store.exists_many(keys)
         b = self.block_tokens
         missing = {keys[i]: kv[:, :, i * b : (i + 1) * b] for i in reversed(range(len(keys))) if not present[i]}
@@ -171,9 +170,7 @@ class PrefixKVStore:
         deleted: a later read finds them, wherever they went, and makes them
         ordinary blocks again. Other namespaces ignore it.
         """
-        keys = self.block_keys(tokens)
-        if keys:
-            self.store.declare_prefix(keys, done=True)
+        self.store.declare_prefix(self.block_keys(tokens), done=True)
 
     def lookup(self, tokens: Sequence[int] | torch.Tensor) -> int:
         """Tokens of the longest stored prefix of ``tokens`` (a multiple of ``block_tokens``)."""

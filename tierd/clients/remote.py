@@ -367,11 +367,7 @@ class RemoteStore(RemoteBatches, Store):
             pass
         self._sock.close()
         self._declared.clear()
-        with self._calls_lock:  # replies nobody waits for (declarations) will not come now
-            pending = [c for c in self._calls.values() if not c.future.done()]
-            self._calls.clear()
-        for call in pending:
-            call.future.set_exception(StoreClosed("the store is closed"))
+        self._fail_all(StoreClosed("the store is closed"))  # replies nobody waits for (declarations) will not come now
         self._copies.close()  # unregister the arena before unmapping it
         self._arena = None
         if self._map is not None:
