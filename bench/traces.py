@@ -139,9 +139,10 @@ def serving(*, requests: int = 12000, system_prompts: int = 16, system_blocks: i
       (with ``end_spread`` > 0, each session's own probability, drawn from a
       Beta distribution around ``end_p`` with concentration ``1 / end_spread``:
       some users stay long, some leave at once); otherwise its user comes
-      back after a think time, lognormal around the user's own median (``think_s`` times a lognormal of ``user_sigma``
-      across users: some users and agents are quick, some slow) with
-      ``think_sigma`` from turn to turn. The next turn reads the whole
+      back after a think time, lognormal around the user's own median
+      (``think_s`` times a lognormal of ``user_sigma`` across users: some
+      users and agents are quick, some slow) with ``think_sigma`` from turn
+      to turn. The next turn reads the whole
       history (its own prefix, which only it has) and appends ``turn_blocks``.
       A burst (``burst_p``) is a few turns a second apart (a tool loop);
     * or a one-shot document: a long unique context, stored and never read
