@@ -282,6 +282,11 @@ class Store(ABC):
         """
         return None
 
+    def healthy(self) -> bool:
+        """Whether calls can be served now; never raises (an engine's or a serving
+        engine's health check). Subclasses answer for what they talk to."""
+        return True
+
     def close(self) -> None:
         """Finish pending async work and release resources; idempotent."""
         self._async.shutdown(wait=True)

@@ -221,6 +221,9 @@ class EmbeddedStore(Store):
     def stats(self) -> Stats:
         return self._engine.stats()
 
+    def healthy(self) -> bool:
+        return self._engine.healthy()
+
     def close(self) -> None:
         super().close()
         self._copies.close()  # unregister the arena before the engine unmaps it
