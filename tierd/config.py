@@ -201,6 +201,11 @@ class NamespaceConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only
     tier: TierName | None = None  # highest tier objects may land in
     quota: int | None = None
     shared: bool = False  # every uid of the daemon may use it
+    # A cache: when the lowest tier has no room, its volatile objects are dropped to admit new ones
+    # (None: true for the KV namespaces, see Config.is_cache). ``share``: the fraction of each tier it
+    # may keep before it gives up space first (None: equal among the namespaces using the tier).
+    cache: bool | None = None
+    share: float | None = None
 
     @property
     def eviction_policy(self) -> str:
@@ -231,6 +236,18 @@ class Config(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
 
     def namespace(self, name: str) -> NamespaceConfig:
         return self.namespaces.get(name) or _DEFAULT_NAMESPACE
+
+    def is_cache(self, name: str) -> bool:
+        """Whether namespace ``name`` is a cache: its ``cache`` setting, else true for a prefix cache
+        (``access = "prefix"``) and for the namespaces tierd's KV clients use by default."""
+        cfg = self.namespace(name)
+        if cfg.cache is not None:
+            return cfg.cache
+        return cfg.access == "prefix" or name in CACHE_NAMESPACES
+
+
+# PrefixKVStore's, the LMCache connector's and the SGLang backend's default namespaces.
+CACHE_NAMESPACES = frozenset({"kv", "lmcache", "sglang"})
 
 
 _DEFAULT_NAMESPACE = NamespaceConfig()

@@ -141,6 +141,12 @@ def resolve_for_machine(cfg: Config, default_nvme_path: Path) -> Config:
                               "configure [tiers.cxl] (node or devdax, and size) or choose another tier")
         if ns.prefetch_depth < 1:
             raise ConfigError(f"namespaces.{name}.prefetch_depth must be >= 1, got {ns.prefetch_depth}")
+        if ns.share is not None and not 0 < ns.share <= 1:
+            raise ConfigError(f"namespaces.{name}.share must be a fraction of each tier, 0 < share <= 1, "
+                              f"got {ns.share}")
+        if ns.cache and ns.durable:
+            raise ConfigError(f"namespaces.{name}: cache = true and durable = true contradict each other (durable "
+                              "objects are never dropped); choose one")
     for uid in cfg.daemon.trusted_uids:
         if not 0 <= uid < 1 << 32:
             raise ConfigError(f"daemon.trusted_uids must hold uids (0 to 2**32-1), got {uid}")

@@ -52,6 +52,8 @@ class TierStats(msgspec.Struct, frozen=True, kw_only=True):
         promoted_bytes / demoted_bytes: bytes moved up into / down into this tier.
         largest_free_bytes: the largest object that fits without eviction.
         fragmentation: ``1 - largest_free / free`` of the tier's free space.
+        evicted / evicted_bytes: objects of cache namespaces dropped from this tier to make room
+            (a later get of one is a miss), and their bytes.
     """
 
     name: str
@@ -66,6 +68,8 @@ class TierStats(msgspec.Struct, frozen=True, kw_only=True):
     demoted_bytes: int
     largest_free_bytes: int
     fragmentation: float
+    evicted: int = 0
+    evicted_bytes: int = 0
 
 
 class Stats(msgspec.Struct, frozen=True, kw_only=True):

@@ -42,6 +42,10 @@ class _TierCollector(Collector):
             "bytes_out": CounterMetricFamily("tierd_tier_out_bytes", "bytes read from the tier", labels=["tier"]),
             "promoted_bytes": CounterMetricFamily("tierd_tier_promoted_bytes", "bytes promoted into the tier", labels=["tier"]),
             "demoted_bytes": CounterMetricFamily("tierd_tier_demoted_bytes", "bytes demoted into the tier", labels=["tier"]),
+            "evicted": CounterMetricFamily("tierd_tier_evicted", "cache objects dropped from the tier for room",
+                                           labels=["tier"]),
+            "evicted_bytes": CounterMetricFamily("tierd_tier_evicted_bytes", "bytes of cache objects dropped",
+                                                 labels=["tier"]),
         }
         for name, t in stats.tiers.items():
             for field, gauge in gauges.items():

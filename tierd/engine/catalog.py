@@ -39,11 +39,12 @@ __all__ = ["Catalog", "Counters", "Move"]
 class Counters:
     """One tier's counters, as ``stats()`` reports them."""
 
-    __slots__ = ("objects", "hits", "misses", "bytes_in", "bytes_out", "promoted", "demoted")
+    __slots__ = ("objects", "hits", "misses", "bytes_in", "bytes_out", "promoted", "demoted", "evicted",
+                 "evicted_bytes")
 
     def __init__(self) -> None:
-        self.objects = self.hits = self.misses = 0
-        self.bytes_in = self.bytes_out = self.promoted = self.demoted = 0
+        self.objects = self.hits = self.misses = self.evicted = 0
+        self.bytes_in = self.bytes_out = self.promoted = self.demoted = self.evicted_bytes = 0
 
 
 class Catalog:

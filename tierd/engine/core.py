@@ -142,7 +142,8 @@ class Engine(BatchCalls, SmallCalls):
         try:
             return self._adopt_remote(key)
         except TierdError as exc:
-            log.warning("remote lookup of %r skipped: %s", user_key(key), exc)
+            assert self.remote is not None  # only the remote tier raises here
+            self.remote.failures.warning(log, "remote lookup of %r skipped: %s", user_key(key), exc)  # throttled
             return False
 
     def _acquire_local(self, key: str) -> ObjectRecord:
@@ -367,7 +368,7 @@ class Engine(BatchCalls, SmallCalls):
             if self.remote.present(remote_loc):
                 return True
         except TierdError as exc:
-            log.warning("remote check of %r failed: %s", user_key(key), exc)
+            self.remote.failures.warning(log, "remote check of %r failed: %s", user_key(key), exc)  # throttled
             return False
         log.info("%r is gone from the remote tier (evicted or expired there); forgetting it", user_key(key))
         with self._commit_lock, self._lock:
@@ -425,6 +426,7 @@ class Engine(BatchCalls, SmallCalls):
                     objects=c.objects, hits=c.hits, misses=c.misses, bytes_in=c.bytes_in,
                     bytes_out=c.bytes_out, promoted_bytes=c.promoted, demoted_bytes=c.demoted,
                     largest_free_bytes=use.largest_free_bytes, fragmentation=use.fragmentation,
+                    evicted=c.evicted, evicted_bytes=c.evicted_bytes,
                 )
         return Stats(tiers=tiers, objects=objects)
 

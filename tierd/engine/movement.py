@@ -5,9 +5,18 @@ cxl) has no free extent, its least valuable objects are demoted one tier
 down first: host -> cxl (when configured) -> nvme (-> remote). A background
 thread demotes from host (and cxl) whenever its use passes the high
 watermark, until it is under the low one, and deletes expired objects. A get
-from cxl or nvme promotes the object into host when there is room. Demotion
-never drops an object: if nvme is full the victim stays where it is and the
-put that needed room gets :class:`OutOfSpace`.
+from cxl or nvme promotes the object into host when there is room.
+
+Caches
+    When the lowest tier has no room (nvme, and the remote tier below it
+    where configured, refuses the bytes), volatile objects of cache
+    namespaces (``Config.is_cache``) are dropped to admit new ones: on nvme,
+    the namespace furthest over its share first
+    (:meth:`NamespacePolicies.drop_order`); a host victim with nowhere to go
+    is itself dropped when it is a cache object. Nothing else is ever
+    dropped: durable and pinned objects, objects being read, and every
+    object of a non-cache namespace stay where they are, and the put that
+    needed the room gets :class:`OutOfSpace` naming who holds the tier.
 
 Every move claims the record it moves under the catalog's lock (a
 :class:`~tierd.engine.catalog.Move`: marked ``moving`` and leased), copies
@@ -30,6 +39,7 @@ from tierd.codecs import get_codec
 from tierd.engine.catalog import Catalog, Move
 from tierd.engine.index import ObjectRecord
 from tierd.engine.keys import user_key
+from tierd.units import format_size
 from tierd.engine.namespaces import NamespacePolicies
 from tierd.engine.placement import demotion_targets
 from tierd.engine.stack import TierStack
@@ -40,6 +50,9 @@ from tierd.tiers.host import ArenaTier, HostLocation
 __all__ = ["Mover"]
 
 log = logging.getLogger("tierd.engine")
+
+# Victims that found no room below, tried before a room search gives up (each costs a failed write).
+_STUCK_VICTIMS = 64
 
 
 class Mover:
@@ -85,14 +98,20 @@ class Mover:
         objects one tier down to make room; None if impossible."""
         if nbytes > arena.capacity_bytes:
             return None
+        stuck: set[str] = set()  # victims with nowhere to go: the next one may have
         while True:
             loc = arena.alloc(nbytes)
             if loc is not None or not evict:
                 return loc
             with self._lock:
-                victim = self._pick_victim_locked(tier=arena.name)
-            if victim is None or not self.demote(victim, arena.name):
+                victim = self._pick_victim_locked(tier=arena.name, skip=stuck)
+            if victim is None:
                 return None
+            key = victim.rec.key
+            if not self.demote(victim, arena.name, may_drop=True):
+                stuck.add(key)
+                if len(stuck) >= _STUCK_VICTIMS:
+                    return None
 
     def write_cxl(self, src: torch.Tensor | memoryview | None, nbytes: int, *, evict: bool) -> HostLocation | None:
         """Copy ``nbytes`` of ``src`` into a new cxl extent; None when the cxl tier has no room."""
@@ -107,16 +126,17 @@ class Mover:
     def over_high_watermark(self) -> bool:
         return any(arena.used_bytes > high for arena, high, _ in self._watermarks)
 
-    def _pick_victim_locked(self, need_bytes: int = 0, tier: str = "host") -> Move | None:
+    def _pick_victim_locked(self, need_bytes: int = 0, tier: str = "host",
+                            skip: set[str] | None = None) -> Move | None:
         """The least valuable object of ``tier`` that may leave, claimed for its demotion.
 
         The order comes from the namespaces' policies; here, what may not move
-        is skipped. On nvme, durable objects never leave (their nvme copy is the
-        durable one), nor do objects with a copy above.
+        is skipped (and the keys in ``skip``). On nvme, durable objects never
+        leave (their nvme copy is the durable one), nor do objects with a copy above.
         """
         for key in self._policies.victims(tier, need_bytes):
             rec = self._index.get(key)
-            if rec is None or rec.pinned or rec.moving or rec.on(tier) is None:
+            if rec is None or rec.pinned or rec.moving or rec.on(tier) is None or (skip and key in skip):
                 continue
             if tier == "nvme" and (rec.durable or "host" in rec.copies or "cxl" in rec.copies):
                 continue
@@ -124,14 +144,67 @@ class Mover:
         return None
 
     def write_nvme(self, src: torch.Tensor, rec: ObjectRecord, *, durable: bool) -> Any:
-        """Write to nvme; when it is full and a remote tier exists, demote nvme objects there first."""
+        """Write to nvme; when it is full, demote nvme objects to the remote tier (when there is one),
+        else drop cache objects from nvme (Caches, above); OutOfSpace naming who holds nvme when
+        neither makes room."""
         for _ in range(64):
             try:
                 return self.nvme.write(src, codec=get_codec(rec.codec), itemsize=rec.meta.itemsize, durable=durable)
             except OutOfSpace:
-                if self.remote is None or not self._demote_nvme(src.numel()):
-                    raise
-        raise OutOfSpace("nvme tier stays full although objects were moved to the remote tier")
+                need = src.numel()
+                if self.remote is not None and self._demote_nvme(need):
+                    continue
+                if not self.drop_for("nvme", need):
+                    raise OutOfSpace(self.full_message("nvme", rec.key, need)) from None
+        raise OutOfSpace("nvme tier stays full although objects were moved down or dropped")
+
+    # -- caches ------------------------------------------------------------------
+
+    def _droppable_locked(self, rec: ObjectRecord | None, tier: str, *, claimed: bool = False) -> bool:
+        """Whether ``rec``'s copy on ``tier`` may be dropped for room: a volatile, unpinned object of a
+        cache namespace that no one reads or moves now (``claimed``: but for this mover's own claim)."""
+        if rec is None or not rec.live or rec.durable or rec.pinned or rec.on(tier) is None:
+            return False
+        if rec.readers > int(claimed) or (rec.moving and not claimed):
+            return False
+        return self._policies.is_cache(rec.namespace)
+
+    def drop_for(self, tier: str, need_bytes: int) -> int:
+        """Drop cache objects' copies from ``tier`` (nvme) until ``need_bytes`` are free; the bytes freed."""
+        freed = 0
+        capacity = self.tiers[tier].usage().capacity_bytes
+        while freed < need_bytes:
+            with self._catalog.commit_lock, self._lock:
+                rec = next((r for r in map(self._index.get, self._policies.drop_order(tier, capacity))
+                            if self._droppable_locked(r, tier)), None)
+                if rec is None:
+                    break
+                self._evict_locked(rec, tier)
+            freed += rec.nbytes
+        return freed
+
+    def _evict_locked(self, rec: ObjectRecord, tier: str) -> None:
+        """Drop ``rec``'s copy on ``tier``; the whole object when that was its last copy (a later get is a
+        miss). Expects the commit lock and the lock held."""
+        counters = self._counters[tier]
+        counters.evicted += 1
+        counters.evicted_bytes += rec.nbytes
+        if len(rec.copies) > 1:
+            self._catalog.take_location(rec, tier)
+            return
+        self._catalog.retire_locked(rec)
+        self._policies.evicted(rec)
+        log.debug("dropped cache object %r from %s for room", user_key(rec.key), tier)
+
+    def full_message(self, tier: str, key: str, nbytes: int) -> str:
+        """Why ``tier`` has no room for ``key``: who holds what may not be dropped, and what to change."""
+        with self._lock:
+            holders = self._policies.holders(tier)
+        held = ", ".join(f"{ns} {format_size(n)}" + (" (durable, pinned or being read)" if cache else "")
+                         for ns, n, cache in holders[:4]) or "objects being written"
+        return (f"{tier} tier has no room for {user_key(key)!r} ({format_size(nbytes)}); it is held by what may "
+                f"not be dropped: {held}; delete objects, give the tier more room in the config, or mark a "
+                "namespace whose objects may be lost with `cache = true`")
 
     def _demote_nvme(self, need_bytes: int) -> bool:
         """Move nvme objects (least valuable first) to the remote tier until ``need_bytes`` left nvme."""
@@ -150,7 +223,8 @@ class Mover:
                     buf = torch.empty(rec.nbytes, dtype=torch.uint8)
                     self.nvme.read_into(loc, buf, itemsize=rec.meta.itemsize)
                     remote_loc = had_remote or self.remote.write(buf, codec=get_codec(rec.codec),
-                                                                 itemsize=rec.meta.itemsize, durable=False)
+                                                                 itemsize=rec.meta.itemsize, durable=False,
+                                                                 key=rec.key)
                 except TierdError as exc:
                     log.warning("cannot demote %r to the remote tier: %s", user_key(rec.key), exc)
                     return freed > 0
@@ -169,12 +243,14 @@ class Mover:
                     self.remote.free(remote_loc)
         return True
 
-    def demote(self, move: Move, source: str = "host", dest: str | None = None) -> bool:
+    def demote(self, move: Move, source: str = "host", dest: str | None = None, *, may_drop: bool = False) -> bool:
         """Move the claimed record from ``source`` (host or cxl) one tier down: host -> cxl
         (when configured) -> nvme. ``dest`` forces cxl or nvme. Ends the claim.
 
         A copy that a lower tier holds already (a durable object's nvme copy, a
         remote one) is not written again: the ``source`` copy is just dropped.
+        ``may_drop``: a cache object that finds no room below is dropped instead
+        (Caches, above), which counts as done.
         """
         arena = self.tiers.arena(source)
         new_tier, new_loc = "nvme", None
@@ -196,7 +272,13 @@ class Mover:
                     raise OutOfSpace(f"{targets[-1]} tier has no room for {user_key(rec.key)!r} ({rec.nbytes} bytes)")
             except TierdError as exc:
                 log.debug("cannot demote %r: %s", user_key(rec.key), exc)
-                return False
+                if not (may_drop and isinstance(exc, OutOfSpace)):
+                    return False
+                with self._catalog.commit_lock, self._lock:
+                    if not self._droppable_locked(rec, source, claimed=True):
+                        return False
+                    self._evict_locked(rec, source)  # the claim's end frees the copy
+                return True
             with self._lock:
                 if rec.live and rec.on(source) is not None:
                     if new_loc is not None:
@@ -225,7 +307,7 @@ class Mover:
                     while arena.used_bytes > low and not self._closed:
                         with self._lock:
                             victim = self._pick_victim_locked(tier=arena.name)
-                        if victim is None or not self.demote(victim, arena.name):
+                        if victim is None or not self.demote(victim, arena.name, may_drop=True):
                             break
             except Exception:  # the mover must survive anything one object does
                 log.exception("background demotion failed")

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tierd.config import Config, NamespaceConfig
@@ -51,7 +52,8 @@ class Namespace:
     admission: AdmissionPolicy
     schedule: Schedule
     hints: PrefixHints | None = None  # a prefix cache's blocks: parents, depths, reads (prefix policies)
-    host_bytes: int = 0
+    used: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))  # tier -> bytes held there
+    evicted: int = 0  # objects dropped to make room (cache namespaces only)
 
     @property
     def follows_schedule(self) -> bool:
@@ -59,8 +61,7 @@ class Namespace:
 
     def track(self, rec: ObjectRecord, tier: str) -> None:
         """``rec`` now has a copy on ``tier``."""
-        if tier == "host":
-            self.host_bytes += rec.nbytes
+        self.used[tier] += rec.nbytes
         self.eviction.on_insert(rec.key, tier, rec.nbytes, time.monotonic(), pinned=rec.pinned,
                                 expires_at=_monotonic_deadline(rec.expires_at))
 
@@ -103,8 +104,7 @@ class NamespacePolicies:
 
     def on_remove(self, rec: ObjectRecord, tier: str) -> None:
         ns = self.get(rec.namespace)
-        if tier == "host":
-            ns.host_bytes -= rec.nbytes
+        ns.used[tier] -= rec.nbytes
         ns.eviction.on_remove(rec.key, tier)
 
     def on_access(self, rec: ObjectRecord) -> None:
@@ -127,6 +127,8 @@ class NamespacePolicies:
             cfg = ns.config
             row: dict[str, Any] = {"policy": cfg.eviction_policy, "admission": cfg.admission_policy,
                                    "prefetch": cfg.prefetch_policy, "admission_table": ns.admission.table()}
+            if self._config().is_cache(name):
+                row["evicted"] = ns.evicted
             if ns.hints is not None:
                 row["hinted_blocks"] = len(ns.hints)
             if isinstance(ns.eviction, PrefixPolicy):
@@ -179,10 +181,46 @@ class NamespacePolicies:
         On host, the namespace holding the most host bytes gives up its victims first.
         """
         now = time.monotonic()
-        for ns in sorted(self._namespaces.values(), key=lambda n: -n.host_bytes):
-            if tier == "host" and ns.host_bytes <= 0:
+        for ns in sorted(self._namespaces.values(), key=lambda n: -n.used["host"]):
+            if tier == "host" and ns.used["host"] <= 0:
                 break
             yield from ns.eviction.victims(tier, need_bytes, now)
+
+    # -- caches ----------------------------------------------------------------
+
+    def is_cache(self, name: str) -> bool:
+        return self._config().is_cache(name)
+
+    def drop_order(self, tier: str, capacity: int) -> Iterator[str]:
+        """Keys of ``tier`` a cache may lose, the namespace furthest over its share first, each in its
+        eviction policy's order. A namespace's share is its ``share`` of the tier, else an equal part of
+        what the configured shares leave, among the namespaces holding bytes there (non-cache ones
+        count: they have a part too)."""
+        users = [(name, ns) for name, ns in self._namespaces.items() if ns.used[tier] > 0]
+        if not users:
+            return
+        configured = [ns.config.share for _, ns in users if ns.config.share is not None]
+        unconfigured = len(users) - len(configured)
+        equal = capacity * max(0.0, 1.0 - sum(configured)) / unconfigured if unconfigured else 0.0
+
+        def over(ns: Namespace) -> float:
+            share = ns.config.share * capacity if ns.config.share is not None else equal
+            return ns.used[tier] - share
+
+        now = time.monotonic()
+        for _, ns in sorted(((n, ns) for n, ns in users if self.is_cache(n)), key=lambda item: -over(item[1])):
+            yield from ns.eviction.victims(tier, 0, now)
+
+    def evicted(self, rec: ObjectRecord) -> None:
+        """``rec`` was dropped to make room (after its copies were removed)."""
+        self.get(rec.namespace).evicted += 1
+        self.on_delete(rec)
+
+    def holders(self, tier: str) -> list[tuple[str, int, bool]]:
+        """Who holds ``tier``: (namespace, bytes, is a cache), most bytes first (an OutOfSpace message)."""
+        rows = [(name, ns.used[tier], self.is_cache(name)) for name, ns in self._namespaces.items()
+                if ns.used[tier] > 0]
+        return sorted(rows, key=lambda row: -row[1])
 
     def declare_schedule(self, keys_by_namespace: dict[str, list[str]], *, cyclic: bool) -> None:
         for name, keys in keys_by_namespace.items():
@@ -202,6 +240,7 @@ class NamespacePolicies:
                 ns.config = new
             else:
                 changed[name] = self._build(new, ns.hints)
+                changed[name].evicted = ns.evicted
         if not changed:
             return
         for rec in records:
