@@ -7,7 +7,15 @@ CUDA build), which cannot import on this CPU machine (../shared/INTEGRATIONS.md:
 storage modules). :class:`HostPool` is a real tensor pool that exposes what the backend uses of
 ``MHATokenToKVPoolHost`` with the same buffer shapes and page views (pool_host/mha.py: ``kv_buffer``
 ``[2, size, layers, heads, dim]`` for page_first, ``[2, layers, size, heads, dim]`` for
-layer_first, ``get_data_page``).
+layer_first, ``get_data_page``, ``get_dummy_flat_data_page``, ``set_from_flat_data_page``).
+:class:`StatePool` and :class:`IndexerPool` do the same for the extra pools of the v2 calls:
+``MambaPoolHost`` (pool_host/mamba.py: one slot a page, a page assembled from several state
+buffers, so not a view) and the DSA indexer's host pool (pool_host/dsa.py: one row per page,
+found from a KV host index).
+
+SGLang's wheel ships no tests. The v2 tests below check the contract SGLang's own file backend
+(``HiCacheFile``) keeps: what ``batch_exists_v2`` folds per hit policy, what ``batch_get_v2`` /
+``batch_set_v2`` answer per pool and key, and that a stored key is kept.
 """
 
 from __future__ import annotations
@@ -52,8 +60,74 @@ class HostPool:
             page = self.kv_buffer[:, :, index : index + self.page_size]
         return page.flatten() if flat else page
 
+    def get_dummy_flat_data_page(self) -> torch.Tensor:
+        return torch.zeros(2 * LAYERS * self.page_size * HEADS * DIM, dtype=self.dtype)
+
+    def set_from_flat_data_page(self, index: int, data_page: torch.Tensor) -> None:
+        page = self.get_data_page(index, flat=False)
+        page.copy_(data_page.reshape(page.shape))
+
     def fill(self, seed: int) -> None:
         self.kv_buffer.copy_(torch.randn(self.kv_buffer.shape, generator=torch.Generator().manual_seed(seed)))
+
+
+class StatePool:
+    """``MambaPoolHost``'s pages: one slot each, its conv and temporal states' bytes joined (a copy)."""
+
+    layout, page_size = "layer_first", 1
+
+    def __init__(self, slots: int) -> None:
+        self.size = slots
+        self.conv = torch.zeros(LAYERS, slots, 3, 8, dtype=torch.bfloat16)
+        self.temporal = torch.zeros(LAYERS, slots, 2, 4, dtype=torch.float32)
+        self.dtype = torch.uint8
+
+    def _parts(self, index: int) -> list[torch.Tensor]:
+        return [self.conv[:, index : index + 1], self.temporal[:, index : index + 1]]
+
+    def get_data_page(self, index: int, flat: bool = True) -> torch.Tensor:
+        return torch.cat([t.contiguous().view(torch.uint8).reshape(-1) for t in self._parts(index)])
+
+    def get_dummy_flat_data_page(self) -> torch.Tensor:
+        return torch.zeros(sum(t.nbytes for t in self._parts(0)), dtype=torch.uint8)
+
+    def set_from_flat_data_page(self, index: int, data_page: torch.Tensor) -> None:
+        flat, at = data_page.view(torch.uint8).reshape(-1), 0
+        for t in self._parts(index):
+            t.copy_(flat[at : at + t.nbytes].view(t.dtype).reshape(t.shape))
+            at += t.nbytes
+
+    def fill(self, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.conv.copy_(torch.randn(self.conv.shape, generator=g))
+        self.temporal.copy_(torch.randn(self.temporal.shape, generator=g))
+
+    def slot(self, index: int) -> torch.Tensor:
+        return self.get_data_page(index)
+
+
+class IndexerPool:
+    """The DSA indexer's host pool: one row of bytes per page, found from the page's KV host index."""
+
+    layout, dtype = "page_first", torch.uint8
+
+    def __init__(self, pages: int) -> None:
+        self.page_size, self.size = PAGE, pages * PAGE
+        self.buffer = torch.zeros(pages, LAYERS, 1, 132, dtype=torch.uint8)
+
+    def get_data_page(self, index: int, flat: bool = True) -> torch.Tensor:
+        page = self.buffer[int(index) // self.page_size : int(index) // self.page_size + 1]
+        return page.flatten() if flat else page
+
+    def get_dummy_flat_data_page(self) -> torch.Tensor:
+        return torch.zeros(LAYERS * 132, dtype=torch.uint8)
+
+    def set_from_flat_data_page(self, index: int, data_page: torch.Tensor) -> None:
+        self.get_data_page(index, flat=False).copy_(data_page.reshape(1, LAYERS, 1, 132))
+
+    def fill(self, seed: int) -> None:
+        self.buffer.copy_(torch.randint(0, 256, self.buffer.shape, generator=torch.Generator().manual_seed(seed),
+                                        dtype=torch.uint8))
 
 
 def _config(tp_rank: int = 0, tp_size: int = 1, *, mla: bool = False, **params: Any) -> HiCacheStorageConfig:
@@ -70,6 +144,16 @@ def _backend(pool: HostPool | None, **kw: Any) -> Any:
     if pool is not None:
         backend.register_mem_pool_host(pool)
     return backend
+
+
+def _sibling(backend: Any, pool: HostPool, **kw: Any) -> Any:
+    """Another backend (another process's, with its own host pool) on ``backend``'s store: how an
+    embedded store is shared (SGLang's factory has no way to pass one)."""
+    from tierd.integrations.sglang import TierdHiCacheStorage
+
+    other = TierdHiCacheStorage(_config(**kw), store=backend.store)
+    other.register_mem_pool_host(pool)
+    return other
 
 
 def _indices(pages: list[int]) -> torch.Tensor:
@@ -123,34 +207,127 @@ def test_tensor_parallel_ranks_share_only_what_is_interchangeable(daemon: Daemon
 
 
 def test_tensor_calls_and_clear(nvme_dir: Path) -> None:
-    backend = _backend(HostPool(1), config=small_config(nvme_dir))
+    pool = HostPool(2)
+    pool.fill(6)
+    backend = _backend(pool, config=small_config(nvme_dir))
     try:
-        value = torch.randn(4, 64)
+        value, other = pool.get_data_page(0), pool.get_data_page(PAGE)  # flat pages, as SGLang's batch_set gets
         assert backend.set("a", value) and backend.exists("a") and not backend.exists("b")
-        assert backend.batch_set(["a", "b"], [value, value * 2])
-        out = torch.empty(4, 64)
-        assert backend.get("b", out) is not None and torch.equal(out, value * 2)
+        assert backend.batch_set(["a", "b"], [value, other])
+        out = pool.get_dummy_flat_data_page()
+        assert backend.get("b", out) is not None and torch.equal(out, other)
         got = backend.batch_get(["a", "zz"])
         assert torch.equal(got[0], value) and got[1] is None
-        backend.clear()
+        assert backend.clear() is True
         assert not backend.exists("a") and backend.batch_exists(["a", "b"]) == 0
     finally:
         backend.close()
 
 
-def test_bad_input_is_clear_and_a_dead_daemon_is_a_miss(daemon: Daemon) -> None:
+def test_a_bad_item_fails_only_itself(nvme_dir: Path) -> None:
+    """A key tierd cannot take (a NUL, over 1 KiB), a host index outside the pool, a buffer of the wrong
+    size: that item fails, nothing is stored for it, and the rest of its batch goes on."""
+    pool, dst = HostPool(8), HostPool(8)
+    pool.fill(7)
+    backend = _backend(pool, config=small_config(nvme_dir))
+    reader = _sibling(backend, dst)
+    nul, long = "bad\0hash", "m" * 2000
+    try:
+        assert backend.batch_set_v1(["g0", nul, "g1", long], _indices([0, 1, 2, 3])) == [True, False, True, False]
+        assert backend.batch_exists(["g0", "g1"]) == 2
+        assert backend.batch_exists(["g0", nul, "g1"]) == 1  # a key tierd cannot take is not stored
+        assert not backend.exists(nul) and not backend.exists(long)
+        assert reader.batch_get_v1(["g0", long, "g1", nul], _indices([4, 5, 6, 7])) == [True, False, True, False]
+        assert torch.equal(dst.get_data_page(4 * PAGE, flat=False), pool.get_data_page(0, flat=False))
+        assert torch.equal(dst.get_data_page(6 * PAGE, flat=False), pool.get_data_page(2 * PAGE, flat=False))
+
+        # Host indices outside the registered pool (8 pages): that page fails, the others are stored.
+        outside = torch.cat([_indices([4]), torch.arange(8 * PAGE, 9 * PAGE), _indices([5])])
+        assert backend.batch_set_v1(["h0", "h1", "h2"], outside) == [True, False, True]
+        assert backend.batch_set_v1(["h3"], _indices([0]) - 1) == [False]  # a negative index
+        assert backend.batch_exists(["h0"]) == 1 and not backend.exists("h1") and not backend.exists("h3")
+        assert reader.batch_get_v1(["h0", "h2", "h0"], torch.cat([_indices([0, 1]), outside[PAGE : 2 * PAGE]])) == [
+            True, True, False]
+        # Not a page's worth per key: no page can be told from the next, none is moved.
+        assert backend.batch_set_v1(["h4", "h5"], _indices([0])) == [False, False]
+        assert backend.batch_get_v1(["h0", "h2"], _indices([0])) == [False, False]
+        assert not backend.exists("h4")
+
+        # The older calls: a value or a target of the wrong size, a key tierd cannot take.
+        page, short = pool.get_data_page(3 * PAGE), torch.zeros(10, dtype=torch.bfloat16)
+        assert backend.batch_set(["t0", "t1", nul, "t2"], [page, short, page, "not a tensor"]) is False
+        assert backend.exists("t0") and not backend.exists("t1") and not backend.exists("t2")
+        got = backend.batch_get(["t0", "t0", nul], [pool.get_dummy_flat_data_page(), short, None])
+        assert torch.equal(got[0], page) and got[1] is None and got[2] is None
+    finally:
+        reader.close()
+        backend.close()
+
+
+@pytest.mark.parametrize("call", ["v1", "v0"])
+def test_a_stored_key_is_kept_as_sglangs_file_backend_keeps_it(nvme_dir: Path, call: str) -> None:
+    """HiCacheFile skips a page whose file exists and reports it stored; so does tierd: a second
+    store of a key writes nothing, whatever the pool now holds."""
+    pool = HostPool(2)
+    pool.fill(8)
+    first = pool.get_data_page(0).clone()
+    backend = _backend(pool, config=small_config(nvme_dir))
+    try:
+        if call == "v1":
+            assert backend.batch_set_v1(["k"], _indices([0])) == [True]
+            pool.fill(9)
+            assert backend.batch_set_v1(["k"], _indices([0])) == [True]
+            assert backend.batch_get_v1(["k"], _indices([1])) == [True]
+            assert torch.equal(pool.get_data_page(PAGE), first)
+        else:
+            assert backend.set("k", first)
+            assert backend.set("k", torch.zeros_like(first)) and backend.batch_set(["k"], [torch.ones_like(first)])
+            assert torch.equal(backend.get("k", pool.get_dummy_flat_data_page()), first)
+    finally:
+        backend.close()
+
+
+def test_a_key_once_stored_from_a_bad_page_is_not_stuck(daemon: Daemon) -> None:
+    """The failure this replaces: a store from host indices outside the pool reported True after
+    storing an empty page, batch_exists then said hit, every load failed, and the next store (kept)
+    never replaced it. Now the bad store stores nothing; and a page that was stored wrong (by an older
+    tierd) is dropped by the load that finds it, so the next backup stores it again."""
+    pool, dst = HostPool(4), HostPool(4)
+    pool.fill(10)
+    backend, reader = _backend(pool, socket=str(daemon.socket)), _backend(dst, socket=str(daemon.socket))
+    try:
+        assert backend.batch_set_v1(["p"], torch.arange(4 * PAGE, 5 * PAGE)) == [False]
+        assert backend.batch_exists(["p"]) == 0
+        assert backend.batch_set_v1(["p"], _indices([1])) == [True]
+        assert reader.batch_get_v1(["p"], _indices([2])) == [True]
+        assert torch.equal(dst.get_data_page(2 * PAGE, flat=False), pool.get_data_page(PAGE, flat=False))
+
+        backend.store.put(backend.key("q"), torch.zeros(0, dtype=torch.bfloat16))  # what the old bug stored
+        assert backend.batch_exists(["q"]) == 1
+        assert reader.batch_get_v1(["q"], _indices([0])) == [False]
+        assert backend.batch_exists(["q"]) == 0  # dropped by the load that could not use it
+        assert backend.batch_set_v1(["q"], _indices([3])) == [True]
+        assert reader.batch_get_v1(["q"], _indices([0])) == [True]
+        assert torch.equal(dst.get_data_page(0, flat=False), pool.get_data_page(3 * PAGE, flat=False))
+    finally:
+        backend.close()
+        reader.close()
+
+
+def test_a_dead_daemon_is_a_miss(daemon: Daemon) -> None:
     pool = HostPool(4)
     pool.fill(3)
     backend = _backend(pool, socket=str(daemon.socket))
     try:
-        with pytest.raises(tierd.InvalidArgument, match="host indices"):
-            backend.batch_set_v1(["a", "b"], _indices([0]))
         assert backend.batch_set_v1(["a"], _indices([0])) == [True]
         daemon.kill()
         # SGLang recomputes what its L3 cannot give: misses, not exceptions.
-        assert backend.batch_exists(["a"]) == 0
+        assert backend.batch_exists(["a"]) == 0 and backend.exists("a") is False
         assert backend.batch_get_v1(["a"], _indices([1])) == [False]
         assert backend.batch_set_v1(["b"], _indices([1])) == [False]
+        assert backend.get("a", pool.get_dummy_flat_data_page()) is None
+        assert backend.set("b", pool.get_data_page(0)) is False
+        assert backend.clear() is False
     finally:
         backend.close()
     with pytest.raises(tierd.DaemonUnavailable, match="tierd serve"):
