@@ -20,6 +20,8 @@ SGLang's wheel ships no tests. The v2 tests below check the contract SGLang's ow
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ from daemon import Daemon
 import tierd
 from tierd.engine.keys import MAX_CHAIN
 from tierd.policies.simulator import read_trace
+from tierd.testing import wait_until
 
 pytest.importorskip("sglang.srt.mem_cache.storage.backend_factory")
 
@@ -38,6 +41,10 @@ from sglang.srt.mem_cache.hicache_storage import (  # noqa: E402
     HiCacheStorage,
     HiCacheStorageConfig,
     HiCacheStorageExtraInfo,
+    PoolHitPolicy,
+    PoolName,
+    PoolTransfer,
+    PoolTransferResult,
 )
 from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory  # noqa: E402
 
@@ -314,26 +321,6 @@ def test_a_key_once_stored_from_a_bad_page_is_not_stuck(daemon: Daemon) -> None:
         reader.close()
 
 
-def test_a_dead_daemon_is_a_miss(daemon: Daemon) -> None:
-    pool = HostPool(4)
-    pool.fill(3)
-    backend = _backend(pool, socket=str(daemon.socket))
-    try:
-        assert backend.batch_set_v1(["a"], _indices([0])) == [True]
-        daemon.kill()
-        # SGLang recomputes what its L3 cannot give: misses, not exceptions.
-        assert backend.batch_exists(["a"]) == 0 and backend.exists("a") is False
-        assert backend.batch_get_v1(["a"], _indices([1])) == [False]
-        assert backend.batch_set_v1(["b"], _indices([1])) == [False]
-        assert backend.get("a", pool.get_dummy_flat_data_page()) is None
-        assert backend.set("b", pool.get_data_page(0)) is False
-        assert backend.clear() is False
-    finally:
-        backend.close()
-    with pytest.raises(tierd.DaemonUnavailable, match="tierd serve"):
-        _backend(None, socket="/tmp/no-such-tierd.sock")
-
-
 def _backup(backend: Any, chain: list[str], slots: list[int], batch: int, *, pass_prefix: bool) -> None:
     """Store ``chain``'s pages (from ``slots`` of the pool) as SGLang's backup does: ``batch`` pages
     a call, each call's ``prefix_keys`` the pages before it (managers/cache_controller.py,
@@ -438,3 +425,236 @@ def test_odd_prefix_keys_never_fail_a_store(nvme_dir: Path, tmp_path: Path) -> N
     finally:
         backend.close()
         d.close()
+
+
+# -- the v2 calls: extra pools (HybridCacheController), the contract of SGLang's HiCacheFile ----------
+
+
+class Pools:
+    """One engine's host pools as SGLang's HybridCacheController registers them: the KV anchor, a
+    Mamba state pool, a DSA indexer pool (KV-derived: it takes the KV pages' host indices) and a
+    sliding-window KV pool (registered under a plain string name)."""
+
+    def __init__(self, seed: int) -> None:
+        self.kv, self.mamba, self.indexer, self.swa = HostPool(8), StatePool(8), IndexerPool(8), HostPool(8)
+        for i, pool in enumerate((self.kv, self.mamba, self.indexer, self.swa)):
+            pool.fill(seed + i)
+
+    def register(self, backend: Any) -> Any:
+        backend.register_mem_pool_host(self.kv)
+        for pool, name in ((self.kv, PoolName.KV), (self.mamba, PoolName.MAMBA), (self.indexer, PoolName.INDEXER),
+                           (self.swa, "swa")):
+            backend.register_mem_host_pool_v2(pool, name)
+        backend.on_host_pools_registered()
+        return backend
+
+
+@pytest.fixture(params=["daemon", "embedded"])
+def engines(request: pytest.FixtureRequest, nvme_dir: Path) -> Iterator[Callable[[Pools], Any]]:
+    """Builds backends through SGLang's factory, each with its pools registered: all on one real
+    daemon, or (embedded) sharing the first one's store."""
+    made: list[Any] = []
+    d = Daemon(nvme_dir).start() if request.param == "daemon" else None
+
+    def make(pools: Pools, **kw: Any) -> Any:
+        if d is not None:
+            backend = StorageBackendFactory.create_backend("dynamic", _config(socket=str(d.socket), **kw), pools.kv)
+        elif not made:
+            backend = StorageBackendFactory.create_backend("dynamic", _config(config=small_config(nvme_dir), **kw),
+                                                           pools.kv)
+        else:
+            from tierd.integrations.sglang import TierdHiCacheStorage
+
+            backend = TierdHiCacheStorage(_config(**kw), store=made[0].store)
+        made.append(backend)
+        return pools.register(backend)
+
+    try:
+        yield make
+    finally:
+        for backend in reversed(made):
+            backend.close()
+        if d is not None:
+            d.close()
+
+
+def _transfer(name: Any, keys: list[str], host_indices: torch.Tensor, policy: PoolHitPolicy = PoolHitPolicy.ALL_PAGES,
+              ) -> PoolTransfer:
+    return PoolTransfer(name=name, keys=keys, host_indices=host_indices, hit_policy=policy)
+
+
+def _slots(slots: list[int]) -> torch.Tensor:
+    return torch.tensor(slots, dtype=torch.int64)
+
+
+KEYS = [f"page{i}" for i in range(5)]
+
+
+def test_v2_pages_round_trip_per_pool(engines: Callable[[Pools], Any]) -> None:
+    """batch_set_v2 answers {pool name: [stored per key]} (the transfer's own name object as the key),
+    batch_get_v2 loads each pool's pages into another engine's slots: the same bytes."""
+    src, dst = Pools(20), Pools(40)
+    writer, reader = engines(src), engines(dst)
+    trailing = PoolHitPolicy.TRAILING_PAGES
+    stored = writer.batch_set_v2([
+        _transfer(PoolName.INDEXER, KEYS[:4], _indices([0, 1, 2, 3])),  # KV-derived: the KV pages' indices
+        _transfer(PoolName.MAMBA, KEYS[3:4], _slots([5]), trailing),
+        _transfer("swa", KEYS[2:4], _indices([6, 7]), trailing),
+    ])
+    assert stored == {PoolName.INDEXER: [True] * 4, PoolName.MAMBA: [True], "swa": [True, True]}
+    untouched = dst.mamba.slot(1).clone()
+    loaded = reader.batch_get_v2([
+        _transfer(PoolName.INDEXER, KEYS[:4], _indices([7, 6, 5, 4])),
+        _transfer(PoolName.MAMBA, [KEYS[3], "missing"], _slots([0, 1]), trailing),
+        _transfer("swa", KEYS[2:4], _indices([0, 1]), trailing),
+    ])
+    assert loaded == {PoolName.INDEXER: [True] * 4, PoolName.MAMBA: [True, False], "swa": [True, True]}
+    for i in range(4):
+        assert torch.equal(dst.indexer.get_data_page((7 - i) * PAGE), src.indexer.get_data_page(i * PAGE))
+    assert torch.equal(dst.mamba.slot(0), src.mamba.slot(5))
+    assert torch.equal(dst.mamba.slot(1), untouched)  # a miss loads nothing
+    assert torch.equal(dst.swa.get_data_page(0), src.swa.get_data_page(6 * PAGE))
+    assert torch.equal(dst.swa.get_data_page(PAGE), src.swa.get_data_page(7 * PAGE))
+    assert writer.batch_set_v2([]) == {} and reader.batch_get_v2([]) == {}
+
+
+def test_v2_exists_folds_each_pools_hit_policy(engines: Callable[[Pools], Any]) -> None:
+    """batch_exists_v2: the KV prefix, cut by every pool: all_pages needs each page of the prefix,
+    trailing_pages the last N before its end (so 2 and 4 pages may be usable and 3 not); each pool's
+    own boundary is reported unless it is 0, and a prefix no pool leaves usable ends the fold."""
+    pools = Pools(60)
+    backend = engines(pools)
+    trailing = PoolHitPolicy.TRAILING_PAGES
+    assert backend.batch_exists_v2(KEYS) == PoolTransferResult(0, {}, [])
+    assert backend.batch_set_v1(KEYS, _indices([0, 1, 2, 3, 4])) == [True] * 5
+    assert backend.batch_set_v2([
+        _transfer(PoolName.INDEXER, KEYS[:3], _indices([0, 1, 2])),
+        _transfer(PoolName.MAMBA, [KEYS[1], KEYS[3]], _slots([1, 3]), trailing),  # states after pages 2 and 4
+        _transfer("swa", KEYS[2:4], _indices([2, 3]), trailing),
+    ]) == {PoolName.INDEXER: [True] * 3, PoolName.MAMBA: [True, True], "swa": [True, True]}
+
+    def exists(*transfers: PoolTransfer, keys: list[str] = KEYS) -> tuple[int, dict[Any, int], list[int] | None]:
+        got = backend.batch_exists_v2(keys, list(transfers))
+        return got.kv_hit_pages, got.extra_pool_hit_pages, got.restorable_prefix_pages
+
+    indexer = PoolTransfer(name=PoolName.INDEXER)  # all_pages: the call's keys, every one
+    mamba = PoolTransfer(name=PoolName.MAMBA, keys=["any"], hit_policy=trailing)  # a window of 1 state
+    swa = PoolTransfer(name="swa", keys=["a", "b"], hit_policy=trailing)  # a window of 2 pages
+    assert exists() == (5, {PoolName.KV: 5}, [1, 2, 3, 4, 5])
+    assert exists(indexer) == (3, {PoolName.KV: 5, PoolName.INDEXER: 3}, [1, 2, 3])
+    assert exists(mamba) == (4, {PoolName.KV: 5, PoolName.MAMBA: 4}, [2, 4])
+    assert exists(swa) == (4, {PoolName.KV: 5, "swa": 4}, [4])
+    assert exists(indexer, mamba) == (2, {PoolName.KV: 5, PoolName.INDEXER: 3, PoolName.MAMBA: 4}, [2])
+    assert exists(indexer, swa) == (0, {PoolName.KV: 5, PoolName.INDEXER: 3, "swa": 4}, [])
+    # Nothing usable is left after swa and indexer: the pool after them gets no verdict.
+    assert exists(swa, indexer, mamba) == (0, {PoolName.KV: 5, "swa": 4, PoolName.INDEXER: 3}, [])
+    nothing = PoolTransfer(name=PoolName.DRAFT, hit_policy=trailing)  # no pages (nor pool) at all
+    assert exists(nothing, indexer) == (0, {PoolName.KV: 5}, [])
+    # The KV prefix bounds every pool: a missing page, a key tierd cannot take.
+    assert exists(mamba, keys=KEYS[:2] + ["missing"] + KEYS[3:]) == (2, {PoolName.KV: 2, PoolName.MAMBA: 2}, [2])
+    assert exists(indexer, keys=KEYS[:1] + ["x\0"] + KEYS[2:]) == (1, {PoolName.KV: 1, PoolName.INDEXER: 1}, [1])
+    # A pool named kv is the KV pages themselves.
+    assert exists(PoolTransfer(name=PoolName.KV)) == (5, {PoolName.KV: 5}, [1, 2, 3, 4, 5])
+    with pytest.raises(tierd.InvalidArgument, match="block_groups"):  # as HiCacheFile, which supports neither
+        backend.batch_exists_v2(KEYS, [PoolTransfer(name=PoolName.INDEXER, hit_policy=PoolHitPolicy.BLOCK_GROUPS)])
+
+
+def test_v2_bad_items_fail_alone_and_stored_keys_are_kept(engines: Callable[[Pools], Any]) -> None:
+    pools, other = Pools(80), Pools(90)
+    backend, reader = engines(pools), engines(other)
+    trailing = PoolHitPolicy.TRAILING_PAGES
+    got = backend.batch_set_v2([
+        _transfer(PoolName.MAMBA, ["s0", "s1", "s\0", "s3"], _slots([0, 8, 2, -1]), trailing),  # 8: past the pool
+        _transfer(PoolName.INDEXER, KEYS[:2], _indices([0])),  # one page's indices for two keys: none moved
+        _transfer(PoolName.SWA, KEYS[:1], _indices([0])),  # never registered under this name
+        _transfer("swa", ["w" * 2000, "w1"], _indices([0, 1])),
+    ])
+    assert got == {PoolName.MAMBA: [True, False, False, False], PoolName.INDEXER: [False, False],
+                   PoolName.SWA: [False], "swa": [False, True]}
+    # Nothing was stored for a failed item: the KV pages are there, the pool's pages are not.
+    assert backend.batch_set_v1(["s0", "s1", "s3", "w1"], _indices([0, 1, 2, 3])) == [True] * 4
+    mamba = PoolTransfer(name=PoolName.MAMBA, keys=["x"], hit_policy=trailing)
+    assert backend.batch_exists_v2(["s0", "s1", "s3"], [mamba]).restorable_prefix_pages == [1]
+    assert backend.batch_exists_v2(KEYS[:2], [PoolTransfer(name=PoolName.INDEXER)]).kv_hit_pages == 0
+
+    # A stored key is kept, as HiCacheFile keeps a page whose file exists: reported stored, not rewritten.
+    before = pools.mamba.slot(0).clone()
+    pools.mamba.fill(99)
+    assert backend.batch_set_v2([_transfer(PoolName.MAMBA, ["s0"], _slots([0]), trailing)]) == {PoolName.MAMBA: [True]}
+    loaded = reader.batch_get_v2([_transfer(PoolName.MAMBA, ["s0", "s\0", "s1"], _slots([3, 4, 9]), trailing)])
+    assert loaded == {PoolName.MAMBA: [True, False, False]}
+    assert torch.equal(other.mamba.slot(3), before)
+
+
+def test_v2_kv_pool_is_the_v1_pages_and_mla_shares_all_but_state(engines: Callable[[Pools], Any]) -> None:
+    """A pool named kv moves the same pages as batch_set_v1/batch_get_v1. Under MLA the KV and indexer
+    pages are every TP rank's, Mamba state each rank's own (as SGLang's file backend keys them)."""
+    src, dst = Pools(100), Pools(110)
+    writer, reader = engines(src), engines(dst)
+    assert writer.batch_set_v2([_transfer(PoolName.KV, KEYS[:2], _indices([0, 1]))]) == {PoolName.KV: [True, True]}
+    assert reader.batch_exists(KEYS[:2]) == 2
+    assert reader.batch_get_v1(KEYS[:2], _indices([3, 4])) == [True, True]
+    assert torch.equal(dst.kv.get_data_page(3 * PAGE), src.kv.get_data_page(0))
+    assert writer.batch_set_v1(KEYS[2:3], _indices([2])) == [True]
+    assert reader.batch_get_v2([_transfer(PoolName.KV, KEYS[2:3], _indices([5]))]) == {PoolName.KV: [True]}
+    assert torch.equal(dst.kv.get_data_page(5 * PAGE), src.kv.get_data_page(2 * PAGE))
+
+    rank0, rank1 = engines(Pools(120), tp_size=2, mla=True), engines(Pools(130), tp_rank=1, tp_size=2, mla=True)
+    trailing = PoolHitPolicy.TRAILING_PAGES
+    assert rank0.batch_set_v1(["m0"], _indices([0])) == [True]
+    assert rank0.batch_set_v2([_transfer(PoolName.INDEXER, ["m0"], _indices([0])),
+                               _transfer(PoolName.MAMBA, ["m0"], _slots([0]), trailing)]) == {
+        PoolName.INDEXER: [True], PoolName.MAMBA: [True]}
+    pools = [PoolTransfer(name=PoolName.INDEXER), PoolTransfer(name=PoolName.MAMBA, keys=["m0"], hit_policy=trailing)]
+    assert rank0.batch_exists_v2(["m0"], pools).kv_hit_pages == 1
+    assert rank1.batch_exists_v2(["m0"], pools[:1]).kv_hit_pages == 1
+    assert rank1.batch_exists_v2(["m0"], pools).kv_hit_pages == 0
+
+
+def test_a_daemon_killed_and_restarted_is_a_miss_then_serves_again(daemon: Daemon,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """kill -9 of the daemon as SGLang sees it: every call answers a miss (no exception reaches
+    SGLang, which recomputes), the outage is logged once; a new daemon on the same socket is served
+    again by the same backend, with no engine restart (the store reconnects by itself)."""
+    pools = Pools(140)
+    backend = pools.register(_backend(pools.kv, socket=str(daemon.socket)))
+    trailing = PoolHitPolicy.TRAILING_PAGES
+    mamba = [_transfer(PoolName.MAMBA, ["a"], _slots([0]), trailing)]
+    try:
+        assert backend.batch_set_v1(["a"], _indices([0])) == [True]
+        assert backend.batch_set_v2(mamba) == {PoolName.MAMBA: [True]}
+        daemon.kill()
+        with caplog.at_level(logging.DEBUG, logger="tierd.integrations.sglang"):
+            assert backend.batch_exists(["a"]) == 0 and backend.exists("a") is False
+            assert backend.batch_exists_v2(["a"], mamba) == PoolTransferResult(0, {}, [])
+            assert backend.batch_get_v1(["a"], _indices([1])) == [False]
+            assert backend.batch_get_v2(mamba) == {PoolName.MAMBA: [False]}
+            assert backend.batch_set_v1(["b", "c"], _indices([1, 2])) == [False, False]
+            assert backend.batch_set_v2(mamba) == {PoolName.MAMBA: [False]}
+            assert backend.get("a", pools.kv.get_dummy_flat_data_page()) is None
+            assert backend.batch_get(["a"]) == [None]
+            assert backend.set("b", pools.kv.get_data_page(0)) is False
+            assert backend.clear() is False
+        outages = [r for r in caplog.records if r.levelno >= logging.WARNING and "misses until" in r.message]
+        assert len(outages) == 1, [r.message for r in caplog.records]
+
+        daemon.start()  # a new daemon on the same socket
+        # The store reconnects on a call after the daemon is back; poll (a call just before it
+        # accepted connections may have failed), never sleep.
+        assert wait_until(lambda: backend.batch_set_v1(["b"], _indices([1])) == [True], timeout_s=30)
+        assert backend.batch_exists(["b"]) == 1 and backend.exists("b")
+        assert backend.batch_set_v2([_transfer(PoolName.MAMBA, ["b"], _slots([1]), trailing)]) == {
+            PoolName.MAMBA: [True]}
+        dst = Pools(150)
+        reader = dst.register(_backend(dst.kv, socket=str(daemon.socket)))
+        try:
+            assert reader.batch_get_v1(["b"], _indices([5])) == [True]
+            assert torch.equal(dst.kv.get_data_page(5 * PAGE), pools.kv.get_data_page(PAGE))
+            assert reader.batch_exists_v2(["b"], [PoolTransfer(name=PoolName.MAMBA, hit_policy=trailing)]).kv_hit_pages == 1
+        finally:
+            reader.close()
+        assert backend.clear() is True
+    finally:
+        backend.close()
+    with pytest.raises(tierd.DaemonUnavailable, match="tierd serve"):
+        _backend(None, socket="/tmp/no-such-tierd.sock")
