@@ -15,6 +15,12 @@ share one daemon between processes), and ``PageFirstPool`` for SGLang's host
 KV pool (its module needs SGLang's GPU runtime): the same buffer shape and
 page views as ``MHATokenToKVPoolHost`` in the page_first layout. Pages go
 from one pool into tierd and back into other slots, one copy each way.
+
+Then a hybrid model's extra pool, as SGLang's ``HybridCacheController`` uses
+it: ``StatePool`` stands in for a Mamba state pool (one slot a page),
+registered by name and moved with the v2 calls; ``batch_exists_v2`` answers
+the prefix usable with both pools (a state is needed after the prefix's last
+page).
 """
 # requires: sglang.srt.mem_cache.storage.backend_factory
 
@@ -23,7 +29,13 @@ from __future__ import annotations
 import tempfile
 
 import torch
-from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig, HiCacheStorageExtraInfo
+from sglang.srt.mem_cache.hicache_storage import (
+    HiCacheStorageConfig,
+    HiCacheStorageExtraInfo,
+    PoolHitPolicy,
+    PoolName,
+    PoolTransfer,
+)
 from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
 
 PAGE, LAYERS, HEADS, DIM = 64, 8, 8, 128  # a page: 64 tokens x 8 layers of K and V, 2 MiB in bf16
@@ -37,6 +49,21 @@ class PageFirstPool:
     def get_data_page(self, index: int, flat: bool = True) -> torch.Tensor:
         page = self.kv_buffer[:, index : index + self.page_size]
         return page.flatten() if flat else page
+
+
+class StatePool:
+    def __init__(self, slots: int) -> None:
+        self.page_size, self.layout, self.dtype, self.size = 1, "layer_first", torch.float32, slots
+        self.state = torch.randn(slots, LAYERS, 256)
+
+    def get_data_page(self, index: int, flat: bool = True) -> torch.Tensor:
+        return self.state[index].flatten()
+
+    def get_dummy_flat_data_page(self) -> torch.Tensor:
+        return torch.zeros(LAYERS * 256)
+
+    def set_from_flat_data_page(self, index: int, page: torch.Tensor) -> None:
+        self.state[index].copy_(page.reshape(LAYERS, 256))
 
 
 def slots(pages: list[int]) -> torch.Tensor:
@@ -70,5 +97,17 @@ with tempfile.TemporaryDirectory() as tmp:
         same = torch.equal(pool.kv_buffer[:, 8 * PAGE :], before)
         print("pages 8..15 equal pages 0..7:", same)
         assert same
+
+        # A Mamba state after pages 4 and 8 (the ends of the two calls above).
+        states = StatePool(4)
+        storage.register_mem_host_pool_v2(states, PoolName.MAMBA)
+        trailing = PoolHitPolicy.TRAILING_PAGES
+        print("states stored:", storage.batch_set_v2([PoolTransfer(
+            name=PoolName.MAMBA, keys=[hashes[3], hashes[7]], host_indices=torch.tensor([0, 1]),
+            hit_policy=trailing)]))
+        usable = storage.batch_exists_v2(hashes, [PoolTransfer(name=PoolName.MAMBA, keys=["last"],
+                                                               hit_policy=trailing)])
+        print("usable prefixes (pages):", usable.restorable_prefix_pages, "-> loads", usable.kv_hit_pages)
+        assert usable.restorable_prefix_pages == [4, 8]
     finally:
         storage.close()
