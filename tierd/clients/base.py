@@ -11,7 +11,7 @@ from typing import Any, Self
 
 import torch
 
-from tierd.clients.batch import BatchLease, Completions, Results
+from tierd.clients.batch import BatchLease, Completions, Results, per_key
 from tierd.clients.values import Value
 from tierd.engine.keys import validate_chain
 from tierd.errors import InvalidArgument, NotFound, TierdError
@@ -212,6 +212,7 @@ class Store(ABC):
                 values.append(None)
         return Results(values, errors)
 
+    @per_key(False)
     def exists_many(self, keys: Sequence[str], *, lease: bool = False) -> Results:
         """Whether each key is stored; ``lease=True`` also pins what was found (``results.lease``,
         a :class:`BatchLease` to read them from and release)."""
@@ -238,6 +239,7 @@ class Store(ABC):
         results.lease = BatchLease(keys, found, read=read, release=lambda: None)
         return results
 
+    @per_key(int)
     def prefix_length(self, keys: Sequence[str]) -> int:
         """How many of ``keys``, from the first, are stored (a prefix cache's hit length, in keys)."""
         n = 0
@@ -247,6 +249,7 @@ class Store(ABC):
             n += 1
         return n
 
+    @per_key(False)
     def delete_many(self, keys: Sequence[str]) -> list[bool]:
         """Remove each key; True for each that existed."""
         return [self.delete(key) for key in keys]

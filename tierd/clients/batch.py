@@ -20,12 +20,13 @@ result is the call's return value, or the exception it raised).
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -34,7 +35,9 @@ from tierd.errors import InvalidArgument, StoreClosed, TierdError
 if TYPE_CHECKING:
     from tierd.clients.base import Store
 
-__all__ = ["Results", "BatchLease", "Completions"]
+__all__ = ["Results", "BatchLease", "Completions", "per_key"]
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
 
 
 class Results(list):  # type: ignore[type-arg]
@@ -91,6 +94,60 @@ class BatchLease:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def per_key(miss: Any) -> Callable[[_Method], _Method]:
+    """A batched call (``self, keys, ...``) in which an invalid key fails only its own item.
+
+    The call runs on the valid keys alone (and their ``outs=``); each invalid key gets ``miss``
+    (None, False) and its :class:`InvalidArgument` in ``errors``. ``prefix_length`` (an int) counts
+    up to the first invalid key, which is never stored."""
+
+    def wrap(method: _Method) -> _Method:
+        @functools.wraps(method)
+        def call(self: Any, keys: Sequence[str], *args: Any, **kwargs: Any) -> Any:
+            from tierd.engine.keys import validate_key
+
+            keys = list(keys)
+            bad: dict[str, TierdError] = {}
+            positions = []
+            for i, key in enumerate(keys):
+                try:
+                    validate_key(key)
+                    positions.append(i)
+                except InvalidArgument as exc:
+                    bad[key if isinstance(key, str) else repr(key)] = exc
+            if not bad:
+                return method(self, keys, *args, **kwargs)
+            if miss is int:  # prefix_length
+                return method(self, keys[:min(i for i in range(len(keys)) if i not in positions)], *args, **kwargs)
+            outs = kwargs.get("outs")
+            if outs is not None:
+                if len(outs) != len(keys):
+                    raise InvalidArgument(f"outs= has {len(outs)} entries for {len(keys)} keys")
+                kwargs["outs"] = [outs[i] for i in positions]
+            sub = method(self, [keys[i] for i in positions], *args, **kwargs)
+            return _widen(keys, positions, sub, miss, bad)
+
+        return call  # type: ignore[return-value]
+
+    return wrap
+
+
+def _widen(keys: list[str], positions: list[int], sub: Sequence[Any], miss: Any, bad: dict[str, TierdError]) -> Results:
+    """``sub`` (the results of ``keys`` at ``positions``) spread back over every key, ``miss`` elsewhere."""
+    values = [miss] * len(keys)
+    for i, value in zip(positions, sub, strict=True):
+        values[i] = value
+    out = Results(values, {**bad, **getattr(sub, "errors", {})})
+    held = getattr(sub, "lease", None)
+    if held is not None:
+        def read(outs: Sequence[torch.Tensor | None] | None, device: Any) -> Results:
+            got = held.get_many(outs=[outs[i] for i in positions] if outs is not None else None, device=device)
+            return _widen(keys, positions, got, None, bad)
+
+        out.lease = BatchLease(keys, [bool(v) for v in values], read=read, release=held.release)
+    return out
 
 
 class Completions:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from tierd.clients.base import Staging, Store, check_outs, pairs_of, prefetch_keys, staging_key
-from tierd.clients.batch import BatchLease, Results
+from tierd.clients.batch import BatchLease, Results, per_key
 from tierd.clients.transfer import Outgoing, read_value
 from tierd.clients.values import Value, dtype_from_name
 from tierd.config import Config, load_config
@@ -107,6 +107,7 @@ class EmbeddedStore(Store):
                     errors[key] = err
         return Results([key not in errors for key, _ in pairs], errors)
 
+    @per_key(None)
     def get_many(self, keys: Sequence[str], *, outs: Sequence[torch.Tensor | None] | None = None,
                  device: str | torch.device | None = None) -> Results:
         keys = list(keys)
@@ -160,6 +161,7 @@ class EmbeddedStore(Store):
                 values.append(None)
         return Results(values, errors)
 
+    @per_key(False)
     def exists_many(self, keys: Sequence[str], *, lease: bool = False) -> Results:
         keys = list(keys)
         scoped = [validate_key(k) for k in keys]
@@ -178,9 +180,11 @@ class EmbeddedStore(Store):
                                    release=release)
         return results
 
+    @per_key(int)
     def prefix_length(self, keys: Sequence[str]) -> int:
         return self._engine.prefix_length([validate_key(k) for k in keys])
 
+    @per_key(False)
     def delete_many(self, keys: Sequence[str]) -> list[bool]:
         return self._engine.delete_many([validate_key(k) for k in keys])
 

@@ -341,6 +341,32 @@ class StoreTests:
         assert isinstance(stored.errors["bt/bad"], tierd.InvalidArgument)
         assert store.get_many(["bt/a", "bt/bad", "bt/c"]) == [b"a", None, b"c"]
 
+    BAD_KEYS = ["bk/nul\x00byte", "bk/" + "x" * 2000, "", "/abs", 7]
+
+    def test_a_bad_key_fails_only_its_own_item_in_every_batch_call(self, store: tierd.Store) -> None:
+        keys = ["bk/a", *self.BAD_KEYS, "bk/b"]
+        stored = store.put_many([(k, k.encode() if isinstance(k, str) else b"?") for k in keys])
+        assert list(stored) == [True] + [False] * len(self.BAD_KEYS) + [True]
+        assert all(isinstance(stored.errors[k if isinstance(k, str) else repr(k)], tierd.InvalidArgument)
+                   for k in self.BAD_KEYS if isinstance(k, str))
+        got = store.get_many(keys)  # type: ignore[arg-type]
+        assert got == [b"bk/a"] + [None] * len(self.BAD_KEYS) + [b"bk/b"]
+        assert isinstance(got.errors["bk/nul\x00byte"], tierd.InvalidArgument)
+        t = sample(torch.float32, (16,), seed=5)
+        store.put("bk/t", t)
+        outs: list[torch.Tensor | None] = [None] * len(keys)
+        outs[-1] = torch.empty(16)
+        got = store.get_many([*keys[:-1], "bk/t"], outs=outs)  # type: ignore[list-item]
+        assert got[-1] is outs[-1] and same_bits(got[-1], t) and got[0] == b"bk/a"
+        store.delete("bk/t")
+        found = store.exists_many(keys)  # type: ignore[arg-type]
+        assert list(found) == [True] + [False] * len(self.BAD_KEYS) + [True]
+        with store.exists_many(keys, lease=True).lease as lease:  # type: ignore[arg-type, union-attr]
+            assert lease.get_many() == [b"bk/a"] + [None] * len(self.BAD_KEYS) + [b"bk/b"]
+        assert store.prefix_length(keys) == 1  # type: ignore[arg-type]
+        assert list(store.delete_many(keys)) == [True] + [False] * len(self.BAD_KEYS) + [True]  # type: ignore[arg-type]
+        assert store.keys("bk/") == []
+
     def test_get_many_fills_outs_in_place(self, store: tierd.Store) -> None:
         blocks = [sample(torch.bfloat16, (4, 256), seed=i) for i in range(8)]
         store.put_many({f"bo/{i}": b for i, b in enumerate(blocks)})
