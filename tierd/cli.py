@@ -127,6 +127,7 @@ def _status_tables(status: dict[str, Any]) -> list[Table]:
         pol = policies.get(name, {})
         experts = pol.get("experts")
         note = ", ".join(part for part in (
+            f"cache, {pol['evicted']} dropped for room" if "evicted" in pol else "",
             f"{pol['hinted_blocks']} blocks' prefixes" if "hinted_blocks" in pol else "",
             "trust recency {recency:.2f} / rhythm {rhythm:.2f}".format(**experts) if experts else "") if part)
         ns.add_row(name, format_size(status["namespaces"].get(name, 0)), pol.get("policy", ""),
