@@ -1,12 +1,18 @@
 """The remote tier's shared index: how stores on other machines find an object.
 
 Next to each object's chunks, the remote tier keeps one entry per key
-(``<prefix>:idx:<key>``, spread over a cluster's slots like the data): the
-object's meta, size, codec and remote location. A
-store that misses a key locally looks it up there and adopts the object (it
-reads the same chunks); a store that deletes or replaces an object that had
-a remote copy drops its entry. Failures are never fatal for the local
-store: the remote copy and its entry are a bonus, so they are logged.
+(``<prefix>:{<tag>}:idx:<key>``, in the same hash slot as the chunks of the
+key's objects: Note [remote tier on a cluster] in tiers/remote.py): the
+object's meta, size, codec and remote location. A store that misses a key
+locally looks it up there and adopts the object (it reads the same
+chunks); a store that deletes or replaces an object that had a remote copy
+drops its entry. Failures are never fatal for the local store: the remote
+copy and its entry are a bonus, so they are logged, at most once per
+interval for the whole tier (:class:`~tierd.tiers.remote.FailureLog`).
+
+Entries written before the key's tag was part of the index key
+(``<prefix>:idx:<key>``) are not looked up: the remote tier is a cache, and
+they are misses until Redis drops them (TTL, maxmemory) or they are deleted.
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ class RemoteIndex:
         try:
             self.remote.index_put(rec.key, _encoder.encode(RemoteEntry(rec.meta, rec.nbytes, rec.codec, loc)))
         except TierdError as exc:
-            log.warning("remote index update for %r failed: %s", user_key(rec.key), exc)
+            self.remote.failures.warning(log, "remote index update for %r failed: %s", user_key(rec.key), exc)
 
     def lookup(self, key: str) -> RemoteEntry | None:
         """``key``'s entry, or None (absent, or an entry that does not decode: logged).

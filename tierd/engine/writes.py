@@ -175,7 +175,7 @@ class Writer:
                 assert self.remote is not None  # "remote" is only a valid tier when configured
                 assert data is not None
                 rec.copies["remote"] = self.remote.write(data, codec=get_codec(rec.codec),
-                                                         itemsize=rec.meta.itemsize, durable=False)
+                                                         itemsize=rec.meta.itemsize, durable=False, key=rec.key)
             else:
                 if plan.try_cxl:
                     assert data is not None
@@ -191,9 +191,11 @@ class Writer:
                 assert data is not None
                 try:
                     rec.copies["remote"] = self.remote.write(data, codec=get_codec(rec.codec),
-                                                             itemsize=rec.meta.itemsize, durable=False)
+                                                             itemsize=rec.meta.itemsize, durable=False,
+                                                             key=rec.key)
                 except TierdError as exc:  # the remote copy is a bonus: local tiers keep working
-                    log.warning("write-through of %r to the remote tier failed: %s", user_key(rec.key), exc)
+                    self.remote.failures.warning(log, "write-through of %r to the remote tier failed: %s",
+                                                 user_key(rec.key), exc)  # throttled: once per interval
             if plan.keep_host and staging is not None:
                 rec.copies["host"] = staging  # volatile: its home; durable: a cached copy
             return plan.keep_host
