@@ -13,7 +13,7 @@ from tierd.codecs import get_codec
 from tierd.errors import CorruptObject, InvalidArgument, MediaError
 from tierd.testing import TierTests, payload
 from tierd.testing.redis import RedisServer
-from tierd.tiers.remote import RemoteLocation, RemoteTier
+from tierd.tiers.remote import FailureLog, RemoteLocation, RemoteTier
 
 
 class TestRemoteTier(TierTests):
@@ -74,8 +74,8 @@ def test_an_object_lives_in_one_slot_and_objects_spread_over_the_shards(redis_cl
     try:
         primaries: set[int] = set()
         slots: set[int] = set()
-        for _ in range(24):
-            loc = t.write(payload(300_000), codec=get_codec("none"), itemsize=1, durable=False)
+        for i in range(24):
+            loc = t.write(payload(300_000), codec=get_codec("none"), itemsize=1, durable=False, key=f"kv/{i}")
             keys = [t._key(loc.oid, i) for i in range(len(loc.chunks))]
             assert len(keys) == 5
             object_slots = {t._redis.keyslot(k) for k in keys}
@@ -85,6 +85,108 @@ def test_an_object_lives_in_one_slot_and_objects_spread_over_the_shards(redis_cl
         assert len(slots) == 24 and primaries == set(redis_cluster.primaries())
     finally:
         t.close()
+
+
+# Keys as the engine holds them: plain, with braces (not a hash tag of theirs), long, UTF-8, scoped to a uid.
+_KEYS = ["kv/a", "kv/{a}", "kv/x}{y", "m/" + "z" * 1000, "ns/é✓", "kv/a\x001000"]
+
+
+@pytest.mark.parametrize("key", _KEYS)
+def test_a_keys_index_entry_and_chunks_share_a_hash_slot(redis_server: Any, key: str) -> None:
+    """Redis Cluster's slot (CRC16 of the hash tag) of the index entry is that of every chunk of
+    every version of the key: a lookup by key and the read of what it names need one shard."""
+    from redis.crc import key_slot
+
+    t = RemoteTier(redis_server.url, 16 << 20, chunk_size=64 << 10)
+    try:
+        slot = key_slot(t._index_key(key).encode())
+        locs = [t.write(payload(200_000), codec=get_codec("none"), itemsize=1, durable=False, key=key)
+                for _ in range(2)]
+        assert locs[0].oid != locs[1].oid  # every version has an id of its own
+        for loc in locs:
+            assert len(loc.chunks) == 4
+            assert {key_slot(t._key(loc.oid, i).encode()) for i in range(len(loc.chunks))} == {slot}
+        t.index_put(key, b"entry")  # found from the key alone
+        assert t.index_get(key) == b"entry"
+    finally:
+        t.close()
+
+
+def test_keys_spread_over_the_slots_and_objects_without_a_key_keep_their_own() -> None:
+    from redis.crc import key_slot
+
+    t = RemoteTier("redis://127.0.0.1:1", 1 << 20, client=object())  # key names only: no server needed
+    slots = {key_slot(t._index_key(f"kv/{i}").encode()) for i in range(1000)}
+    assert len(slots) > 900  # 1000 keys in 16384 slots: a few share one
+    assert t._tag("kv/a") == t._tag("kv/a") != t._tag("kv/b")
+    with pytest.raises(InvalidArgument, match="prefix 'a{b}' contains a brace"):
+        RemoteTier("redis://127.0.0.1:1", 1 << 20, prefix="a{b}", client=object())
+
+
+def test_an_entry_written_before_the_key_tag_is_a_miss(redis_server: Any) -> None:
+    """The index layout of earlier versions (``<prefix>:idx:<key>``) is not read: those entries are
+    misses (the remote tier is a cache); objects written with the old ids (``{<uuid>}``) still read."""
+    t = RemoteTier(redis_server.url, 16 << 20, chunk_size=64 << 10)
+    try:
+        old = t.write(payload(100_000), codec=get_codec("none"), itemsize=1, durable=False)  # no key: {<uuid>}
+        assert old.oid.startswith("{") and old.oid.endswith("}")
+        t._redis.set("tierd:idx:kv/a", b"an old entry")
+        assert t.index_get("kv/a") is None
+        out = torch.empty(100_000, dtype=torch.uint8)
+        t.read_into(old, out, itemsize=1)
+        assert torch.equal(out, payload(100_000))
+    finally:
+        t.close()
+
+
+def test_failures_are_logged_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    now = [100.0]
+    failures = FailureLog("redis://x", interval_s=10, clock=lambda: now[0])
+    logger = logging.getLogger("tierd.test")
+    with caplog.at_level(logging.WARNING):
+        for i in range(50):  # a failover: every key fails
+            failures.warning(logger, "lookup of %r failed: %s", f"kv/{i}", "refused")
+            now[0] += 0.1
+        failures.ok()  # a call succeeds, but failures were seen less than an interval ago
+        assert [r.getMessage() for r in caplog.records] == ["lookup of 'kv/0' failed: refused"]
+        now[0] += 5.1
+        failures.warning(logger, "lookup of %r failed: %s", "kv/50", "refused")  # 10 s after the first line
+        assert caplog.records[-1].getMessage() == (
+            "lookup of 'kv/50' failed: refused (49 more failures of the remote tier were not logged)")
+        failures.warning(logger, "lookup of %r failed: %s", "kv/51", "refused")
+        failures.ok()
+        now[0] += 10
+        failures.ok()  # an interval without failures: the count held back is said once
+        failures.ok()
+        assert len(caplog.records) == 3
+        assert caplog.records[-1].getMessage() == ("remote tier at redis://x answers again; 1 failures after the last "
+                                                   "line about it were not logged")
+
+
+def test_a_dead_server_logs_one_line_for_many_lookups(tmp_path: Any, redis_server: Any,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Each local miss asks the shared index; with the server dead each of those fails (a miss),
+    and the log says so once, not once per key."""
+    import logging
+
+    import tierd
+    from conftest import small_config
+
+    cfg = small_config(tmp_path / "a")
+    cfg["tiers"]["remote"] = {"url": redis_server.url, "timeout_s": 1.0}
+    with tierd.open(cfg) as s:
+        s.put("r/0", payload(1000), tier="remote")
+        redis_server.stop()
+        with caplog.at_level(logging.WARNING):
+            for i in range(40):
+                assert not s.exists(f"kv/{i}")  # misses: the index cannot be asked
+                with pytest.raises(tierd.NotFound):
+                    s.get(f"kv/{i}")
+        lines = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
+        assert len(lines) == 1 and "remote lookup of 'kv/0' skipped" in lines[0]
+        assert s.engine.remote.failures.held == 79
 
 
 def test_several_seeds_need_cluster_mode(redis_cluster: Any) -> None:

@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -342,19 +342,28 @@ class RedisCluster:
 @dataclass
 class FailoverReport:
     """What :func:`read_through_failover` saw: failed reads on the dead shard and on the others,
-    reads that returned other bytes, and seconds from the kill until a round read everything."""
+    reads that returned other bytes, and seconds from the kill until the reads that failed read
+    again (``recovered_s``: the end of the first round of the final run of rounds without a
+    failure; None if the reads never came back) and until a replica served the dead primary's
+    slots (``promoted_s``, measured when reading went on through the promotion).
+    ``failed`` counts the failed reads of each read that failed at least once."""
 
     victim_failures: int
     healthy_failures: int
     wrong: int
     rounds: int
     recovered_s: float | None
+    failed: dict[str, int] = field(default_factory=dict)
+    promoted_s: float | None = None
 
 
 def read_through_failover(cluster: RedisCluster, victim: int, reads: dict[str, Callable[[], bool]],
-                          on_victim: set[str], *, timeout_s: float = 30.0, poll_s: float = 0.05) -> FailoverReport:
+                          on_victim: set[str], *, timeout_s: float = 30.0, poll_s: float = 0.05,
+                          through_promotion: bool = False) -> FailoverReport:
     """SIGKILL primary ``victim``, then call every read (True: the right bytes; False: other bytes;
-    a ``TierdError``: failed) in rounds every ``poll_s`` until a round has no failure.
+    a ``TierdError``: failed) in rounds every ``poll_s`` until a round has no failure (with
+    ``through_promotion``: a round after a replica has taken over the victim's slots, so that
+    reads that never fail are watched through the whole failover).
 
     ``on_victim`` names the reads whose keys lie in the victim's slots: their
     failures are expected while the replica is promoted; any other read that
@@ -362,10 +371,23 @@ def read_through_failover(cluster: RedisCluster, victim: int, reads: dict[str, C
     """
     from tierd.errors import TierdError
 
+    table = cluster._nodes_table()
+    ranges = [r for r in table[victim]["slots"] if r and str(r[0]).isdigit()]
+    slot = int(ranges[0][0])  # one of the victim's slots: served by another node once it is promoted
+
+    def promoted() -> bool:
+        try:
+            return any(port != victim and cluster._serves(e, slot) for port, e in cluster._nodes_table().items())
+        except RuntimeError:
+            return False
+
     cluster.wait_replicated(victim)  # replication is asynchronous: a kill right after a write may lose it
     cluster.kill(victim)
     killed = time.monotonic()
     victim_failures = healthy_failures = wrong = rounds = 0
+    failed_reads: dict[str, int] = {}
+    clean_since: float | None = None
+    promoted_s: float | None = None
     while time.monotonic() - killed < timeout_s:
         rounds += 1
         failed = False
@@ -374,11 +396,17 @@ def read_through_failover(cluster: RedisCluster, victim: int, reads: dict[str, C
                 wrong += not read()
             except TierdError:
                 failed = True
+                failed_reads[name] = failed_reads.get(name, 0) + 1
                 if name in on_victim:
                     victim_failures += 1
                 else:
                     healthy_failures += 1
-        if not failed:
-            return FailoverReport(victim_failures, healthy_failures, wrong, rounds, time.monotonic() - killed)
+        now = time.monotonic()
+        clean_since = None if failed else clean_since if clean_since is not None else now - killed
+        if through_promotion and promoted_s is None and promoted():
+            promoted_s = time.monotonic() - killed
+        if not failed and (not through_promotion or promoted_s is not None):
+            return FailoverReport(victim_failures, healthy_failures, wrong, rounds, clean_since, failed_reads,
+                                  promoted_s)
         threading.Event().wait(poll_s)
-    return FailoverReport(victim_failures, healthy_failures, wrong, rounds, None)
+    return FailoverReport(victim_failures, healthy_failures, wrong, rounds, None, failed_reads, promoted_s)
