@@ -137,9 +137,12 @@ class _Pool:
     def __init__(self, name: str, host: Any, prefix: str, *, direct: bool, flat: bool) -> None:
         self.name, self.host, self.prefix = name, host, prefix
         self.direct, self.flat = direct, flat
-        self.page = int(getattr(host, "page_size", 1) or 1)  # host indices a page
-        size = getattr(host, "size", None)
-        self.size = int(size) if isinstance(size, int) else None  # host indices in the pool
+        # Host indices are in the controller's (logical) space: under decode context parallelism
+        # dcp_size of them share one row of the pool, so its logical sizes bound them.
+        self.page = int(getattr(host, "logical_page_size", None) or getattr(host, "page_size", 1) or 1)
+        size = getattr(host, "logical_size", None)
+        size = getattr(host, "size", None) if size is None else size
+        self.size = int(size) if hasattr(size, "__index__") else None  # None: only negatives are refused
         self.page_bytes = self._page_bytes(host)
 
     @staticmethod
@@ -203,9 +206,8 @@ class TierdHiCacheStorage(HiCacheStorage):
         # split over the ranks whatever the attention (SGLang's file backend keys it per rank too).
         shared = c.is_mla_model and name != PoolName.MAMBA.value
         tp_rank, tp_size = (0, 1) if shared else (c.tp_rank, c.tp_size)
-        layout = f"sglang:{getattr(pool, 'layout', '')}:{self._interface}"
-        if name != _KV:
-            layout += f":{name}"
+        # An extra pool's pages are stored alike under either interface: engines of both share them.
+        layout = f"sglang:{getattr(pool, 'layout', '')}:{self._interface if name == _KV else name}"
         return KVKeyspace(
             model=c.model_name or "", dtype=str(getattr(pool, "dtype", "")).removeprefix("torch."),
             layout=layout, page_tokens=int(getattr(pool, "page_size", 1) or 1),
