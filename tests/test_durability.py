@@ -21,6 +21,22 @@ def _tensor(i: int, n: int = 50_000) -> torch.Tensor:
     return torch.arange(n, dtype=torch.int64) * (i + 1) + i
 
 
+def test_a_smaller_nvme_size_refuses_to_start_and_drops_nothing(nvme_dir: Path) -> None:
+    """Restarting with tiers.nvme.size below the durable data is a config error, never a loss."""
+    big, small = (small_config(nvme_dir, host="16MiB", nvme=size) for size in ("256MiB", "64MiB"))
+    for cfg in (big, small):
+        cfg["tiers"]["nvme"]["slab_size"] = "16MiB"
+    with tierd.open(big) as s:
+        for i in range(24):  # 96 MiB of durable 4 MiB objects
+            s.put(f"ckpt/{i}", torch.full((1 << 20,), float(i)), durable=True)
+    with pytest.raises(tierd.ConfigError, match="tiers.nvme.size .* at least"):
+        tierd.open(small)
+    with tierd.open(big) as s:  # the old size: every object is back
+        assert s.keys("ckpt/") == sorted(f"ckpt/{i}" for i in range(24))
+        for i in range(24):
+            assert torch.equal(s.get(f"ckpt/{i}"), torch.full((1 << 20,), float(i)))
+
+
 def test_durable_survive_reopen_volatile_do_not(nvme_dir: Path) -> None:
     cfg = small_config(nvme_dir)
     with tierd.open(cfg) as s:

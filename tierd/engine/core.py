@@ -42,6 +42,7 @@ from tierd.engine.stack import TierStack
 from tierd.engine.trace import TraceWriter
 from tierd.engine.writes import Writer
 from tierd.errors import (
+    ConfigError,
     InvalidArgument,
     NotFound,
     OutOfSpace,
@@ -50,6 +51,7 @@ from tierd.errors import (
 )
 from tierd.policies import CostModel
 from tierd.types import ObjectInfo, Stats, TierStats
+from tierd.units import format_size
 
 __all__ = ["Engine"]
 
@@ -82,6 +84,8 @@ class Engine(BatchCalls, SmallCalls):
             self._durable = DurableIndex(Path(config.tiers.nvme.path) / "index.lmdb")
             self._load_durable()
         except BaseException:
+            if getattr(self, "_durable", None) is not None:
+                self._durable.close()
             self.tiers.close()
             raise
         self._prefetch_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tierd-prefetch")
@@ -94,9 +98,14 @@ class Engine(BatchCalls, SmallCalls):
     def _load_durable(self) -> None:
         now = time.time()
         stale: list[str] = []
+        outside: list[int] = []  # spans of durable objects a smaller tiers.nvme.size would lose
         for key, entry in self._durable.entries():
             if entry is None or (entry.expires_at is not None and entry.expires_at <= now):
                 stale.append(key)
+                continue
+            span = self.nvme.span(entry.location)
+            if span > self.nvme.capacity_bytes:
+                outside.append(span)
                 continue
             try:
                 self.nvme.reserve(entry.location)
@@ -110,6 +119,11 @@ class Engine(BatchCalls, SmallCalls):
                 copies={"nvme": entry.location}, owner=entry.owner,
             )
             self._catalog.install_locked(rec)
+        if outside:
+            raise ConfigError(
+                f"tiers.nvme.size ({format_size(self.nvme.capacity_bytes)}) is smaller than the durable data under "
+                f"{str(self.nvme.path)!r}: {len(outside)} durable objects lie beyond it; nothing was dropped. Set "
+                f"tiers.nvme.size to at least {format_size(max(outside))}, or delete those objects under the old size")
         if stale:
             self._durable.delete(*stale)
         log.info("restored %d durable objects from %s", len(self._index), self.nvme.path)

@@ -150,12 +150,12 @@ class Mover:
         for _ in range(64):
             try:
                 return self.nvme.write(src, codec=get_codec(rec.codec), itemsize=rec.meta.itemsize, durable=durable)
-            except OutOfSpace:
+            except OutOfSpace as exc:
                 need = src.numel()
                 if self.remote is not None and self._demote_nvme(need):
                     continue
                 if not self.drop_for("nvme", need):
-                    raise OutOfSpace(self.full_message("nvme", rec.key, need)) from None
+                    raise OutOfSpace(f"{exc}; {self.holders_message('nvme')}") from None
         raise OutOfSpace("nvme tier stays full although objects were moved down or dropped")
 
     # -- caches ------------------------------------------------------------------
@@ -196,15 +196,14 @@ class Mover:
         self._policies.evicted(rec)
         log.debug("dropped cache object %r from %s for room", user_key(rec.key), tier)
 
-    def full_message(self, tier: str, key: str, nbytes: int) -> str:
-        """Why ``tier`` has no room for ``key``: who holds what may not be dropped, and what to change."""
+    def holders_message(self, tier: str) -> str:
+        """Who holds ``tier`` when nothing more may be dropped from it, and what to change (for OutOfSpace)."""
         with self._lock:
             holders = self._policies.holders(tier)
         held = ", ".join(f"{ns} {format_size(n)}" + (" (durable, pinned or being read)" if cache else "")
                          for ns, n, cache in holders[:4]) or "objects being written"
-        return (f"{tier} tier has no room for {user_key(key)!r} ({format_size(nbytes)}); it is held by what may "
-                f"not be dropped: {held}; delete objects, give the tier more room in the config, or mark a "
-                "namespace whose objects may be lost with `cache = true`")
+        return (f"it is held by what may not be dropped: {held}; a namespace whose objects may be lost can be "
+                "marked `cache = true`")
 
     def _demote_nvme(self, need_bytes: int) -> bool:
         """Move nvme objects (least valuable first) to the remote tier until ``need_bytes`` left nvme."""

@@ -238,6 +238,11 @@ class NvmeTier(Tier):
             for c in chunks:
                 self._allocs[c.slab].free(c.offset)
 
+    def span(self, location: NvmeLocation) -> int:
+        """The tier size ``location`` needs: where its last chunk ends, slabs before it included."""
+        full = self._slab_sizes[0] if self._slab_sizes else BLOCK  # every slab but the last is this size
+        return max((c.slab * full + c.offset + c.stored for c in location.chunks), default=0)
+
     def reserve(self, location: NvmeLocation) -> None:
         """Mark a stored location as in use (rebuilding state from the index on open).
 
