@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import select
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from conftest import small_config
 from daemon import Daemon
 
 import tierd
+from tierd.testing import wait_until
 
 pytest.importorskip("lmcache.v1.distributed.l2_adapters.native_plugin_l2_adapter")
 
@@ -30,6 +32,8 @@ from lmcache.v1.distributed.l2_adapters.config import (  # noqa: E402
     parse_args_to_l2_adapters_config,
 )
 from lmcache.v1.memory_management import MemoryObjMetadata, TensorMemoryObj  # noqa: E402
+
+from tierd.integrations.lmcache import TierdConnector  # noqa: E402
 
 CHUNK = (2, 16, 8, 64)  # [k/v, tokens, heads, head_dim] bf16: 32 KiB, an LMCache chunk of a toy model
 
@@ -152,17 +156,159 @@ def test_a_buffer_of_the_wrong_size_misses_and_the_rest_load(daemon: Daemon) -> 
         adapter.close()
 
 
-def test_a_dead_daemon_fails_batches_without_hanging(daemon: Daemon) -> None:
+def test_a_killed_daemon_misses_and_the_same_adapter_serves_after_a_restart(daemon: Daemon) -> None:
+    """kill -9 of the daemon: LMCache sees failed stores and misses, never an exception, and its
+    status says unhealthy; once a daemon serves on the socket again, the same adapter (LMCache
+    never detaches an L2 for errors) stores and loads again without a restart."""
     adapter = _adapter(socket=str(daemon.socket))
     try:
-        keys = _keys(2)
-        assert _store(adapter, keys, [_obj(1), _obj(2)]) >= 0
+        keys, objs = _keys(6), [_obj(i) for i in range(6)]
+        assert _store(adapter, keys[:2], objs[:2]) >= 0
+        assert adapter.report_status()["is_healthy"]
         daemon.kill()
-        assert _store(adapter, _keys(4)[2:], [_obj(3), _obj(4)]) == -1
+        status = adapter.report_status()
+        assert status["is_healthy"] is False and "does not answer" in status["tierd_error"]
+        assert _store(adapter, keys[2:4], objs[2:4]) == -1  # L2StoreResult: failed, nothing counted
         assert _lookup(adapter, keys) == []
-        assert _load(adapter, keys, [_obj(), _obj()]) == []
+        assert _load(adapter, keys, [_obj() for _ in keys]) == []
+        adapter.delete(keys[:1])  # LMCache's eviction: returns, the key stays counted
+        assert adapter.get_usage().total_bytes_used == 2 * objs[0].get_size()
+
+        daemon.start()  # a new daemon on the same socket: volatile chunks are gone
+        assert wait_until(lambda: adapter.report_status()["is_healthy"], timeout_s=30)
+        assert _store(adapter, keys[2:6], objs[2:6]) == 4 * objs[0].get_size()
+        assert _lookup(adapter, keys) == [2, 3, 4, 5]
+        outs = [_obj() for _ in keys]
+        assert _load(adapter, keys, outs) == [2, 3, 4, 5]
+        assert all(torch.equal(outs[i].raw_data, objs[i].raw_data) for i in range(2, 6))
+        adapter.submit_unlock(keys[2:6])
+        # The keys lost with the old daemon leave LMCache's accounting when its eviction deletes them.
+        adapter.delete(keys[:2])
+        assert adapter.get_usage().total_bytes_used == 4 * objs[0].get_size()
     finally:
         adapter.close()
+
+
+def test_a_bad_key_misses_alone_in_lookups_and_loads(daemon: Daemon, caplog: pytest.LogCaptureFixture) -> None:
+    """A model name over tierd's 1 KiB key limit or with a NUL byte is a miss of its own, logged
+    with its reason; the other keys of the same lookup and load hit."""
+    adapter = _adapter(socket=str(daemon.socket))
+    try:
+        good, objs = _keys(3), [_obj(i) for i in range(3)]
+        assert _store(adapter, good, objs) >= 0
+        long_name, nul_name = _keys(1, model="m" * 2000)[0], _keys(1, model="llama\x00x")[0]
+        mixed = [good[0], long_name, good[1], nul_name, good[2]]
+        with caplog.at_level(logging.WARNING, logger="tierd.integrations.lmcache"):
+            assert _lookup(adapter, mixed) == [0, 2, 4]
+            outs = [_obj() for _ in mixed]
+            assert _load(adapter, mixed, outs) == [0, 2, 4]
+        assert all(torch.equal(outs[j].raw_data, objs[i].raw_data) for i, j in enumerate((0, 2, 4)))
+        assert "1024 bytes" in caplog.text and "(2000" not in caplog.text  # the reason, the key shortened
+        adapter.submit_unlock([good[0], good[1], good[2]])
+    finally:
+        adapter.close()
+
+
+class _Counted:
+    """The keys LMCache's accounting counts as stored in its L2 (what its eviction listens to)."""
+
+    def __init__(self) -> None:
+        self.keys: set[ObjectKey] = set()
+
+    def on_l2_keys_stored(self, keys: list[ObjectKey], sizes: list[int]) -> None:
+        self.keys.update(keys)
+
+    def on_l2_keys_accessed(self, keys: list[ObjectKey]) -> None:
+        pass
+
+    def on_l2_keys_deleted(self, keys: list[ObjectKey]) -> None:
+        self.keys.difference_update(keys)
+
+
+def test_lmcache_counts_exactly_the_chunks_tierd_holds(nvme_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Stores where only part of a batch can land (a namespace quota, a bad key) report failure and
+    keep none of it, so LMCache's accounting and tierd agree after every step; a chunk LMCache
+    already counts survives a later failed batch that stores it again."""
+    # Room for three 32 KiB chunks; chunks over inline_max_bytes are stored one by one, each
+    # against the quota, so a batch lands in part.
+    d = Daemon(nvme_dir, namespaces={"lmcache": {"quota": "100KiB"}}, daemon={"inline_max_bytes": 16384}).start()
+    adapter = _adapter(socket=str(d.socket))
+    counted = _Counted()
+    adapter.register_listener(counted)
+    keys, objs = _keys(8), [_obj(i) for i in range(8)]
+    bad_key = _keys(1, model="m" * 2000)[0]
+
+    def agree() -> None:
+        held = _lookup(adapter, keys)
+        adapter.submit_unlock(keys)
+        assert {keys[i] for i in held} == counted.keys
+        assert adapter.get_usage().total_bytes_used == len(held) * objs[0].get_size()
+        with d.connect() as store:
+            assert len(store.keys("lmcache/")) == len(held)
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="tierd.integrations.lmcache"):
+            assert _store(adapter, keys[:2], objs[:2]) == 2 * objs[0].get_size()
+            agree()
+            assert _store(adapter, keys[2:6], objs[2:6]) == -1  # one fits the quota, three do not
+            agree()
+            assert "QuotaExceeded" in caplog.text
+            assert _store(adapter, [keys[0], keys[6], bad_key], [objs[0], objs[6], objs[0]]) == -1
+            agree()
+            assert counted.keys == {keys[0], keys[1]}
+            adapter.delete([keys[0], keys[5]])  # counted and held; never stored
+            agree()
+            assert counted.keys == {keys[1]}
+            assert _store(adapter, keys[2:4], objs[2:4]) == 2 * objs[0].get_size()
+            agree()
+    finally:
+        adapter.close()
+        d.close()
+
+
+def test_a_bad_buffer_fails_its_own_item(daemon: Daemon) -> None:
+    """The connector's own interface: an empty buffer or something that is not a buffer fails its
+    item (logged), nothing is stored for it, and the store batch reports failure with its reason;
+    a buffer list of another length fails the batch. Loads miss on such items alone."""
+    connector = TierdConnector(socket=str(daemon.socket))
+    try:
+        objs = [_obj(i) for i in range(2)] + [_obj(), _obj()]  # byte_array views their memory: keep them
+        good = [o.byte_array for o in objs[:2]]
+        ids = [connector.submit_batch_set(["a", "b", "c"], [good[0], memoryview(b""), good[1]]),
+               connector.submit_batch_set(["d", "e"], [good[0], None]),
+               connector.submit_batch_set(["f"], []),
+               connector.submit_batch_set(["g", "h"], good)]
+        done = {}
+        assert wait_until(lambda: done.update((c[0], c[1:]) for c in connector.drain_completions()) or len(done) == 4,
+                          timeout_s=30)
+        assert [done[i][0] for i in ids] == [False, False, False, True]
+        assert "empty buffer" in done[ids[0]][1] and "b" in done[ids[0]][1]
+        assert "1 keys but 0 buffers" in done[ids[2]][1]
+        assert sorted(connector.store.keys("lmcache/")) == ["lmcache/g", "lmcache/h"]
+        outs = [objs[2].byte_array, memoryview(bytearray(3)), None, objs[3].byte_array]
+        fid = connector.submit_batch_get(["g", "h", "g", "h"], outs)
+        assert wait_until(lambda: done.update((c[0], c[1:]) for c in connector.drain_completions()) or fid in done,
+                          timeout_s=30)
+        assert done[fid][2] == [True, False, False, True]
+        assert bytes(outs[0]) == bytes(good[0]) and bytes(outs[3]) == bytes(good[1])
+    finally:
+        connector.close()
+
+
+def test_batches_after_close_complete_failed_without_raising(daemon: Daemon) -> None:
+    """After close() a submit is a logged no-op that completes not ok (what LMCache's fs adapter
+    does for a delete after close); it never raises into LMCache."""
+    connector = TierdConnector(socket=str(daemon.socket))
+    obj = _obj(1)
+    buf = obj.byte_array  # a view of obj's memory
+    connector.close()
+    ids = [connector.submit_batch_set(["k"], [buf]), connector.submit_batch_get(["k"], [buf]),
+           connector.submit_batch_exists(["k", "j"]), connector.submit_batch_delete(["k"])]
+    done = connector.drain_completions()
+    assert [fid for fid, *_ in done] == ids
+    assert all(not ok and "closed" in error for _, ok, error, _ in done)
+    assert [per_key for *_, per_key in done] == [[False], [False], [False, False], [False]]
+    connector.close()  # twice: nothing
 
 
 def test_embedded_engine_with_a_config(nvme_dir: Path) -> None:
