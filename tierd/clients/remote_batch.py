@@ -21,12 +21,22 @@ from tierd.clients.batch import BatchLease, Results
 from tierd.clients.transfer import Outgoing, read_value
 from tierd.clients.values import Value
 from tierd.engine.keys import validate_key
-from tierd.errors import NotFound, ProtocolError, TierdError, error_class
+from tierd.errors import DaemonUnavailable, NotFound, ProtocolError, TierdError, error_class
 
 if TYPE_CHECKING:
-    from tierd.clients.remote import RemoteStore
+    from tierd.clients.remote import RemoteStore, _Link
 
 __all__ = ["RemoteBatches", "ReplySource"]
+
+
+class _Unsent(Exception):
+    """An operation's first request could not leave: its link was already dead, so no daemon saw
+    any of the operation and it may start over on a new link (Note [reconnect] in remote.py). Never escapes
+    :class:`RemoteStore`."""
+
+    def __init__(self, error: TierdError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def _error(text: str) -> TierdError:
@@ -93,24 +103,51 @@ class ReplySource:
 
 
 class RemoteBatches:
-    """Mixed into :class:`~tierd.clients.remote.RemoteStore`."""
+    """Mixed into :class:`~tierd.clients.remote.RemoteStore`.
+
+    A batch runs on one connection from its first frame to its last: if the
+    connection breaks halfway, the rest fails with ``DaemonUnavailable``
+    rather than reaching a restarted daemon (Note [reconnect] in remote.py).
+    """
 
     def put_many(self: RemoteStore, items: Mapping[str, Value] | Iterable[tuple[str, Value]], *,
                  tier: str | None = None, durable: bool | None = None, codec: str | None = None, pin: bool = False,
                  ttl: float | None = None) -> Results:
         pairs = pairs_of(items)
         opts = {"tier": tier, "durable": durable, "codec": codec, "pin": pin, "ttl": ttl}
+        return self._retry(lambda link: self._put_many_on(link, pairs, opts))
+
+    def _put_many_on(self: RemoteStore, link: _Link, pairs: list[tuple[str, Value]], opts: dict[str, Any]) -> Results:
         errors: dict[str, TierdError] = {}
         frame: list[p.PutItem] = []
         size = 0
+        sent = False  # whether a request of the batch left: before, it may start over on a new link
+        stored = False  # whether any item is stored: after that a lost connection fails item by item
+
+        def lost(keys: Iterable[str], exc: DaemonUnavailable | _Unsent) -> None:
+            if isinstance(exc, _Unsent):
+                if not sent:
+                    raise exc
+                exc = exc.error  # type: ignore[assignment]
+            if not stored:
+                raise exc  # nothing of the batch is stored: the call fails as a single put would
+            for key in keys:
+                errors[key] = exc  # type: ignore[assignment]
 
         def flush() -> None:
-            nonlocal frame, size
+            nonlocal frame, size, stored, sent
             if frame:
-                results = self._call(p.PutMany, items=frame, **opts)[0].value
-                for item, why in zip(frame, results, strict=True):
-                    if why is not None:
-                        errors[item.key] = _error(why)
+                try:
+                    results = link.call_first(p.PutMany, items=frame, **opts)[0].value
+                except (DaemonUnavailable, _Unsent) as exc:
+                    lost([item.key for item in frame], exc)
+                else:
+                    sent = True
+                    for item, why in zip(frame, results, strict=True):
+                        if why is not None:
+                            errors[item.key] = _error(why)
+                        else:
+                            stored = True
             frame, size = [], 0
 
         for key, value in pairs:
@@ -118,19 +155,27 @@ class RemoteBatches:
                 validate_key(key)
                 if isinstance(value, bytes):
                     data, meta = value, p.ObjectMeta("bytes", "uint8", (len(value),), 1)
+                    large = len(data) > link.inline_max
                 else:
                     value_out = Outgoing(value)
-                    if value_out.nbytes > self._inline_max:
-                        self.put(key, value, **opts)  # large: through the arena, on its own
-                        continue
-                    data, meta = value_out.flat().numpy().tobytes(), value_out.meta
-                if len(data) > self._inline_max:
-                    self.put(key, value, **opts)
-                    continue
+                    large = value_out.nbytes > link.inline_max
+                    if not large:
+                        data, meta = value_out.flat().numpy().tobytes(), value_out.meta
             except TierdError as exc:
                 errors[key] = exc
                 continue
-            if size + len(data) > self._chunk_bytes:
+            if large:  # through the arena (or streamed), on its own
+                try:
+                    self._put_on(link, key, value, **opts)
+                except (DaemonUnavailable, _Unsent) as exc:
+                    lost([key], exc)
+                except TierdError as exc:
+                    sent = True
+                    errors[key] = exc
+                else:
+                    sent = stored = True
+                continue
+            if size + len(data) > link.chunk_bytes:
                 flush()
             frame.append(p.PutItem(key, meta, data))
             size += len(data)
@@ -141,12 +186,16 @@ class RemoteBatches:
                  device: str | torch.device | None = None) -> Results:
         keys = list(keys)
         check_outs(keys, outs)
-        return self._get_many(keys, [validate_key(k) for k in keys], outs, device, lease_id=0)
+        wire = [validate_key(k) for k in keys]
+        return self._retry(lambda link: self._get_many(link, keys, wire, outs, device, lease_id=0))
 
-    def _get_many(self: RemoteStore, keys: list[str], wire_keys: list[str],
+    def _get_many(self: RemoteStore, link: _Link, keys: list[str], wire_keys: list[str],
                   outs: Sequence[torch.Tensor | None] | None, device: Any, *, lease_id: int) -> Results:
         # With outs= the caller wants its buffers filled from the arena (one copy), not via frames.
-        reply, _ = self._call(p.GetMany, keys=wire_keys, lease_id=lease_id, inline_ok=outs is None)
+        # A batch lease's read stays on the lease's link: never a first request that may move.
+        arena, mapping = link.arena, link.map
+        call = link.call if lease_id else link.call_first
+        reply, _ = call(p.GetMany, keys=wire_keys, lease_id=lease_id, inline_ok=outs is None)
         values: list[Any] = []
         errors: dict[str, TierdError] = {}
         try:
@@ -161,11 +210,11 @@ class RemoteBatches:
                     continue
                 try:
                     if item.data is None and item.offset is None:  # too large for the batch's frame
-                        values.append(self.get(key, device=device, out=out))
+                        values.append(self._get_on(link, key, device=device, out=out))
                         continue
-                    if item.offset is not None and self._arena is None:
-                        raise ProtocolError("the daemon named an arena offset to a client it gave no arena")
-                    values.append(read_value(ReplySource(item, [], self._arena, self._map), key, self._copies, device=device,
+                    if item.offset is not None:
+                        link.check_arena(arena)
+                    values.append(read_value(ReplySource(item, [], arena, mapping), key, link.copies, device=device,
                                              out=out))
                 except NotFound:
                     values.append(None)
@@ -174,7 +223,7 @@ class RemoteBatches:
                     values.append(None)
         finally:
             if reply.lease_id:
-                self._send(p.Release(id=0, lease_id=reply.lease_id))
+                link.release(reply.lease_id)
         return Results(values, errors)
 
     def exists_many(self: RemoteStore, keys: Sequence[str], *, lease: bool = False) -> Results:
@@ -182,20 +231,16 @@ class RemoteBatches:
         wire = [validate_key(k) for k in keys]
         if not lease:
             return Results(self._call(p.ExistsMany, keys=wire)[0].value)
-        value = self._call(p.ExistsMany, keys=wire, lease=True)[0].value
+        link, value = self._retry(lambda link: (link, link.call_first(p.ExistsMany, keys=wire, lease=True)[0].value))
         found, lease_id = list(value["found"]), int(value["lease_id"])
 
         def read(outs: Sequence[torch.Tensor | None] | None, device: Any) -> Results:
             if not lease_id:
                 return Results([None] * len(keys))
-            return self._get_many(keys, wire, outs, device, lease_id=lease_id)
-
-        def release() -> None:
-            if lease_id and not self._closed:  # a closed connection's leases are the daemon's to end
-                self._send(p.Release(id=0, lease_id=lease_id))
+            return self._get_many(link, keys, wire, outs, device, lease_id=lease_id)  # DaemonUnavailable once gone
 
         results = Results(found)
-        results.lease = BatchLease(keys, found, read=read, release=release)
+        results.lease = BatchLease(keys, found, read=read, release=lambda: link.release(lease_id) if lease_id else None)
         return results
 
     def prefix_length(self: RemoteStore, keys: Sequence[str]) -> int:
