@@ -346,7 +346,8 @@ class FailoverReport:
     again (``recovered_s``: the end of the first round of the final run of rounds without a
     failure; None if the reads never came back) and until a replica served the dead primary's
     slots (``promoted_s``, measured when reading went on through the promotion).
-    ``failed`` counts the failed reads of each read that failed at least once."""
+    ``failed`` counts the failed reads of each read that failed at least once, and ``last_failed_s``
+    says when (seconds after the kill) each of them failed last."""
 
     victim_failures: int
     healthy_failures: int
@@ -355,6 +356,7 @@ class FailoverReport:
     recovered_s: float | None
     failed: dict[str, int] = field(default_factory=dict)
     promoted_s: float | None = None
+    last_failed_s: dict[str, float] = field(default_factory=dict)
 
 
 def read_through_failover(cluster: RedisCluster, victim: int, reads: dict[str, Callable[[], bool]],
@@ -386,6 +388,7 @@ def read_through_failover(cluster: RedisCluster, victim: int, reads: dict[str, C
     killed = time.monotonic()
     victim_failures = healthy_failures = wrong = rounds = 0
     failed_reads: dict[str, int] = {}
+    last_failed: dict[str, float] = {}
     clean_since: float | None = None
     promoted_s: float | None = None
     while time.monotonic() - killed < timeout_s:
@@ -397,6 +400,7 @@ def read_through_failover(cluster: RedisCluster, victim: int, reads: dict[str, C
             except TierdError:
                 failed = True
                 failed_reads[name] = failed_reads.get(name, 0) + 1
+                last_failed[name] = time.monotonic() - killed
                 if name in on_victim:
                     victim_failures += 1
                 else:
@@ -407,6 +411,6 @@ def read_through_failover(cluster: RedisCluster, victim: int, reads: dict[str, C
             promoted_s = time.monotonic() - killed
         if not failed and (not through_promotion or promoted_s is not None):
             return FailoverReport(victim_failures, healthy_failures, wrong, rounds, clean_since, failed_reads,
-                                  promoted_s)
+                                  promoted_s, last_failed)
         threading.Event().wait(poll_s)
-    return FailoverReport(victim_failures, healthy_failures, wrong, rounds, None, failed_reads, promoted_s)
+    return FailoverReport(victim_failures, healthy_failures, wrong, rounds, None, failed_reads, promoted_s, last_failed)
