@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -187,6 +188,37 @@ def test_a_dead_server_logs_one_line_for_many_lookups(tmp_path: Any, redis_serve
         lines = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
         assert len(lines) == 1 and "remote lookup of 'kv/0' skipped" in lines[0]
         assert s.engine.remote.failures.held == 79
+
+
+def test_a_replica_serves_what_its_primary_is_suspected_of_not_serving(redis_cluster: Any) -> None:
+    """Without a failover: the replica's answers themselves (found through CLUSTER NODES when the
+    client's topology lists no replica), and the reads that go to a replica first for a while
+    after the primary failed one. A tier with replica reads off never asks a replica."""
+    t = RemoteTier(redis_cluster.url, 16 << 20, chunk_size=64 << 10, cluster=True)
+    off = RemoteTier(redis_cluster.url, 16 << 20, chunk_size=64 << 10, cluster=True, replica_reads=False)
+    try:
+        src = payload(200_000)
+        loc = t.write(src, codec=get_codec("none"), itemsize=1, durable=False, key="kv/r")
+        t.index_put("kv/r", b"entry")
+        ikey = t._index_key("kv/r")
+        primary = redis_cluster.primary_of(ikey)
+        redis_cluster.wait_replicated(primary)
+        slots = t._redis.nodes_manager.slots_cache
+        slot = t._redis.keyslot(ikey)
+        slots[slot] = slots[slot][:1]  # a topology without replicas (CLUSTER SLOTS may say so)
+        assert t._on_replica(ikey, [("GET", ikey)]) == [b"entry"] and t.replica_hits == 1
+        replicas = t._replica_nodes[f"127.0.0.1:{primary}"][1]
+        assert len(replicas) == 1 and replicas[0].port != primary
+        t._suspects[f"127.0.0.1:{primary}"] = time.monotonic()  # as after a failed read
+        assert t.index_get("kv/r") == b"entry"
+        out = torch.empty_like(src)
+        t.read_into(loc, out, itemsize=1)
+        assert torch.equal(out, src) and t.present(loc)
+        assert t.replica_hits == 4 and t.slow_reads == 0  # all three from the replica
+        assert off._on_replica(ikey, [("GET", ikey)]) is None
+    finally:
+        t.close()
+        off.close()
 
 
 def test_several_seeds_need_cluster_mode(redis_cluster: Any) -> None:

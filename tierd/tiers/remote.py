@@ -177,6 +177,7 @@ class RemoteTier(Tier):
         self.failures = FailureLog(url)
         self._suspects: dict[str, float] = {}  # a primary that failed a read -> when (a cluster's node name)
         self._replica_nodes: dict[str, tuple[float, list[Any]]] = {}  # primary -> (when asked, its replicas)
+        self._replica_lock = threading.Lock()
         self.slow_reads = 0  # batches read through redis-py's parser, not straight into the destination
         # A pooled client: redis-py reconnects on the next command after a failure. A cluster
         # client asks a seed for the topology when it is made; if none answers now, the tier
@@ -341,7 +342,13 @@ class RemoteTier(Tier):
             return []
         if len(nodes) != 1:
             return list(nodes[1:])  # [primary, replicas...]
-        primary = nodes[0].name
+        with self._replica_lock:  # one thread asks; the others wait for its answer
+            return self._replicas_of(nodes[0].name)
+
+    def _replicas_of(self, primary: str) -> list[Any]:
+        """The live replicas of node ``primary`` (host:port) from the first other node that answers
+        CLUSTER NODES, asked at most once per ``_SUSPECT_S``; under ``_replica_lock``."""
+        client = self._client
         now = time.monotonic()
         known = self._replica_nodes.get(primary)
         if known is not None and now - known[0] < _SUSPECT_S:
