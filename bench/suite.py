@@ -1,6 +1,6 @@
 """``tierd bench``: every benchmark in one run, one report.
 
-    tierd bench [tiers|daemon|policies|checkpoint|training|kv|remote|gpu|scaling|all ...] [--quick] [--out DIR] [--dir DIR]
+    tierd bench [tiers|daemon|policies|checkpoint|training|kv|remote|gpu|scaling|soak|all ...] [--quick] [--out DIR] [--dir DIR]
 
 The physical limits (bench/limits.py: memcpy, fio, pinned cudaMemcpy) are
 measured first, in the same run and on the same disk as the suites that are
@@ -13,7 +13,8 @@ into ``--out``:
 * ``results.md``: the targets of issues 2-8 and 16 (ratio, met or missed, and what
   limits a missed one), then one table per suite (tierd, the limit, the
   peer, the ratios) followed by its detailed tables;
-* PNG plots: tiers.png, daemon.png, policies.png, policies_sizes.png, checkpoint.png, gpu.png (on a GPU), scaling.png.
+* PNG plots: tiers.png, daemon.png, policies.png, policies_sizes.png, checkpoint.png, gpu.png (on a GPU), scaling.png,
+  soak.png.
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from bench._common import BenchContext, default_workdir_base, machine, pyplot, row
 
-SUITES = ("tiers", "daemon", "batches", "policies", "checkpoint", "training", "kv", "remote", "gpu", "scaling")
+SUITES = ("tiers", "daemon", "batches", "policies", "checkpoint", "training", "kv", "remote", "gpu", "scaling",
+          "soak")
 # Suites that divide by memcpy or fio: the limits run first when one of them runs.
 USES_LIMITS = {"tiers", "daemon", "checkpoint", "kv", "remote", "gpu", "scaling"}
 # Which issue's targets a suite carries, for the targets table when a suite fails.
 ISSUES = {"tiers": (2,), "gpu": (8,), "daemon": (3,), "batches": (16,), "policies": (4,), "training": (5,),
-          "checkpoint": (6,), "kv": (7,), "remote": (19,)}
+          "checkpoint": (6,), "kv": (7,), "remote": (19,), "soak": (31,)}
 TITLES = {
     "limits": "Limits (same run)",
     "tiers": "Tiers: host and nvme vs memcpy and fio, codecs vs zstd and zipnn (issue 2)",
@@ -50,6 +52,7 @@ TITLES = {
     "kv": "KV cache: Llama-3-8B blocks through every tier, hit ratios (issue 7)",
     "remote": "Remote tier: 1 MiB chunks vs redis-benchmark on a server and a cluster, a failover (issue 19)",
     "scaling": "Scaling: object size, object count, clients",
+    "soak": "Soak: LMCache, SGLang, PrefixKVStore and a durable writer through 4 daemon restarts (issue 31)",
 }
 SUITE_COLUMNS = ("measure", "tierd", "limit", "peer", "tierd / limit", "tierd / peer", "target", "status")
 

@@ -23,7 +23,8 @@ from tierd.errors import InvalidArgument, TierdError
 
 __all__ = ["SUITES", "BenchUnavailable", "bench_dir", "run"]
 
-SUITES = ("tiers", "daemon", "batches", "policies", "checkpoint", "training", "kv", "remote", "gpu", "scaling")  # = bench/suite.py's
+SUITES = ("tiers", "daemon", "batches", "policies", "checkpoint", "training", "kv", "remote", "gpu", "scaling",
+          "soak")  # = bench/suite.py's
 
 
 class BenchUnavailable(TierdError, FileNotFoundError):
