@@ -79,7 +79,7 @@ def _report(fault_report: Callable[..., None], name: str, res: dict[str, Any]) -
                  escaped=s["escaped"], multiple=res["multiple"], worst_first_store_s=s["worst_first_store_s"])
 
 
-def test_soak_engines_through_four_restarts(tmp_path: Path, fault_report: Callable[..., None]) -> None:
+def test_soak_lmcache_and_sglang_through_four_restarts(tmp_path: Path, fault_report: Callable[..., None]) -> None:
     for module in _ENGINES:
         pytest.importorskip(module)
     res = run_soak(SoakConfig.short(), tmp_path)
