@@ -174,10 +174,27 @@ def test_connect_without_daemon_is_a_clear_error(tmp_path: Path) -> None:
 def test_daemon_death_fails_calls_clearly(daemon: Daemon) -> None:
     s = daemon.connect()
     s.put("x/y", torch.ones(4))
+    assert s.healthy()
     daemon.kill()
-    with pytest.raises(tierd.DaemonUnavailable):
+    with pytest.raises(tierd.DaemonUnavailable, match="reconnects by itself"):
         s.get("x/y")
-    s.close()
+    assert not s.healthy()
+    s.close()  # with the daemon dead: returns, raises nothing
+    assert not s.healthy()
+
+
+def test_a_socket_that_never_answers_fails_the_connect_at_its_timeout(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # A daemon stuck before it accepts (or anything else listening there): the handshake times out.
+    from tierd.clients import remote
+
+    monkeypatch.setattr(remote, "_CONNECT_TIMEOUT_S", 0.2)
+    path = tmp_path / "stuck.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen(8)  # never accepts
+        with pytest.raises(tierd.DaemonUnavailable, match="at the handshake"):
+            tierd.connect(path)
 
 
 # -- clients ---------------------------------------------------------------------

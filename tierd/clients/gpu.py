@@ -71,6 +71,9 @@ class GpuTierStore(Store):
     def stage(self, nbytes: int) -> Staging | None:
         return self.below.stage(nbytes)
 
+    def healthy(self) -> bool:
+        return self.below.healthy()  # the daemon's health, for a daemon's store
+
     def _evict(self, key: str, value: torch.Tensor, dirty: bool) -> None:
         if dirty:
             self.below.put(key, value)

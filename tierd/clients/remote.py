@@ -94,13 +94,13 @@ class _Link:
     """One connection to one daemon process and what its handshake gave (Note [reconnect]).
 
     Raises (at construction) DaemonUnavailable when nobody answers within
-    ``timeout_s``, or the daemon's refusal (QuotaExceeded, ProtocolError).
+    ``_CONNECT_TIMEOUT_S``, or the daemon's refusal (QuotaExceeded, ProtocolError).
     """
 
-    def __init__(self, path: str, client: str, timeout_s: float = _CONNECT_TIMEOUT_S) -> None:
+    def __init__(self, path: str, client: str) -> None:
         self.path = path
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.settimeout(timeout_s)
+        sock.settimeout(_CONNECT_TIMEOUT_S)
         try:
             sock.connect(path)
         except OSError as exc:
@@ -112,6 +112,7 @@ class _Link:
         self.calls_lock = threading.Lock()
         self.ids = itertools.count(1)
         self.broken: TierdError | None = None  # set once, when the link dies (or the store closes)
+        self.why = ""  # what broke it, in a few words
         self.declared: collections.deque[_Call] = collections.deque()  # declarations not waited for
         self.decoder = msgspec.msgpack.Decoder(p.Reply)
         self.reader = p.FrameReader(sock, 1 << 30)
@@ -181,8 +182,9 @@ class _Link:
         with self.calls_lock:
             first = self.broken is None
             if first:
+                self.why = _reason(why) if why is not None else "closed"
                 self.broken = error or DaemonUnavailable(
-                    f"lost the connection to the tierd daemon on {self.path} ({_reason(why) if why else 'closed'}); "
+                    f"lost the connection to the tierd daemon on {self.path} ({self.why}); "
                     "calls fail until a daemon serves there again, then the store reconnects by itself")
             calls = list(self.calls.values())
             self.calls.clear()
@@ -387,7 +389,7 @@ class RemoteStore(RemoteBatches, Store):
         self._tried_at = time.monotonic()  # the last connect attempt
         self._retry_s = _RETRY_MIN_S  # the wait after the last attempt (doubles per failure)
         self._tried_socket: tuple[int, int, int] | None = _socket_identity(self.socket_path)
-        self._why = "the connection was lost"  # why the last attempt failed
+        self._why = ""  # why the last connect attempt failed, if it did
         try:
             self._link = _Link(self.socket_path, self._client)
         except DaemonUnavailable as exc:
@@ -422,9 +424,10 @@ class RemoteStore(RemoteBatches, Store):
             found = _socket_identity(self.socket_path)
             new_socket = found is not None and found != self._tried_socket
             if now < self._tried_at + (_RETRY_MIN_S if new_socket else self._retry_s):
+                wait_ms = (self._tried_at + self._retry_s - now) * 1000
                 raise DaemonUnavailable(
-                    f"no tierd daemon answers on {self.socket_path} ({self._why}); this store reconnects by itself "
-                    f"at a call from {self._tried_at + self._retry_s - now:.1f} s on")
+                    f"no tierd daemon answers on {self.socket_path} ({self._why or link.why}); this store "
+                    f"reconnects by itself at a call in {wait_ms:.0f} ms or later")
             self._tried_at, self._tried_socket = now, found
             try:
                 new = _Link(self.socket_path, self._client)
@@ -435,7 +438,7 @@ class RemoteStore(RemoteBatches, Store):
                     raise DaemonUnavailable(f"{exc}; this store reconnects by itself once a daemon serves there "
                                             "again") from exc.__cause__
                 raise
-            self._retry_s = _RETRY_MIN_S
+            self._retry_s, self._why = _RETRY_MIN_S, ""
             self._unhinted.clear()  # what the old daemon said of its namespaces
             self._link = new
             if self._closed:  # close() ran meanwhile and may have seen the old link
@@ -492,6 +495,11 @@ class RemoteStore(RemoteBatches, Store):
     @property
     def _copies(self) -> CopyEngine:
         return self._link.copies
+
+    @property
+    def _calls(self) -> dict[int, _Call]:
+        """The calls waiting for a reply on the live link (tests look)."""
+        return self._link.calls
 
     # -- Store -----------------------------------------------------------------
 
@@ -638,6 +646,8 @@ class RemoteStore(RemoteBatches, Store):
     def healthy(self) -> bool:
         """Whether the daemon answers now: reconnects if it may (Note [reconnect]), then one
         cheap round trip, bounded by a short timeout. Never raises."""
+        if self._link.broken is not None and self._link_lock.locked():
+            return False  # another thread is trying to reconnect: not served now, and no waiting here
         try:
             done = self._retry(lambda link: link.wait(link.post_first(p.GetStats), timeout_s=_HEALTH_TIMEOUT_S))
         except Exception:  # noqa: BLE001 - an answer, never an error

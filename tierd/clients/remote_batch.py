@@ -17,7 +17,7 @@ import torch
 from tierd import protocol as p
 from tierd._buffers import SMALL_COPY_BYTES, address_view, copy_bytes
 from tierd.clients.base import check_outs, pairs_of
-from tierd.clients.batch import BatchLease, Results
+from tierd.clients.batch import BatchLease, Results, per_key
 from tierd.clients.transfer import Outgoing, read_value
 from tierd.clients.values import Value
 from tierd.engine.keys import validate_key
@@ -182,6 +182,7 @@ class RemoteBatches:
         flush()
         return Results([key not in errors for key, _ in pairs], errors)
 
+    @per_key(None)
     def get_many(self: RemoteStore, keys: Sequence[str], *, outs: Sequence[torch.Tensor | None] | None = None,
                  device: str | torch.device | None = None) -> Results:
         keys = list(keys)
@@ -226,6 +227,7 @@ class RemoteBatches:
                 link.release(reply.lease_id)
         return Results(values, errors)
 
+    @per_key(False)
     def exists_many(self: RemoteStore, keys: Sequence[str], *, lease: bool = False) -> Results:
         keys = list(keys)
         wire = [validate_key(k) for k in keys]
@@ -243,8 +245,10 @@ class RemoteBatches:
         results.lease = BatchLease(keys, found, read=read, release=lambda: link.release(lease_id) if lease_id else None)
         return results
 
+    @per_key(int)
     def prefix_length(self: RemoteStore, keys: Sequence[str]) -> int:
         return int(self._call(p.PrefixLength, keys=[validate_key(k) for k in keys])[0].value)
 
+    @per_key(False)
     def delete_many(self: RemoteStore, keys: Sequence[str]) -> list[bool]:
         return list(self._call(p.DeleteMany, keys=[validate_key(k) for k in keys])[0].value)
