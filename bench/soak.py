@@ -740,6 +740,7 @@ class Soak:
         self.changed = threading.Condition()
         self.progress = _Progress(progress, int(cfg.multiple * cfg.capacity))
         self.not_run: dict[str, str] = {}
+        self.final_tiers: dict[str, Any] | None = None
         self.state = "starting"  # the daemon: starting, up, stopping (signalled), down
         self.logs = _LogLines(self.rel)
 
@@ -874,11 +875,22 @@ class Soak:
         self.checks.append(out)
         return out
 
+    def tier_stats(self) -> dict[str, Any] | None:
+        """The daemon's tiers now (counters since it started): used, capacity, cache objects dropped."""
+        try:
+            with tierd.connect(self.daemon.socket) as store:
+                stats = store.stats()
+        except tierd.TierdError:
+            return None
+        return {name: {"used_mib": round(t.used_bytes / MIB, 1), "capacity_mib": round(t.capacity_bytes / MIB, 1),
+                       "evicted": t.evicted, "evicted_mib": round(t.evicted_bytes / MIB, 1)}
+                for name, t in stats.tiers.items()}
+
     # restarts
 
     def restart(self, n: int, sig: int) -> None:
         name = signal.Signals(sig).name
-        rec: dict[str, Any] = {"n": n, "signal": name}
+        rec: dict[str, Any] = {"n": n, "signal": name, "tiers_before": self.tier_stats()}
         t_stop = time.monotonic()
         rec["at_s"] = self.rel(t_stop)
         self.events.append({"kind": "stop", "signal": name, "t": self.rel(t_stop)})
@@ -954,6 +966,7 @@ class Soak:
                     break
                 self._wait_for(lambda: False, 0.05)
             self.stop.set()
+            self.final_tiers = self.tier_stats()
             for t in threads:
                 t.join(timeout=cfg.call_timeout_s + 5)
             sampler.join(timeout=10)
@@ -993,7 +1006,7 @@ class Soak:
             "config": asdict(cfg), "capacity_bytes": cfg.capacity, "target_bytes": target, "stored_bytes": stored,
             "multiple": round(stored / cfg.capacity, 2), "seconds": round(seconds, 1), "clients": clients,
             "not_run": self.not_run, "logs": self.logs.result(), "restarts": self.restarts,
-            "intervals": self.intervals, "events": self.events,
+            "intervals": self.intervals, "events": self.events, "tiers_at_end": self.final_tiers,
             "durable": {"acknowledged": w.acknowledged, "deleted": w.deleted, "held_at_end": final["checked"],
                         "checks": self.checks, "lost": lost},
             "summary": {"escaped": sum(c.escaped_n for c in self.clients),
@@ -1148,13 +1161,16 @@ def _marks(res: dict[str, Any]) -> list[tuple[float, str]]:
 
 def _restart_rows(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     names = list(res["clients"])
-    header = ["#", "signal", "at s", "stop s", "down s", *(f"{_short(n)} s" for n in names), "durable\nlost"]
+    header = ["#", "sig", "at\ns", "MiB\ndropped", "stop\ns", "down\ns", *(f"{_short(n)}\ns" for n in names),
+              "durable\nlost"]
     rows = []
     for r in res["restarts"]:
         d = r["durable"]
-        rows.append([str(r["n"]), r["signal"].removeprefix("SIG"), f"{r['at_s']:.1f}", f"{r['stop_s']:.2f}",
+        tiers = r.get("tiers_before")
+        dropped = "-" if tiers is None else f"{sum(t['evicted_mib'] for t in tiers.values()):.0f}"
+        rows.append([str(r["n"]), r["signal"].removeprefix("SIG"), f"{r['at_s']:.1f}", dropped, f"{r['stop_s']:.2f}",
                      f"{r['down_s']:.2f}", *(_s(r["first_store_s"][n]) for n in names),
-                     f"{d['lost'] + d['corrupt']} of {d['checked']}"])
+                     f"{d['lost'] + d['corrupt']}/{d['checked']}"])
     return header, rows
 
 
@@ -1210,9 +1226,10 @@ def markdown(res: dict[str, Any]) -> str:
               "OutOfSpace, QuotaExceeded: failed calls, by kind in the last column); hung: calls not back within "
               f"{cfg['call_timeout_s']:g} s.\n",
               "#### Restarts\n", *_md(*_restart_rows(res)), "",
-              "stop s: signal to exit; down s: exit to the new daemon's READY=1; lmc s .. dur s: READY=1 to that "
+              "MiB dropped: cache objects the daemon dropped from full tiers to admit new ones, since it started "
+              "(its stats() before the signal); stop s: signal to exit; down s: exit to the new daemon's READY=1; lmc s .. dur s: READY=1 to that "
               "client's first acknowledged store; durable lost: acknowledged durable puts missing or different "
-              "when read back after the restart.\n"]
+              "when read back after the restart / acknowledged ones held then.\n"]
     seen = [(r["n"], r["signal"], n, note) for r in res["restarts"] for n, note in r.get("seen_while_down", {}).items()]
     if seen:
         lines += ["#### What each client saw while the daemon was away (its last failed call)\n",
@@ -1251,6 +1268,11 @@ def _goal_rows(res: dict[str, Any]) -> list[list[str]]:
         what = "report_status()['is_healthy']" if name == "lmcache" else "Store.healthy()"
         rows.append([f"{name}: {what} said healthy with no daemon / unhealthy with one",
                      f"{h['healthy_while_down']} / {h['unhealthy_while_up']} of {h['samples']} samples", "report"])
+    end = res.get("tiers_at_end")
+    if end:
+        rows.append(["cache objects dropped from full tiers by the last daemon (since its start)",
+                     f"{sum(t['evicted'] for t in end.values())} ({sum(t['evicted_mib'] for t in end.values()):.0f} MiB)",
+                     "report"])
     rows.append(["daemon RSS MiB, first / last / max", "{first} / {last} / {max}".format(**s["rss_mib"])
                  if s["rss_mib"] else "-", "report"])
     rows.append(["daemon open fds, first / last / max", "{first} / {last} / {max}".format(**s["fds"])
