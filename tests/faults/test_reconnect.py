@@ -30,6 +30,12 @@ def pool() -> Iterator[ThreadPoolExecutor]:
         yield ex
 
 
+def _arena_mappings() -> list[str]:
+    """This process's mappings of a daemon's host arena (its memfd is named tierd-host)."""
+    with open("/proc/self/maps") as maps:
+        return [line for line in maps if "tierd-host" in line]
+
+
 def _down(pool: ThreadPoolExecutor, call: Callable[[], Any]) -> tierd.DaemonUnavailable:
     """``call()`` raises DaemonUnavailable, and returns at all (run on a thread: a hang fails the test)."""
     future = pool.submit(call)
@@ -135,6 +141,7 @@ def test_leases_and_staging_of_the_old_connection_never_reach_the_new_daemon(nvm
             assert old_staging is not None
             old = s.exists_many(["d/0", "d/1"], lease=True)
             assert old.lease is not None and list(old) == [True, True]
+            mapped = len(_arena_mappings())
             d.kill()
             d.start()
             new_staging = s.stage(1 << 20)
@@ -149,6 +156,9 @@ def test_leases_and_staging_of_the_old_connection_never_reach_the_new_daemon(nvm
             assert int(old_staging.buffer.sum()) == 7 << 20
             old_staging.release()  # does nothing: its reservation went with the old daemon
             assert s.stats()["host"].used_bytes == used  # the new staging is still reserved
+            assert len(_arena_mappings()) == mapped + 1  # the old arena stays mapped while its staging lives
+            del old_staging
+            assert len(_arena_mappings()) == mapped  # and goes with it: no dead daemon's memory is kept
             got = new.lease.get_many()
             assert [int(t[0]) for t in got] == [4, 5]
             new.lease.release()
