@@ -20,8 +20,10 @@ Note [reconnect]
     a staging's release), fails with ``DaemonUnavailable`` and never
     reaches another daemon, where its put and lease ids would name someone
     else's. The next call opens a new link, once, under ``_link_lock``: a
-    new handshake and a new arena mapping, so the first call after a daemon
-    is back succeeds. Connect attempts are spaced (100 ms after any attempt,
+    new handshake and a new arena mapping. A link looks alive until a send
+    on it fails; an operation whose first request could not leave starts
+    over on a new link (``_retry``: no daemon saw any of it), so the first
+    call after a daemon is back succeeds. Connect attempts are spaced (100 ms after any attempt,
     doubling after each failure up to 1 s), except that a new socket file
     (a daemon that has just bound it) may be tried 100 ms after the last
     attempt; between attempts calls fail at once. Connect and handshake
