@@ -35,6 +35,9 @@ from lmcache.v1.memory_management import MemoryObjMetadata, TensorMemoryObj  # n
 
 from tierd.integrations.lmcache import TierdConnector  # noqa: E402
 
+# LMCache's logging attaches opentelemetry-sdk's LoggingHandler, which that package deprecates.
+pytestmark = pytest.mark.filterwarnings("ignore:`LoggingHandler` in `opentelemetry-sdk`:DeprecationWarning")
+
 CHUNK = (2, 16, 8, 64)  # [k/v, tokens, heads, head_dim] bf16: 32 KiB, an LMCache chunk of a toy model
 
 
@@ -329,3 +332,83 @@ def test_missing_interface_parameters_are_clear(nvme_dir: Path) -> None:
         _adapter(config=small_config(nvme_dir), namespace="a/b")
     with pytest.raises(tierd.DaemonUnavailable):
         _adapter(socket="/tmp/no-such-tierd.sock")
+
+
+def test_lmcaches_storage_manager_gets_its_l2_back_after_a_daemon_restart(daemon: Daemon) -> None:
+    """LMCache's own StorageManager (L1, store and prefetch controllers) over tierd: chunks written
+    to L1 reach tierd; with the daemon killed, writes stay in L1, prefetches miss and the status
+    says why, nothing raises; after a restart on the same socket the same StorageManager stores
+    to tierd and prefetches from it again."""
+    from lmcache.v1.distributed.api import GroupedObjectKeys, MemoryLayoutDesc, PrefetchTaskSpec
+    from lmcache.v1.distributed.config import (
+        EvictionConfig,
+        L1ManagerConfig,
+        L1MemoryManagerConfig,
+        StorageManagerConfig,
+    )
+    from lmcache.v1.distributed.l2_adapters.config import L2AdaptersConfig
+    from lmcache.v1.distributed.l2_adapters.native_plugin_l2_adapter import NativePluginL2AdapterConfig
+    from lmcache.v1.distributed.storage_manager import StorageManager
+
+    layout = MemoryLayoutDesc(shapes=[torch.Size(CHUNK)], dtypes=[torch.bfloat16])
+    l1 = L1ManagerConfig(memory_config=L1MemoryManagerConfig(size_in_bytes=16 << 20, use_lazy=False,
+                                                             init_size_in_bytes=16 << 20, align_bytes=0x1000),
+                         write_ttl_seconds=600, read_ttl_seconds=300)
+    l2 = NativePluginL2AdapterConfig(module_path="tierd.integrations.lmcache", class_name="TierdConnector",
+                                     adapter_params={"socket": str(daemon.socket)})
+    sm = StorageManager(StorageManagerConfig(l1_manager_config=l1, eviction_config=EvictionConfig("LRU"),
+                                             l2_adapter_config=L2AdaptersConfig(adapters=[l2])))
+
+    def write(keys: list[ObjectKey], seed: int) -> list[torch.Tensor]:
+        reserved = sm.reserve_write(keys, layout)
+        assert set(reserved) == set(keys)
+        data = []
+        for i, key in enumerate(keys):
+            raw = reserved[key].byte_array
+            src = _obj(seed + i).raw_data
+            torch.frombuffer(raw, dtype=torch.uint8).copy_(src)
+            data.append(src)
+        sm.finish_write(keys)
+        return data
+
+    def prefetched(keys: list[ObjectKey]) -> int:
+        handle = sm.submit_prefetch_task(PrefetchTaskSpec(key_groups=[GroupedObjectKeys(keys, 0, layout)]))
+        assert sm.wait_prefetch_status(handle, timeout=30)
+        result = sm.query_prefetch_status(handle)
+        assert result is not None
+        return result.hit_cells[0].popcount()
+
+    def in_tierd() -> int:
+        with daemon.connect() as store:
+            return len(store.keys("lmcache/"))
+
+    def l2_status() -> dict[str, Any]:
+        return sm.report_status()["l2_adapters"][0]
+
+    try:
+        a, b, c = _keys(4), _keys(8)[4:], _keys(12)[8:]
+        write(a, 0)
+        assert wait_until(lambda: in_tierd() == 4, timeout_s=30)
+        assert l2_status()["is_healthy"] and sm.report_status()["is_healthy"]
+
+        daemon.kill()
+        write(b, 10)  # stays in L1; LMCache logs the failed L2 store
+        assert wait_until(lambda: l2_status()["tierd_failed_batches"] >= 1, timeout_s=30)
+        status = sm.report_status()
+        assert not status["is_healthy"] and "does not answer" in status["l2_adapters"][0]["tierd_error"]
+        sm.clear()
+        assert prefetched(a) == 0  # the L2 misses; no error reaches LMCache
+
+        daemon.start()
+        assert wait_until(lambda: l2_status()["is_healthy"], timeout_s=30)
+        data = write(c, 20)
+        assert wait_until(lambda: in_tierd() == 4, timeout_s=30)  # c alone: a went with the old daemon
+        sm.clear()
+        assert prefetched(c) == 4
+        with sm.read_prefetched_results(c) as objs:
+            assert objs is not None
+            assert all(torch.equal(torch.frombuffer(o.byte_array, dtype=torch.uint8), d)
+                       for o, d in zip(objs, data, strict=True))
+        sm.finish_read_prefetched(c)
+    finally:
+        sm.close()

@@ -428,6 +428,9 @@ class TierdConnector:
             results = future.result()
             landed = [bool(v) for v in results]
             errors: Mapping[str, TierdError] = getattr(results, "errors", {}) or {}
+        except (DaemonUnavailable, StoreClosed) as exc:  # nothing of it stored: the daemon is away
+            self._failed(fid, "store", n, exc)
+            return
         except Exception as exc:  # noqa: BLE001 - the whole call failed: what landed is unknown
             self._note_away(exc, "store", n)
             landed, errors = [True] * len(items), {}  # undo every key LMCache does not count yet
