@@ -22,7 +22,7 @@ tar xzf "$work/lmcache-0.5.6.tar.gz" -C "$work" --strip-components=1 lmcache-0.5
 
 cd "$work"
 PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" python -m pytest -p lmcache_suite -p no:cacheprovider \
-  -o log_cli=false -q -rxX \
+  -o log_cli=false -q -rxX -W 'ignore:`LoggingHandler` in `opentelemetry-sdk`:DeprecationWarning' \
   tests/v1/distributed/test_fs_l2_adapter_delete.py \
   tests/v1/distributed/test_native_connector_l2_adapter.py \
   tests/v1/distributed/test_mock_l2_adapter.py
