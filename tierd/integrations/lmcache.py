@@ -54,8 +54,8 @@ Note [daemon away]
     batch after the daemon is back is served. LMCache never detaches an L2
     adapter for errors (only its reconfiguration API does), so this keeps
     its L2 in service. ``report_status()`` says whether the daemon answers;
-    importing this module makes LMCache's wrapper include it in its own
-    ``report_status()`` (LMCache 0.5.6's wrapper reports only its thread),
+    the first connector made extends LMCache's wrapper to include it in its
+    own ``report_status()`` (LMCache 0.5.6's wrapper reports only its thread),
     which LMCache's status API aggregates. The daemon going away and coming
     back is logged once each, not once per batch.
 """
@@ -105,6 +105,7 @@ def _shown(key: object) -> str:
 
 
 def _digest(tkey: str) -> int:
+    """A counted key as 8 bytes (LMCache may count millions of chunks)."""
     return xxhash.xxh3_64_intdigest(tkey.encode())
 
 
@@ -149,6 +150,7 @@ class TierdConnector:
                  config: str | Mapping[str, Any] | None = None, namespace: str = "lmcache", salt: str = "",
                  tier: str | None = None, store: tierd.Store | None = None) -> None:
         check_namespace(namespace)
+        _extend_lmcache_status()
         self._store, self._owned = open_for("tierd's LMCache connector", socket=socket, embedded=embedded,
                                             config=config, store=store)
         scope = f"{xxhash.xxh3_64_hexdigest(salt.encode())}/" if salt else ""
@@ -200,7 +202,7 @@ class TierdConnector:
                     data = _bytes_of(view)
                     if data.numel() == 0:
                         raise InvalidArgument("an empty buffer (an LMCache chunk is never empty)")
-                except (TierdError, TypeError, ValueError) as exc:
+                except Exception as exc:  # noqa: BLE001 - this item fails alone (not a key, not a buffer)
                     bad[i] = _why(exc)
                     continue
                 items.append((i, tkey, data))
@@ -229,7 +231,7 @@ class TierdConnector:
             for i, (key, view) in enumerate(zip(keys, memviews, strict=True)):
                 try:
                     wanted.append((i, validate_key(self.key(key)), _bytes_of(view)))
-                except (TierdError, TypeError, ValueError) as exc:
+                except Exception as exc:  # noqa: BLE001 - this item fails alone (not a key, not a buffer)
                     bad[i] = _why(exc)
             if not wanted:
                 self._report_items("load", keys, bad, n)
@@ -255,7 +257,7 @@ class TierdConnector:
             for i, key in enumerate(keys):
                 try:
                     wanted.append((i, validate_key(self.key(key)), None))
-                except (TierdError, TypeError, ValueError) as exc:
+                except Exception as exc:  # noqa: BLE001 - this item fails alone (not a key, not a buffer)
                     bad[i] = _why(exc)
             if not wanted:
                 self._report_items("lookup", keys, bad, n)
@@ -282,7 +284,7 @@ class TierdConnector:
             for i, key in enumerate(keys):
                 try:
                     wanted.append((i, validate_key(self.key(key))))
-                except (TierdError, TypeError, ValueError):
+                except Exception:  # noqa: BLE001 - not a key tierd can hold: never stored
                     pass
             if not wanted:
                 self._finish(fid, True, "", per_key)
@@ -330,9 +332,13 @@ class TierdConnector:
         where = getattr(self._store, "socket_path", None)
         status["tierd_socket"] = where if where is not None else "embedded"
         if not healthy:
-            status["tierd_error"] = ("the connector is closed" if self._closed else
-                                     f"the tierd daemon on {where} does not answer; stores fail and lookups miss "
-                                     "until it is back (the connector reconnects by itself)")
+            if self._closed:
+                status["tierd_error"] = "the connector is closed"
+            elif where is None:
+                status["tierd_error"] = "the embedded tierd engine is not healthy (see its log)"
+            else:
+                status["tierd_error"] = (f"the tierd daemon on {where} does not answer; stores fail and lookups miss "
+                                         "until it is back (the connector reconnects by itself)")
         return status
 
     def close(self) -> None:
@@ -359,7 +365,7 @@ class TierdConnector:
             return False
         if buffers is not None and buffers != n:
             why = f"InvalidArgument: {n} keys but {buffers} buffers"
-            log.warning("tierd's LMCache connector: a %s of %s: nothing done", op, why[len("InvalidArgument: "):])
+            log.warning("tierd's LMCache connector: a %s with %d keys but %d buffers is not done", op, n, buffers)
             self._finish(fid, False, why, [False] * n)
             return False
         return True
@@ -378,10 +384,9 @@ class TierdConnector:
         return run
 
     def _finish(self, fid: int, ok: bool, error: str, per_key: list[bool]) -> None:
-        if not ok:
-            self._failed_batches += 1
         self._ready.append((fid, ok, error, per_key))
         with self._lock:
+            self._failed_batches += not ok
             if not self._closed:
                 os.eventfd_write(self._fd, 1)
 
@@ -540,14 +545,21 @@ class TierdConnector:
         self._finish(fid, True, "", [True] * n)
 
 
+_status_extended = False
+
+
 def _extend_lmcache_status() -> None:
     """Make LMCache's native wrapper report a tierd connector's health (Note [daemon away]).
 
     LMCache 0.5.6's ``NativeConnectorL2Adapter.report_status`` says healthy while its
     demultiplexing thread runs, whatever its connector's backend does; for a
     :class:`TierdConnector` it also reports the connector's own status. Other connectors are
-    untouched. Idempotent; a no-op without LMCache.
+    untouched. Done once, when the first connector is made; a no-op without LMCache.
     """
+    global _status_extended
+    if _status_extended:
+        return
+    _status_extended = True
     try:
         from lmcache.v1.distributed.l2_adapters.native_connector_l2_adapter import NativeConnectorL2Adapter
     except Exception:  # noqa: BLE001 - LMCache absent or broken: nothing to extend
@@ -569,6 +581,3 @@ def _extend_lmcache_status() -> None:
     report_status._tierd_extended = True  # type: ignore[attr-defined]
     report_status.__doc__ = original.__doc__
     NativeConnectorL2Adapter.report_status = report_status  # type: ignore[method-assign]
-
-
-_extend_lmcache_status()
