@@ -120,7 +120,8 @@ def per_key(miss: Any) -> Callable[[_Method], _Method]:
             if not bad:
                 return method(self, keys, *args, **kwargs)
             if miss is int:  # prefix_length
-                return method(self, keys[:min(i for i in range(len(keys)) if i not in positions)], *args, **kwargs)
+                valid = set(positions)
+                return method(self, keys[:min(i for i in range(len(keys)) if i not in valid)], *args, **kwargs)
             outs = kwargs.get("outs")
             if outs is not None:
                 if len(outs) != len(keys):

@@ -171,27 +171,32 @@ class Mover:
 
     def drop_for(self, tier: str, need_bytes: int) -> int:
         """Drop cache objects' copies from ``tier`` (nvme) until ``need_bytes`` are free; the bytes freed."""
-        freed = 0
         capacity = self.tiers[tier].usage().capacity_bytes
-        while freed < need_bytes:
-            with self._catalog.commit_lock, self._lock:
-                rec = next((r for r in map(self._index.get, self._policies.drop_order(tier, capacity))
-                            if self._droppable_locked(r, tier)), None)
-                if rec is None:
-                    break
+        chosen: list[ObjectRecord] = []
+        freed = 0
+        with self._catalog.commit_lock, self._lock:
+            # Chosen in one pass, dropped after it: a policy's victims may not change while it yields them.
+            for key in self._policies.drop_order(tier, capacity):
+                rec = self._index.get(key)
+                if self._droppable_locked(rec, tier):
+                    assert rec is not None
+                    chosen.append(rec)
+                    freed += rec.nbytes
+                    if freed >= need_bytes:
+                        break
+            for rec in chosen:
                 self._evict_locked(rec, tier)
-            freed += rec.nbytes
         return freed
 
     def _evict_locked(self, rec: ObjectRecord, tier: str) -> None:
         """Drop ``rec``'s copy on ``tier``; the whole object when that was its last copy (a later get is a
         miss). Expects the commit lock and the lock held."""
+        if len(rec.copies) > 1:
+            self._catalog.take_location(rec, tier)  # still readable from its other copy: not an eviction
+            return
         counters = self._counters[tier]
         counters.evicted += 1
         counters.evicted_bytes += rec.nbytes
-        if len(rec.copies) > 1:
-            self._catalog.take_location(rec, tier)
-            return
         self._catalog.retire_locked(rec)
         self._policies.evicted(rec)
         log.debug("dropped cache object %r from %s for room", user_key(rec.key), tier)
@@ -306,7 +311,8 @@ class Mover:
                     while arena.used_bytes > low and not self._closed:
                         with self._lock:
                             victim = self._pick_victim_locked(tier=arena.name)
-                        if victim is None or not self.demote(victim, arena.name, may_drop=True):
+                        # Never dropped here: a cache object is dropped only to admit a new one.
+                        if victim is None or not self.demote(victim, arena.name):
                             break
             except Exception:  # the mover must survive anything one object does
                 log.exception("background demotion failed")
