@@ -555,8 +555,9 @@ def test_v2_exists_folds_each_pools_hit_policy(engines: Callable[[Pools], Any]) 
     assert exists(indexer, keys=KEYS[:1] + ["x\0"] + KEYS[2:]) == (1, {PoolName.KV: 1, PoolName.INDEXER: 1}, [1])
     # A pool named kv is the KV pages themselves.
     assert exists(PoolTransfer(name=PoolName.KV)) == (5, {PoolName.KV: 5}, [1, 2, 3, 4, 5])
-    with pytest.raises(tierd.InvalidArgument, match="block_groups"):  # as HiCacheFile, which supports neither
-        backend.batch_exists_v2(KEYS, [PoolTransfer(name=PoolName.INDEXER, hit_policy=PoolHitPolicy.BLOCK_GROUPS)])
+    # block_groups (no SGLang backend supports it): a miss, logged, never an error raised into SGLang.
+    blocks = PoolTransfer(name=PoolName.INDEXER, hit_policy=PoolHitPolicy.BLOCK_GROUPS)
+    assert backend.batch_exists_v2(KEYS, [blocks]) == PoolTransferResult(0, {}, [])
 
 
 def test_v2_bad_items_fail_alone_and_stored_keys_are_kept(engines: Callable[[Pools], Any]) -> None:

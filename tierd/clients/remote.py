@@ -136,6 +136,7 @@ class _Link:
         except OSError:
             pass  # refused at accept (a limit) and closed: the reason waits to be read below
         # The memfd arrives as ancillary data on the Welcome frame's first bytes.
+        fds: list[int] = []
         try:
             data, fds, _flags, _addr = socket.recv_fds(sock, 1 << 16, 1)
             if not data:
@@ -143,9 +144,13 @@ class _Link:
             self.reader.feed(data)
             reply = self.decoder.decode(self.reader.read())
         except (OSError, EOFError) as exc:
+            for fd in fds:  # an arena memfd received with a frame that never completed
+                os.close(fd)
             raise DaemonUnavailable(f"the daemon on {self.path} dropped the connection at the handshake "
                                     f"({_reason(exc)})") from exc
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, ProtocolError) as exc:
+            for fd in fds:
+                os.close(fd)
             raise ProtocolError(f"the daemon on {self.path} answered the handshake with a bad frame: {exc}") from exc
         if isinstance(reply, p.Fail):
             for fd in fds:

@@ -544,14 +544,15 @@ class TierdHiCacheStorage(HiCacheStorage):
         ``keys`` (``transfer.keys`` gives only a trailing pool's window: its length). One
         batched question for all pools.
 
-        Raises:
-            InvalidArgument: a hit policy other than ``all_pages`` and ``trailing_pages``.
+        A pool with another hit policy (``block_groups``: no SGLang backend has one) is logged and
+        makes the whole answer a miss: nothing is raised into SGLang.
         """
         transfers = list(pool_transfers or [])
         for transfer in transfers:
             if transfer.hit_policy not in (PoolHitPolicy.ALL_PAGES, PoolHitPolicy.TRAILING_PAGES):
-                raise InvalidArgument(f"hit policy {_pool_name(transfer.hit_policy)} of pool "
-                                      f"{_pool_name(transfer.name)} is not supported; use all_pages or trailing_pages")
+                log.warning("tierd: hit policy %s of pool %s is not supported (use all_pages or trailing_pages); "
+                            "a miss", _pool_name(transfer.hit_policy), _pool_name(transfer.name))
+                return PoolTransferResult(0, {}, [])
         kv_keys = self._tkeys(self._kv, keys, "not looked up")
         usable = kv_keys.index(None) if None in kv_keys else len(kv_keys)  # a key tierd cannot take is not stored
         pool_keys = [self._tkeys(self._pool_prefix(t.name), keys[:usable], "not looked up") for t in transfers]
@@ -593,9 +594,11 @@ class TierdHiCacheStorage(HiCacheStorage):
     def batch_get(self, keys: list[str], target_locations: Any | None = None,
                   target_sizes: Any | None = None) -> list[torch.Tensor | None]:
         outs = list(target_locations) if target_locations is not None else None
-        if outs is not None and len(outs) != len(keys):
-            raise InvalidArgument(f"batch_get needs one target location per key, got {len(outs)} for {len(keys)}")
         values: list[torch.Tensor | None] = [None] * len(keys)
+        if outs is not None and len(outs) != len(keys):
+            log.warning("tierd: batch_get needs one target location per key, got %d for %d: all missed",
+                        len(outs), len(keys))
+            return values
         tkeys = self._tkeys(self._kv, keys, "not loaded")
         todo = []
         for i, tkey in enumerate(tkeys):
@@ -631,8 +634,9 @@ class TierdHiCacheStorage(HiCacheStorage):
         One bad item fails only itself: the others are stored all the same.
         """
         if values is None or len(values) != len(keys):
-            raise InvalidArgument(f"batch_set needs one value per key, got {0 if values is None else len(values)} "
-                                  f"for {len(keys)}")
+            log.warning("tierd: batch_set needs one value per key, got %d for %d: nothing stored",
+                        0 if values is None else len(values), len(keys))
+            return False
         done = [False] * len(keys)
         items = []
         for i, tkey in enumerate(self._tkeys(self._kv, keys, "not stored")):

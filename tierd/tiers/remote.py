@@ -522,19 +522,20 @@ class RemoteTier(Tier):
 
     def index_get(self, key: str) -> bytes | None:
         """``key``'s index entry, or None; a replica answers when the primary does not (a replica
-        that has not seen the entry yet: a miss)."""
+        that has not seen the entry yet: a miss).
+
+        Unlike chunks (a new id per version: immutable), an entry changes in place and reaches
+        replicas late, so a replica is asked only after the primary failed this very read, never
+        first: with a live primary, a lagging replica could name an older version."""
         ikey = self._index_key(key)
-        if self._suspects and self._suspected(ikey) and (got := self._on_replica(ikey, [("GET", ikey)])):
+        try:
+            value = self._redis.get(ikey)
+        except self._errors as exc:
+            self._suspect(ikey)
+            got = self._on_replica(ikey, [("GET", ikey)])
+            if got is None:
+                raise self._fail(exc, "looking up") from exc
             value = got[0]
-        else:
-            try:
-                value = self._redis.get(ikey)
-            except self._errors as exc:
-                self._suspect(ikey)
-                got = self._on_replica(ikey, [("GET", ikey)])
-                if got is None:
-                    raise self._fail(exc, "looking up") from exc
-                value = got[0]
         self.failures.ok()
         return bytes(value) if value is not None else None
 
