@@ -65,17 +65,19 @@ def open(config: str | os.PathLike[str] | Mapping[str, Any] | Config | None = No
     return with_gpu_tier(store, gpu.budget, gpu.fraction)
 
 
-def connect(socket: str | os.PathLike[str] | None = None) -> Store:
+def connect(socket: str | os.PathLike[str] | None = None, *, timeout_s: float = 120.0) -> Store:
     """Connect to a running ``tierd serve`` daemon; the same interface as :func:`open`.
 
     Args:
         socket: the daemon's socket; default ``$TIERD_SOCKET``, else
             ``$XDG_RUNTIME_DIR/tierd.sock``, else ``/run/tierd/tierd.sock`` as
             root, else ``/tmp/tierd-UID/tierd.sock``.
+        timeout_s: the longest a call may wait on a daemon that stays silent (hung, stopped):
+            then it raises DaemonUnavailable and the next call reconnects.
 
     Raises:
         DaemonUnavailable: no daemon answers there.
         ProtocolError: the daemon speaks another protocol version.
     """
-    store = RemoteStore(socket)
+    store = RemoteStore(socket, timeout_s=timeout_s)
     return with_gpu_tier(store, store.gpu_budget, store.gpu_fraction)

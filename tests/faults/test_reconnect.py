@@ -238,3 +238,25 @@ def test_calls_racing_a_kill_9_fail_cleanly_and_serve_again_after(nvme_dir: Path
         s.close()
     finally:
         d.close()
+
+
+def test_a_hung_daemon_times_calls_out_and_serves_once_it_answers(nvme_dir: Path, pool: ThreadPoolExecutor) -> None:
+    """A daemon that stops answering (SIGSTOP) is given up after the store's call timeout: the call
+    raises DaemonUnavailable instead of waiting forever; once it answers again, the store reconnects."""
+    d = Daemon(nvme_dir).start()
+    try:
+        assert d.proc is not None
+        with tierd.connect(d.socket, timeout_s=2.0) as s:
+            s.put("ckpt/kept", torch.arange(1000), durable=True)
+            d.proc.send_signal(signal.SIGSTOP)
+            try:
+                exc = _down(pool, lambda: s.get("ckpt/kept"))
+                assert "no answer within the call timeout" in str(exc)
+            finally:
+                d.proc.send_signal(signal.SIGCONT)
+            assert wait_until(s.healthy, timeout_s=30)
+            assert torch.equal(s.get("ckpt/kept"), torch.arange(1000))
+        with pytest.raises(tierd.InvalidArgument, match="timeout_s"):
+            tierd.connect(d.socket, timeout_s=0)
+    finally:
+        d.close()

@@ -57,7 +57,7 @@ from tierd.clients.transfer import Outgoing, read_value
 from tierd.clients.values import Value
 from tierd.config import default_socket_path
 from tierd.engine.keys import namespace_of, validate_chain, validate_key
-from tierd.errors import DaemonUnavailable, ProtocolError, StoreClosed, TierdError, error_class
+from tierd.errors import DaemonUnavailable, InvalidArgument, ProtocolError, StoreClosed, TierdError, error_class
 from tierd.tiers.gpu import CopyEngine
 from tierd.types import ObjectInfo, Stats
 
@@ -70,6 +70,7 @@ log = logging.getLogger("tierd.clients.remote")
 _UNREAD_DECLARATIONS = 32  # declare_prefix replies a client leaves unread before it reads the oldest
 _CONNECT_TIMEOUT_S = 5.0  # connect plus handshake (Note [reconnect])
 _HEALTH_TIMEOUT_S = 1.0  # healthy()'s one round trip
+CALL_TIMEOUT_S = 120.0  # the longest a send or a reply may stall before the link is given up
 _RETRY_MIN_S = 0.1  # at most one connect attempt per this long
 _RETRY_MAX_S = 1.0  # at most this long between attempts while calls come
 
@@ -77,6 +78,8 @@ _T = TypeVar("_T")
 
 
 def _reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "no answer within the call timeout: the daemon is hung or overloaded (tierd.connect(timeout_s=))"
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
@@ -99,7 +102,7 @@ class _Link:
     ``_CONNECT_TIMEOUT_S``, or the daemon's refusal (QuotaExceeded, ProtocolError).
     """
 
-    def __init__(self, path: str, client: str) -> None:
+    def __init__(self, path: str, client: str, timeout_s: float = CALL_TIMEOUT_S) -> None:
         self.path = path
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.settimeout(_CONNECT_TIMEOUT_S)
@@ -127,7 +130,9 @@ class _Link:
         except BaseException:
             sock.close()
             raise
-        sock.settimeout(None)
+        # A hung daemon (stopped, deadlocked) breaks the link after timeout_s of silence on a send or
+        # a reply being read: no call waits longer; the next one reconnects.
+        sock.settimeout(timeout_s)
 
     def _handshake(self, client: str) -> None:
         sock = self.sock
@@ -386,8 +391,12 @@ class RemoteStore(RemoteBatches, Store):
     ``daemon_pid``, describe the daemon of the latest connection.
     """
 
-    def __init__(self, socket_path: str | os.PathLike[str] | None = None, *, client: str = "") -> None:
+    def __init__(self, socket_path: str | os.PathLike[str] | None = None, *, client: str = "",
+                 timeout_s: float = CALL_TIMEOUT_S) -> None:
         super().__init__()
+        if not timeout_s > 0:
+            raise InvalidArgument(f"timeout_s must be > 0 seconds, got {timeout_s!r}")
+        self._timeout_s = timeout_s
         self.socket_path = os.fspath(socket_path) if socket_path else str(default_socket_path())
         self._client = client or f"pid {os.getpid()}"
         self._closed = False
@@ -398,7 +407,7 @@ class RemoteStore(RemoteBatches, Store):
         self._tried_socket: tuple[int, int, int] | None = _socket_identity(self.socket_path)
         self._why = ""  # why the last connect attempt failed, if it did
         try:
-            self._link = _Link(self.socket_path, self._client)
+            self._link = _Link(self.socket_path, self._client, self._timeout_s)
         except DaemonUnavailable as exc:
             self._async.shutdown(wait=False)
             raise DaemonUnavailable(f"{exc}; start one with `tierd serve`, or pass its socket path to "
@@ -437,7 +446,7 @@ class RemoteStore(RemoteBatches, Store):
                     f"reconnects by itself at a call in {wait_ms:.0f} ms or later")
             self._tried_at, self._tried_socket = now, found
             try:
-                new = _Link(self.socket_path, self._client)
+                new = _Link(self.socket_path, self._client, self._timeout_s)
             except TierdError as exc:
                 self._retry_s = min(self._retry_s * 2, _RETRY_MAX_S)
                 self._why = _reason(exc.__cause__) if exc.__cause__ is not None else str(exc)
@@ -674,6 +683,6 @@ class RemoteStore(RemoteBatches, Store):
             pass
 
 
-def connect(socket_path: str | os.PathLike[str] | None = None) -> RemoteStore:
+def connect(socket_path: str | os.PathLike[str] | None = None, *, timeout_s: float = CALL_TIMEOUT_S) -> RemoteStore:
     """Connect to the daemon (see ``tierd.connect``)."""
-    return RemoteStore(socket_path)
+    return RemoteStore(socket_path, timeout_s=timeout_s)
