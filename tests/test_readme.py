@@ -35,8 +35,9 @@ def test_ci_runs_both_readme_commands_as_written() -> None:
 
 
 def _requires(example: Path) -> list[str]:
-    """Modules an example needs beyond tierd's test install: its ``# requires: a, b`` line."""
-    for line in example.read_text().splitlines()[:20]:
+    """Modules an example needs beyond tierd's test install: its ``# requires: a, b`` line (after
+    its docstring, before its imports)."""
+    for line in example.read_text().splitlines():
         if line.startswith("# requires:"):
             return [m.strip() for m in line.removeprefix("# requires:").split(",") if m.strip()]
     return []
