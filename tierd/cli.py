@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from tierd.benchsuite import SUITES
 from tierd.clients.remote import RemoteStore
 from tierd.config import load_config
 from tierd.errors import TierdError
@@ -269,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--png", default=None, help="also plot hit ratios to this PNG file")
     p = sub.add_parser("bench", help="run the benchmarks: tierd beside the machine's limits and the usual tools")
     p.add_argument("suites", nargs="*", metavar="SUITE",
-                   help="tiers, daemon, policies, checkpoint, training, kv, scaling or all (default: all)")
+                   help=f"{', '.join(SUITES)} or all (default: all)")
     p.add_argument("--quick", action="store_true", help="smaller sizes: about two minutes on 2 cores")
     p.add_argument("--out", default="tierd-bench", help="directory for results.json, results.md and the plots")
     p.add_argument("--dir", default=None, help="scratch directory on the disk to measure (default: ~/.cache)")
