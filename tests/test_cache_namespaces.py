@@ -150,3 +150,17 @@ def test_a_daemon_serves_a_cache_namespace_past_its_tiers(daemon: Any) -> None:
         assert store.stats().tiers["nvme"].evicted > 0
         status = store.status()
         assert "kv" in str(status)
+
+
+@pytest.mark.parametrize("policy", ["prefix", "s3fifo", "gdsf", "schedule"])
+def test_every_eviction_policy_makes_room_in_a_full_cache(nvme_dir: Path, policy: str) -> None:
+    """Drops follow the namespace's own policy on nvme; each must offer victims there (the prefix
+    policy, told each conversation's chain by PrefixKVStore, offers chains' tails)."""
+    ns = {"access": "prefix"} if policy == "prefix" else {"policy": policy}
+    with open_small(nvme_dir, kv=ns) as store:
+        kv = tierd.PrefixKVStore(store, model="m", block_tokens=16)
+        for conv in range(2 * TOTAL // (2 * MiB)):  # 2x the tiers, 2 MiB conversations of 8 blocks
+            tokens = list(range(conv * 1000, conv * 1000 + 128))
+            kv.put(tokens, torch.full((4, 2, 128, 8, 128), float(conv), dtype=torch.bfloat16))
+        assert torch.equal(kv.get(tokens), torch.full((4, 2, 128, 8, 128), float(conv), dtype=torch.bfloat16))
+        assert store.stats().tiers["nvme"].evicted > 0
