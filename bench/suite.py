@@ -52,7 +52,7 @@ TITLES = {
     "kv": "KV cache: Llama-3-8B blocks through every tier, hit ratios (issue 7)",
     "remote": "Remote tier: 1 MiB chunks vs redis-benchmark on a server and a cluster, a failover (issue 19)",
     "scaling": "Scaling: object size, object count, clients",
-    "soak": "Soak: LMCache, SGLang, PrefixKVStore and a durable writer through 4 daemon restarts (issue 31)",
+    "soak": "Soak: LMCache, SGLang, PrefixKVStore and a durable writer through 4 daemon restarts",
 }
 SUITE_COLUMNS = ("measure", "tierd", "limit", "peer", "tierd / limit", "tierd / peer", "target", "status")
 
